@@ -1,0 +1,21 @@
+// Schemas of the mnn_fast custom ops. Semantics: docs/ops.md. Implementations register per
+// backend in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in mnn_fast/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing mnn_fast._C from Python loads this library, which runs the registrations below.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+TORCH_LIBRARY(mnn_fast, m) {
+  m.def("group_scores(Tensor probs, Tensor group_offsets, Tensor group_classes) -> Tensor");
+  m.def(
+      "route(Tensor scores, float threshold, int top_k) -> "
+      "(Tensor counts, Tensor offsets, Tensor perm, Tensor sample_offsets, Tensor sample_rows)");
+  m.def("gather(Tensor x, Tensor perm) -> Tensor");
+  m.def("combine(Tensor logp, Tensor logv, Tensor perm, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
+}

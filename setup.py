@@ -1,0 +1,58 @@
+"""Builds the `mnn_fast._C` extension from csrc/ (CPU always; CUDA when usable or FORCE_CUDA=1).
+
+The Triton kernels in kernels/ ship as the `mnn_fast.kernels` subpackage.
+"""
+import glob
+import os
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _want_cuda():
+    if os.environ.get("FORCE_CUDA", "0") == "1":
+        return True
+    if os.environ.get("MNN_FAST_NO_CUDA", "0") == "1":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    return torch.cuda.is_available() and CUDA_HOME is not None
+
+
+def _extensions():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
+    sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
+    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    if _want_cuda():
+        sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
+        arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
+        if not arch:
+            os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        return [
+            CUDAExtension(
+                "mnn_fast._C",
+                sources,
+                define_macros=[("MNN_FAST_WITH_CUDA", "1")],
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                extra_link_args=["-fopenmp"],
+            )
+        ]
+    return [CppExtension("mnn_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+
+
+def _build_ext():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return BuildExtension.with_options(use_ninja=True)
+
+
+setup(
+    packages=["mnn_fast", "mnn_fast.kernels"],
+    package_dir={"mnn_fast": "mnn_fast", "mnn_fast.kernels": "kernels"},
+    ext_modules=_extensions(),
+    cmdclass={"build_ext": _build_ext()},
+)
