@@ -121,40 +121,63 @@ def combine_torch(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tens
     return acc
 
 
-def expert_log_contribution(y: Tensor, group: Sequence[int], num_classes: int) -> Tensor:
+def expert_log_contribution(
+    y: Tensor,
+    group: Sequence[int],
+    num_classes: int,
+    group_idx: Tensor | None = None,
+    outside_idx: Tensor | None = None,
+) -> Tensor:
     """``log v_e: Tensor[n, C] float32`` from specialist logits ``y: Tensor[n, C]`` or ``Tensor[n, 1]``.
 
     SPEC section 4: classes in the group keep the specialist's log-probabilities (width ``C``) or
-    ``log q`` (width 1, a binary specialist); the rest share ``log(1 - q)`` evenly.
+    ``log q`` (width 1, a binary specialist); the rest share ``log(1 - q)`` evenly. ``group_idx`` /
+    ``outside_idx`` (``Tensor[|G|]`` / ``Tensor[C-|G|]`` int64) may be passed precomputed.
     """
     y = y.float()
-    group_idx = torch.as_tensor(list(group), dtype=torch.long, device=y.device)
+    if group_idx is None:
+        group_idx = torch.as_tensor(list(group), dtype=torch.long, device=y.device)
     rest = num_classes - len(group)
     if y.shape[1] == 1:
-        log_q = nn.functional.logsigmoid(y)
+        in_group = nn.functional.logsigmoid(y)
         log_not_q = nn.functional.logsigmoid(-y)
-        in_group = log_q
     else:
         ls = torch.log_softmax(y, dim=1)
         in_group = ls.index_select(1, group_idx)
-        outside = torch.ones(num_classes, dtype=torch.bool, device=y.device)
-        outside[group_idx] = False
-        log_not_q = torch.logsumexp(ls[:, outside], dim=1, keepdim=True) if rest else None
+        if outside_idx is None:
+            outside = torch.ones(num_classes, dtype=torch.bool, device=y.device)
+            outside[group_idx] = False
+            outside_idx = outside.nonzero().squeeze(1)
+        log_not_q = _logsumexp_rows(ls.index_select(1, outside_idx)) if rest else None
     if rest:
         out = (log_not_q - math.log(rest)).expand(y.shape[0], num_classes).clone()
     else:
-        out = torch.empty(y.shape[0], num_classes, dtype=torch.float32, device=y.device)
+        out = y.new_empty(y.shape[0], num_classes, dtype=torch.float32)
     out[:, group_idx] = in_group
     return out
+
+
+def _logsumexp_rows(a: Tensor) -> Tensor:
+    """``torch.logsumexp(a, 1, keepdim=True)`` spelt out as ATen's CPU kernel computes it.
+
+    Written out because the library version's empty-input branch cannot be traced when the row
+    count is data-dependent (as it is per expert under ``torch.compile``).
+    """
+    maxes = torch.amax(a, dim=1, keepdim=True)
+    maxes = maxes.masked_fill(maxes.abs() == math.inf, 0.0)
+    return torch.sum(torch.exp(a - maxes), dim=1, keepdim=True).log().add(maxes)
 
 
 def naive_route(probs: Tensor, groups=None, threshold: float | None = 0.25, top_k: int | None = None) -> Routing:
     """The routing the naive loop performs, built one expert at a time from boolean masks."""
     groups = _default_groups(probs.shape[1]) if groups is None else [list(g) for g in groups]
     scores = torch.stack([_score_loop(probs, g) for g in groups], dim=1) if groups else probs[:, :0]
-    active = active_mask_torch(scores, threshold, top_k)
-    idx = [active[:, e].nonzero().squeeze(1) for e in range(len(groups))]
-    counts = torch.tensor([len(i) for i in idx], dtype=torch.long, device=probs.device)
+    return _routing_from_mask(active_mask_torch(scores, threshold, top_k))
+
+
+def _routing_from_mask(active: Tensor) -> Routing:
+    idx = [active[:, e].nonzero().squeeze(1) for e in range(active.shape[1])]
+    counts = torch.tensor([len(i) for i in idx], dtype=torch.long, device=active.device)
     offsets = torch.cat([counts.new_zeros(1), counts.cumsum(0)])
     perm = torch.cat(idx) if idx else counts.new_zeros(0)
     # A sample's rows appear in the expert-major buffer in increasing expert order, so a stable
@@ -181,12 +204,14 @@ def naive_forward(
     threshold: float | None = 0.25,
     top_k: int | None = None,
     return_routing: bool = False,
+    switch_fn=None,
 ):
     """The paper's algorithm as a plain loop: ``Tensor[B, C] float32`` log-probabilities.
 
     For each expert in increasing order: mask the samples it is active for, run it on them, add its
     contribution ``log v_e`` to their accumulator. ``return_routing=True`` also returns the
-    :class:`Routing` the loop used (for equivalence tests).
+    :class:`Routing` the loop used (for equivalence tests). ``switch_fn(scores) -> Tensor[B, E] bool``
+    replaces the threshold/top-k rule.
     """
     z = switch(x).float()
     logp = torch.log_softmax(z, dim=1)
@@ -194,8 +219,8 @@ def naive_forward(
     num_classes = z.shape[1]
     groups = _default_groups(len(specialists)) if groups is None else [list(g) for g in groups]
     acc = logp.clone()
-    scores = [_score_loop(probs, g) for g in groups]
-    active = active_mask_torch(torch.stack(scores, 1), threshold, top_k) if groups else None
+    scores = torch.stack([_score_loop(probs, g) for g in groups], 1)
+    active = switch_fn(scores) if switch_fn is not None else active_mask_torch(scores, threshold, top_k)
     for e, (expert, group) in enumerate(zip(specialists, groups)):
         idx = active[:, e].nonzero().squeeze(1)
         if idx.numel() == 0:
@@ -204,5 +229,5 @@ def naive_forward(
         acc[idx] = acc[idx] + expert_log_contribution(y, group, num_classes)
     out = torch.log_softmax(acc, dim=1)
     if return_routing:
-        return out, naive_route(probs, groups, threshold, top_k)
+        return out, _routing_from_mask(active)
     return out

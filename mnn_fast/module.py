@@ -1,0 +1,236 @@
+"""``MetaNeuralNetwork``: a drop-in ``nn.Module`` running the switch, routing, specialists, combine.
+
+switch -> softmax -> group scores -> route (fused op) -> gather all routed rows into one buffer ->
+each specialist on its contiguous slice -> combine (fixed expert order, no atomics) -> log_softmax.
+Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backends import BACKEND_NAMES, get_backend, select_backend
+from .reference import Routing, expert_log_contribution
+from .routing import check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
+
+__all__ = ["MetaNeuralNetwork"]
+
+
+class MetaNeuralNetwork(nn.Module):
+    """A switch network plus ``E`` specialists; each input wakes only the specialists it needs.
+
+    Args:
+        switch: ``nn.Module`` mapping ``x: Tensor[B, ...]`` to logits ``Tensor[B, C]``.
+        specialists: ``E`` ``nn.Module`` s; specialist ``e`` maps its rows to ``Tensor[n, C]`` logits,
+            or ``Tensor[n, 1]`` (a binary specialist) when its group has one class.
+        groups: ``E`` lists of class ids; ``None`` = one specialist per class (``E == C``).
+        threshold: activate expert ``e`` for sample ``i`` when its group probability is ``> threshold``
+            (``[0, 1]``; ``None`` only together with ``top_k``). Can be changed after training.
+        top_k: keep only the ``top_k`` highest-scoring experts per sample (ties: lower index).
+        num_classes: ``C``; inferred from the switch's output when not given.
+        switch_fn: optional ``callable(scores: Tensor[B, E] float32) -> Tensor[B, E] bool`` replacing
+            the threshold/top-k rule.
+        backend: ``"auto"`` (fastest available: cuda > triton > torch on GPU, cpp > torch on CPU) or one
+            of ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``.
+
+    ``forward(x)`` returns ``Tensor[B, C] float32`` log-probabilities; ``forward(x, return_routing=True)``
+    also returns the :class:`~mnn_fast.Routing` used.
+    """
+
+    def __init__(
+        self,
+        switch: nn.Module,
+        specialists: Sequence[nn.Module],
+        groups=None,
+        threshold: float | None = 0.25,
+        top_k: int | None = None,
+        *,
+        num_classes: int | None = None,
+        switch_fn: Callable[[Tensor], Tensor] | None = None,
+        backend: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(switch, nn.Module):
+            raise TypeError(f"switch must be an nn.Module, got {type(switch).__name__}")
+        if isinstance(specialists, nn.Module) and not isinstance(specialists, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("specialists must be a sequence of nn.Modules, got a single nn.Module")
+        specialists = list(specialists)
+        if not specialists:
+            raise ValueError("specialists is empty; expected at least one nn.Module")
+        for e, s in enumerate(specialists):
+            if not isinstance(s, nn.Module):
+                raise TypeError(f"specialists[{e}] must be an nn.Module, got {type(s).__name__}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if switch_fn is not None and not callable(switch_fn):
+            raise TypeError(f"switch_fn must be callable, got {type(switch_fn).__name__}")
+        if backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {backend!r}")
+        self.switch = switch
+        self.specialists = nn.ModuleList(specialists)
+        self.groups = normalize_groups(groups, len(specialists), num_classes)
+        if num_classes is None and groups is None:
+            num_classes = len(specialists)
+        self.num_classes = num_classes
+        self._top_k = check_top_k(top_k, len(specialists))
+        self._threshold = check_threshold(threshold, self._top_k)
+        self.switch_fn = switch_fn
+        self.requested_backend = backend
+        group_offsets, group_classes = group_tensors(self.groups, torch.device("cpu"))
+        self.register_buffer("group_offsets", group_offsets, persistent=False)
+        self.register_buffer("group_classes", group_classes, persistent=False)
+        # Per-expert class index lists for the contribution math, built once instead of per call.
+        for e, g in enumerate(self.groups):
+            self.register_buffer(f"_group_idx_{e}", torch.tensor(g, dtype=torch.long), persistent=False)
+        self._max_class = max(c for g in self.groups for c in g)
+        if num_classes is not None:
+            for e in range(len(self.groups)):
+                self._cache_outside_idx(e, num_classes)
+        self._resolve_backend()
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.specialists)
+
+    @property
+    def threshold(self) -> float | None:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self._threshold = check_threshold(value, self._top_k)
+
+    @property
+    def top_k(self) -> int | None:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value) -> None:
+        top_k = check_top_k(value, self.num_experts)
+        check_threshold(self._threshold, top_k)
+        self._top_k = top_k
+
+    @property
+    def backend(self) -> str:
+        """The backend in use for the module's current device."""
+        return self._backend.name
+
+    def _device(self) -> torch.device:
+        first = next(self.parameters(), None)
+        return first.device if first is not None else self.group_offsets.device
+
+    def _resolve_backend(self) -> None:
+        name, skipped = select_backend(self.requested_backend, self._device())
+        self._backend = get_backend(name)
+        self.backend_skipped: dict[str, str] = skipped
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the module (.to/.cuda/.cpu) can change which backends can run.
+        out = super()._apply(fn, *args, **kwargs)
+        self._resolve_backend()
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, classes={self.num_classes}, threshold={self._threshold}, "
+            f"top_k={self._top_k}, backend={self.backend!r}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"x must have shape [B, ...] with at least 2 dimensions, got {tuple(x.shape)}")
+        if x.device != self._device():
+            raise ValueError(f"x is on {x.device} but the module is on {self._device()}; move one of them")
+
+    def _check_logits(self, z, batch: int) -> int:
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != batch:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            raise ValueError(f"switch must return logits of shape [B={batch}, C], got {shape}")
+        num_classes = z.shape[1]
+        if self.num_classes is not None and num_classes != self.num_classes:
+            raise ValueError(f"switch returned C={num_classes} logits but the module expects C={self.num_classes}")
+        if self._max_class >= num_classes:
+            raise ValueError(f"groups name class {self._max_class} but the switch returns only C={num_classes} classes")
+        return num_classes
+
+    def _cache_outside_idx(self, e: int, num_classes: int) -> None:
+        members = set(self.groups[e])
+        outside = torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long)
+        self.register_buffer(f"_outside_idx_{e}", outside.to(self.group_offsets.device), persistent=False)
+
+    def forward(self, x: Tensor, return_routing: bool = False):
+        """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
+        self._check_input(x)
+        batch = x.shape[0]
+        z = self.switch(x)
+        num_classes = self._check_logits(z, batch)
+        z = z.float()
+        logp = torch.log_softmax(z, dim=1)
+        probs = torch.softmax(z, dim=1)
+        ops = self._backend
+        if is_identity(self.groups, num_classes):
+            scores = probs
+        else:
+            scores = ops.group_scores(probs, self.group_offsets, self.group_classes)
+        if self.switch_fn is not None:
+            mask = self.switch_fn(scores)
+            if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
+                got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+                raise ValueError(f"switch_fn must return a bool tensor of shape {tuple(scores.shape)}, got {got}")
+            # 1.0 > 0.5 exactly where the mask is set: the threshold kernel routes the mask as is.
+            routing = ops.route(mask.float(), 0.5, 0)
+        else:
+            threshold = -math.inf if self._threshold is None else self._threshold
+            routing = ops.route(scores, threshold, self._top_k or 0)
+        flat = x.reshape(batch, math.prod(x.shape[1:]))  # not -1: B may be 0
+        xg = ops.gather(flat.contiguous(), routing.perm).view(-1, *x.shape[1:])
+        logv = self._run_specialists(xg, routing, num_classes)
+        acc = ops.combine(logp, logv, routing.perm, routing.sample_offsets, routing.sample_rows)
+        out = torch.log_softmax(acc, dim=1)
+        return (out, routing) if return_routing else out
+
+    def _run_specialists(self, xg: Tensor, routing: Routing, num_classes: int) -> Tensor:
+        """``log v: Tensor[N, C] float32``, row ``r`` the contribution of buffer row ``r``'s expert."""
+        sizes = routing.counts.tolist()
+        compiling = torch.compiler.is_compiling()
+        for n in sizes:
+            torch._check(n >= 0)  # the data-dependent counts are sizes
+        if self.num_classes is None and not compiling:
+            self.num_classes = num_classes  # learnt from the first batch; later batches must agree
+            for e in range(len(self.groups)):
+                self._cache_outside_idx(e, num_classes)
+        parts = []
+        for e, (expert, n, rows) in enumerate(zip(self.specialists, sizes, torch.split(xg, sizes))):
+            if compiling:
+                # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm,
+                # for one) branch on "is the batch empty?", which cannot be traced. The expert runs
+                # on its rows plus one padding row, a batch provably non-empty, whose output is dropped.
+                padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+                y = expert(padded).narrow(0, 0, n)
+            elif n == 0:
+                continue  # as in the paper's loop, an expert with no samples is not called
+            else:
+                y = expert(rows)
+            width = y.shape[1] if isinstance(y, Tensor) and y.dim() == 2 else -1
+            if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n or width not in (num_classes, 1):
+                shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"specialists[{e}] must return logits of shape [n, C={num_classes}] (or [n, 1]), got {shape}")
+            if width == 1 and len(self.groups[e]) != 1:
+                raise ValueError(f"specialists[{e}] returns one logit (binary) but its group has {len(self.groups[e])} classes")
+            group_idx = getattr(self, f"_group_idx_{e}")
+            outside_idx = getattr(self, f"_outside_idx_{e}", None)
+            parts.append(expert_log_contribution(y, self.groups[e], num_classes, group_idx, outside_idx))
+        if not parts:
+            return xg.new_empty(0, num_classes, dtype=torch.float32)
+        return torch.cat(parts)

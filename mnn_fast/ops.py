@@ -1,0 +1,79 @@
+"""Python side of the ``mnn_fast`` custom ops: fake kernels, autograd, and the compiled library.
+
+The schemas and CPU/CUDA kernels come from ``mnn_fast._C`` (``csrc/``); this module registers what
+``torch.compile`` and autograd need on top. Semantics of every op: ``docs/ops.md``.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["EXTENSION_ERROR", "extension_has_cuda"]
+
+try:
+    from . import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
+
+    EXTENSION_ERROR: str | None = None
+except ImportError as exc:  # the package still works on the torch backend without the build
+    EXTENSION_ERROR = f"mnn_fast._C could not be imported ({exc}); reinstall with `pip install -e .`"
+
+
+def extension_has_cuda() -> bool:
+    """True when ``mnn_fast._C`` was built with the CUDA kernels."""
+    if EXTENSION_ERROR is not None:
+        return False
+    return torch._C._dispatch_has_kernel_for_dispatch_key("mnn_fast::route", "CUDA")
+
+
+# ---------------------------------------------------------------- fake kernels and autograd
+
+
+def _fake_group_scores(probs: Tensor, group_offsets: Tensor, group_classes: Tensor) -> Tensor:
+    return probs.new_empty(probs.shape[0], group_offsets.shape[0] - 1)
+
+
+def _fake_route(scores: Tensor, threshold: float, top_k: int):
+    num_samples, num_experts = scores.shape
+    # N, the number of routed rows, depends on the scores' values.
+    rows = torch.library.get_ctx().new_dynamic_size()
+    new = lambda *shape: scores.new_empty(shape, dtype=torch.long)  # noqa: E731
+    return new(num_experts), new(num_experts + 1), new(rows), new(num_samples + 1), new(rows)
+
+
+def _fake_gather(x: Tensor, perm: Tensor) -> Tensor:
+    return x.new_empty(perm.shape[0], x.shape[1])
+
+
+def _fake_combine(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+    return torch.empty_like(logp)
+
+
+def _setup_gather(ctx, inputs, output):
+    x, perm = inputs
+    ctx.num_samples = x.shape[0]
+    ctx.save_for_backward(perm)
+
+
+def _backward_gather(ctx, grad):
+    (perm,) = ctx.saved_tensors
+    grad_x = grad.new_zeros(ctx.num_samples, grad.shape[1])
+    return grad_x.index_add_(0, perm, grad), None
+
+
+def _setup_combine(ctx, inputs, output):
+    ctx.save_for_backward(inputs[2])
+
+
+def _backward_combine(ctx, grad):
+    (perm,) = ctx.saved_tensors
+    # Row r of logv was added into sample perm[r]'s accumulator exactly once.
+    return grad, grad.index_select(0, perm), None, None, None
+
+
+if EXTENSION_ERROR is None:
+    torch.library.register_fake("mnn_fast::group_scores")(_fake_group_scores)
+    torch.library.register_fake("mnn_fast::route")(_fake_route)
+    torch.library.register_fake("mnn_fast::gather")(_fake_gather)
+    torch.library.register_fake("mnn_fast::combine")(_fake_combine)
+    torch.library.register_autograd("mnn_fast::gather", _backward_gather, setup_context=_setup_gather)
+    torch.library.register_autograd("mnn_fast::combine", _backward_combine, setup_context=_setup_combine)

@@ -1,0 +1,30 @@
+"""Shared test setup: Triton runs under its CPU interpreter when there is no GPU.
+
+TRITON_INTERPRET must be set before Triton decorates any kernel, hence here, before imports.
+"""
+import os
+
+import pytest
+
+try:
+    import torch
+
+    _HAS_CUDA = torch.cuda.is_available()
+except ImportError:  # pragma: no cover
+    _HAS_CUDA = False
+if not _HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "mnn",
+    deadline=None,
+    derandomize=True,  # CI must be reproducible; the seed-free search still covers many shapes
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.load_profile("mnn")
+
+
+# Every CPU backend is required here: a missing build must fail the suite, not skip it.
+CPU_BACKENDS = ("torch", "cpp", "triton")

@@ -1,0 +1,33 @@
+"""Input generators shared by the equivalence tests."""
+from __future__ import annotations
+
+import torch
+
+
+def make_scores(batch: int, experts: int, seed: int, *, levels: int = 0, nan_rows: int = 0) -> torch.Tensor:
+    """``Tensor[B, E] float32`` softmax-like scores; ``levels > 0`` quantises them to force ties."""
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.softmax(torch.randn(batch, experts, generator=gen) * 3, dim=1)
+    if levels:
+        scores = torch.round(scores * levels) / levels
+    if nan_rows and batch:
+        rows = torch.randint(0, batch, (nan_rows,), generator=gen)
+        scores[rows] = float("nan")
+    return scores.contiguous()
+
+
+def random_groups(classes: int, experts: int, seed: int, max_size: int = 4) -> list[list[int]]:
+    """``experts`` non-empty groups of distinct classes, overlapping freely."""
+    gen = torch.Generator().manual_seed(seed)
+    groups = []
+    for _ in range(experts):
+        size = int(torch.randint(1, min(max_size, classes) + 1, (1,), generator=gen))
+        groups.append(torch.randperm(classes, generator=gen)[:size].tolist())
+    return groups
+
+
+def assert_routing_equal(got, want) -> None:
+    for name in ("counts", "offsets", "perm", "sample_offsets", "sample_rows"):
+        a, b = getattr(got, name), getattr(want, name)
+        assert a.dtype == torch.long, f"{name} dtype {a.dtype}"
+        assert torch.equal(a.cpu(), b.cpu()), f"{name} differs"
