@@ -26,7 +26,7 @@ def _extensions():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++17", "-fopenmp"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp"]
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -37,7 +37,7 @@ def _extensions():
                 "mnn_fast._C",
                 sources,
                 define_macros=[("MNN_FAST_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
                 extra_link_args=["-fopenmp"],
             )
         ]
