@@ -1,7 +1,7 @@
 """Routing memory is O(B + E + N) integers: no [B, E] intermediates beyond the score matrix.
 
-Measured as the growth of the process's peak resident memory while one route call runs, in a fresh
-subprocess (so nothing else moves the peak). The vectorised torch version, which builds [B, E]
+Measured as the growth of the process's peak resident memory (VmHWM, reset just before) while one
+route call runs, in a fresh subprocess (so nothing else moves the peak). The vectorised torch version, which builds [B, E]
 masks and an int64 cumsum, must exceed the bound — proof that the measurement can see such
 intermediates.
 """
@@ -12,7 +12,7 @@ import sys
 import pytest
 
 SCRIPT = r"""
-import json, resource, sys, torch
+import json, sys, torch
 import mnn_fast
 from mnn_fast.backends import get_backend
 torch.set_num_threads(2)
@@ -21,9 +21,16 @@ scores = torch.rand(B, E) * (0.5 / E)     # nothing near the threshold ...
 scores[torch.arange(B), torch.arange(B) % E] = 0.9   # ... but one hot expert per sample: N = B
 ops = get_backend(sys.argv[1])
 small = ops.route(scores[:64].contiguous(), 0.5, 0)  # warm-up: lazy init, thread pool
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def status_kb(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+# ru_maxrss survives exec (it would report the parent's peak); VmHWM can be reset instead.
+with open("/proc/self/clear_refs", "w") as f:
+    f.write("5")
+before = status_kb("VmRSS")
 r = ops.route(scores, 0.5, 0)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+after = status_kb("VmHWM")
 print(json.dumps({"grew_bytes": (after - before) * 1024, "rows": int(r.perm.numel())}))
 """
 

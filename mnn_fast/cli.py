@@ -1,0 +1,167 @@
+"""The ``mnn-fast`` command: train, sweep, eval, bench and demo.
+
+``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
+specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
+``eval`` reports accuracy at one test threshold; ``bench`` times the routing core against the
+naive loop; ``demo`` is the short load_digits demonstration (``make demo``).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", default="digits", help="digits (embedded), mnist5k (embedded) or cifar10 (needs --data-path)")
+    p.add_argument("--data-path", default=None, help="CIFAR-10: a directory with train.tar.gz/test.tar.gz, cifar-10-batches-py, or train/ and test/ image folders")
+    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached (default ~/.cache/mnn_fast)")
+
+
+def _config(args):
+    from .train import TrainConfig
+
+    groups = json.loads(args.groups) if getattr(args, "groups", None) else None
+    return TrainConfig(
+        dataset=args.dataset, data_path=args.data_path, model=args.model, switch_epochs=args.switch_epochs,
+        specialist_epochs=args.specialist_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+        dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
+        pretrained=args.pretrained, cache_dir=args.cache_dir,
+    )
+
+
+def cmd_train(args) -> None:
+    from .train import train
+
+    run = train(_config(args), args.run_dir, experts=args.expert)
+    print(f"run directory: {run.root}")
+
+
+def cmd_eval(args) -> None:
+    from .train import accuracy, load_mnn, _data, TrainConfig
+    from . import io
+
+    cfg = TrainConfig(**io.load_json(Path(args.run_dir) / "config.json"))
+    splits = _data(cfg, None)
+    mnn = load_mnn(args.run_dir, args.test_threshold, splits=splits)
+    print(f"switch alone: {accuracy(mnn.switch, splits.test_x, splits.test_y):.4f}")
+    print(f"MNN at test threshold {args.test_threshold}: {accuracy(mnn, splits.test_x, splits.test_y):.4f}")
+
+
+def cmd_sweep(args) -> None:
+    from . import io
+    from .sweep import plot_heatmap, plot_lines, sweep_test_thresholds, write_csv
+    from .train import TrainConfig, _data, accuracy, load_mnn, train
+
+    out = Path(args.out)
+    base = TrainConfig(**io.load_json(Path(args.run_dir) / "config.json")) if (Path(args.run_dir) / "config.json").exists() and not args.dataset_thresholds else _config(args)
+    splits = _data(base, None)
+    rows = []
+    dataset_thresholds = args.dataset_thresholds or [base.dataset_threshold]
+    for d in dataset_thresholds:
+        cfg = TrainConfig(**{**base.identity(), "dataset_threshold": d, "cache_dir": base.cache_dir})
+        run_dir = Path(args.run_dir) / f"dataset_threshold_{d:.2f}" if args.dataset_thresholds else Path(args.run_dir)
+        train(cfg, run_dir, splits=splits)
+        mnn = load_mnn(run_dir, splits=splits)
+        for row in sweep_test_thresholds(mnn, splits.test_x, splits.test_y, args.test_thresholds):
+            rows.append({"dataset_threshold": d, **row})
+    switch_acc = accuracy(mnn.switch, splits.test_x, splits.test_y)
+    write_csv(out / "sweep.csv", rows)
+    plot_lines(out / "sweep_lines.png", rows, switch_acc)
+    if len(dataset_thresholds) > 1:
+        plot_heatmap(out / "sweep_heatmap.png", rows, switch_acc)
+    best = max(rows, key=lambda r: r["accuracy"])
+    print(f"switch alone: {switch_acc:.4f}")
+    print(f"best MNN: {best['accuracy']:.4f} at dataset threshold {best['dataset_threshold']}, test threshold {best['test_threshold']}")
+    print(f"written: {out / 'sweep.csv'} and figures in {out}")
+
+
+def cmd_bench(args) -> None:
+    from .backends import backend_status
+    from .benchmark import best_time, engine_core, make_workload, naive_core
+
+    cases = [(256, 100, 64), (4096, 100, 64), (4096, 1000, 64), (4096, 10, 3072)] if args.quick else [
+        (b, e, w) for b in (256, 4096, 65536) for e in (10, 100, 1000) for w in (64, 3072)]
+    impls = ["torch"] + (["cpp"] if backend_status("cpu")["cpp"] is None else [])
+    rows = []
+    print(f"{'B':>6} {'E':>5} {'W':>5} {'naive ms':>9} " + " ".join(f"{i + ' ms':>9} {i + ' x':>8}" for i in impls))
+    for case in cases:
+        w = make_workload(*case)
+        row = {"B": case[0], "E": case[1], "W": case[2], "naive_s": best_time(naive_core, w)}
+        for impl in impls:
+            row[f"{impl}_s"] = best_time(engine_core(impl), w)
+            row[f"{impl}_speedup"] = row["naive_s"] / row[f"{impl}_s"]
+        rows.append(row)
+        print(f"{case[0]:>6} {case[1]:>5} {case[2]:>5} {row['naive_s']*1e3:>9.3f} "
+              + " ".join(f"{row[i + '_s']*1e3:>9.3f} {row[i + '_speedup']:>7.1f}x" for i in impls))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(f"written: {args.json}")
+
+
+def cmd_demo(args) -> None:
+    from .demo import main
+
+    main([])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mnn-fast", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def training_args(p):
+        _add_data_args(p)
+        p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
+        p.add_argument("--switch-epochs", type=int, default=10)
+        p.add_argument("--specialist-epochs", type=int, default=5)
+        p.add_argument("--batch-size", type=int, default=64)
+        p.add_argument("--lr", type=float, default=1e-3)
+        p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+        p.add_argument("--dataset-threshold", type=float, default=0.1, help="a specialist trains on samples whose score exceeds this")
+        p.add_argument("--groups", default=None, help='JSON list of class lists, one per specialist, e.g. "[[0,1],[2]]"')
+        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
+        p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) to start the switch from")
+
+    p = sub.add_parser("train", help="train the switch and specialists (resumable)", description=cmd_train.__doc__)
+    p.add_argument("run_dir")
+    training_args(p)
+    p.add_argument("--expert", type=int, action="append", help="train only this specialist (repeatable; for job arrays)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("sweep", help="accuracy over dataset x test thresholds: CSV and PNG figures")
+    p.add_argument("run_dir")
+    training_args(p)
+    p.add_argument("--dataset-thresholds", type=float, nargs="*", default=None, help="train one set of specialists per value (grid)")
+    p.add_argument("--test-thresholds", type=float, nargs="*", default=[round(0.05 * i, 2) for i in range(21)])
+    p.add_argument("--out", default="sweep_out")
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("eval", help="switch-only and MNN accuracy of a trained run at one test threshold")
+    p.add_argument("run_dir")
+    p.add_argument("--test-threshold", type=float, default=0.25)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("bench", help="routing core: engine vs naive loop on the same inputs")
+    p.add_argument("--quick", action="store_true", help="four shapes, well under a minute")
+    p.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("demo", help="short demonstration on the embedded load_digits")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ValueError as exc:
+        print(f"mnn-fast {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
