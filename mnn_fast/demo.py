@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import argparse
 import copy
-import time
-
 import torch
 from torch import nn
 from tqdm import tqdm
 
+from .benchmark import best_time
 from .module import MetaNeuralNetwork
 from .reference import naive_forward
 
@@ -46,16 +45,6 @@ def _fit(model: nn.Module, x, y, epochs: int, seed: int, lr: float = 3e-3) -> nn
     return model.eval()
 
 
-def _best_time(fn, repeats: int = 5) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def run(dataset_threshold: float = 0.1, test_threshold: float = 0.2, seed: int = 0) -> dict:
     x_tr, y_tr, x_te, y_te = load_digits_split(seed)
     torch.manual_seed(seed)
@@ -73,8 +62,8 @@ def run(dataset_threshold: float = 0.1, test_threshold: float = 0.2, seed: int =
         mnn_acc = (out.argmax(1) == y_te).float().mean().item()
         naive = naive_forward(switch, specialists, x_te, threshold=test_threshold)
         batch = x_te.repeat(8, 1)  # a bigger batch so the timing is not all Python overhead
-        t_engine = _best_time(lambda: mnn(batch))
-        t_naive = _best_time(lambda: naive_forward(switch, specialists, batch, threshold=test_threshold))
+        t_engine = best_time(lambda: mnn(batch))
+        t_naive = best_time(lambda: naive_forward(switch, specialists, batch, threshold=test_threshold))
     return {
         "switch_acc": switch_acc,
         "mnn_acc": mnn_acc,

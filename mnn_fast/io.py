@@ -10,7 +10,6 @@ import os
 import tempfile
 from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 
 __all__ = ["atomic_write", "save_tensors", "load_tensors", "save_json", "load_json", "save_state", "load_state"]

@@ -172,17 +172,8 @@ class MetaNeuralNetwork(nn.Module):
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
         self._check_input(x)
-        batch = x.shape[0]
-        z = self.switch(x)
-        num_classes = self._check_logits(z, batch)
-        z = z.float()
-        logp = torch.log_softmax(z, dim=1)
-        probs = torch.softmax(z, dim=1)
+        logp, scores, num_classes = self._switch_scores(x)
         ops = self._backend
-        if is_identity(self.groups, num_classes):
-            scores = probs
-        else:
-            scores = ops.group_scores(probs, self.group_offsets, self.group_classes)
         if self.switch_fn is not None:
             mask = self.switch_fn(scores)
             if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
@@ -193,12 +184,27 @@ class MetaNeuralNetwork(nn.Module):
         else:
             threshold = -math.inf if self._threshold is None else self._threshold
             routing = ops.route(scores, threshold, self._top_k or 0)
-        flat = x.reshape(batch, math.prod(x.shape[1:]))  # not -1: B may be 0
-        xg = ops.gather(flat.contiguous(), routing.perm).view(-1, *x.shape[1:])
+        xg = self._gather(x, routing.perm)
         logv = self._run_specialists(xg, routing, num_classes)
         acc = ops.combine(logp, logv, routing.perm, routing.sample_offsets, routing.sample_rows)
         out = torch.log_softmax(acc, dim=1)
         return (out, routing) if return_routing else out
+
+    def _switch_scores(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
+        """``(logP: Tensor[B, C] float32, scores: Tensor[B, E] float32, C)`` from the switch on ``x``."""
+        z = self.switch(x)
+        num_classes = self._check_logits(z, x.shape[0])
+        z = z.float()
+        logp = torch.log_softmax(z, dim=1)
+        probs = torch.softmax(z, dim=1)
+        if is_identity(self.groups, num_classes):
+            return logp, probs, num_classes
+        return logp, self._backend.group_scores(probs, self.group_offsets, self.group_classes), num_classes
+
+    def _gather(self, x: Tensor, perm: Tensor) -> Tensor:
+        """``x[perm]`` as one contiguous ``Tensor[N, ...]`` buffer, through the backend's gather op."""
+        flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: B may be 0
+        return self._backend.gather(flat.contiguous(), perm).view(-1, *x.shape[1:])
 
     def _run_specialists(self, xg: Tensor, routing: Routing, num_classes: int) -> Tensor:
         """``log v: Tensor[N, C] float32``, row ``r`` the contribution of buffer row ``r``'s expert."""

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from .module import MetaNeuralNetwork
-from .routing import check_threshold, is_identity
+from .routing import check_threshold
 
 __all__ = ["sweep_test_thresholds", "write_csv", "plot_heatmap", "plot_lines", "DEFAULT_TEST_THRESHOLDS"]
 
@@ -37,12 +37,9 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     ops, top_k = mnn._backend, mnn.top_k or 0
     for start in range(0, len(x), batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        z = mnn.switch(xb).float()
-        num_classes = mnn._check_logits(z, len(xb))
-        logp, probs = torch.log_softmax(z, 1), torch.softmax(z, 1)
-        scores = probs if is_identity(mnn.groups, num_classes) else ops.group_scores(probs, mnn.group_offsets, mnn.group_classes)
+        logp, scores, num_classes = mnn._switch_scores(xb)
         widest = ops.route(scores, min(thresholds), top_k)
-        xg = ops.gather(xb.reshape(len(xb), -1).contiguous(), widest.perm).view(-1, *xb.shape[1:])
+        xg = mnn._gather(xb, widest.perm)
         logv = mnn._run_specialists(xg, widest, num_classes)
         expert_of_row = torch.repeat_interleave(torch.arange(len(widest.counts), device=xb.device), widest.counts)
         row_scores = scores[widest.perm, expert_of_row]
