@@ -29,6 +29,10 @@ CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog
 # Per-channel mean and std of the CIFAR-10 training pixels (in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+# ImageNet's statistics: what the pretrained CIFAR ResNets in ../shared expect (their trainer used them).
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
 _IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 _CACHE_VERSION = 1  # bump when the cached layout changes, so stale caches are ignored
 
@@ -52,7 +56,7 @@ class Splits:
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0, *,
-                 cache_dir: str | os.PathLike | None = None) -> Splits:
+                 cache_dir: str | os.PathLike | None = None, normalization: str = "cifar") -> Splits:
     """Load ``name`` ("digits", "mnist5k" or "cifar10") as deterministic ``Splits``.
 
     digits: ``[1797, 1, 8, 8]`` in ``[0, 1]``, stratified 70/30 split drawn from ``seed``.
@@ -62,8 +66,11 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0
     ``test.tar.gz`` (image files in ``<split>/<class>/``), the python ``cifar-10-batches-py`` directory
     (or its parent), or an image-folder tree ``train/<class>/*`` and ``test/<class>/*``. Classes are the
     sorted folder names (alphabetical = CIFAR order). Decoded tarballs are cached in ``cache_dir``
-    (default ``$XDG_CACHE_HOME/mnn_fast`` or ``~/.cache/mnn_fast``).
+    (default ``$XDG_CACHE_HOME/mnn_fast`` or ``~/.cache/mnn_fast``). ``normalization="imagenet"``
+    uses ImageNet's mean/std instead, which the shared pretrained CIFAR ResNets were trained with.
     """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization: expected one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -79,7 +86,8 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0
             raise ValueError("path: load_dataset('cifar10') needs path= a directory holding CIFAR-10 "
                              "(train.tar.gz + test.tar.gz, cifar-10-batches-py, or train/ and test/ folders)")
         (xtr, ytr), (xte, yte), classes = _read_cifar(Path(path), cache_dir)
-        return Splits(_normalise(xtr), torch.from_numpy(ytr), _normalise(xte), torch.from_numpy(yte),
+        mean, std = NORMALIZATIONS[normalization]
+        return Splits(_normalise(xtr, mean, std), torch.from_numpy(ytr), _normalise(xte, mean, std), torch.from_numpy(yte),
                       len(classes), (3, xtr.shape[1], xtr.shape[2]), name, tuple(classes))
     raise ValueError(f"name: unknown dataset {name!r}; expected one of {DATASET_NAMES}")
 
@@ -155,12 +163,10 @@ def _split(name, x, y, test_fraction, seed, num_classes) -> Splits:
                   tuple(str(k) for k in range(num_classes)))
 
 
-def _normalise(x: np.ndarray) -> Tensor:
-    """``uint8 [N, H, W, 3]`` -> ``Tensor[N, 3, H, W] float32`` normalised with the CIFAR statistics."""
+def _normalise(x: np.ndarray, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> Tensor:
+    """``uint8 [N, H, W, 3]`` -> ``Tensor[N, 3, H, W] float32`` normalised per channel."""
     t = torch.from_numpy(x).permute(0, 3, 1, 2).to(torch.float32).div_(255.0)
-    mean = torch.tensor(CIFAR10_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(CIFAR10_STD).view(1, 3, 1, 1)
-    return t.sub_(mean).div_(std).contiguous()
+    return t.sub_(torch.tensor(mean).view(1, 3, 1, 1)).div_(torch.tensor(std).view(1, 3, 1, 1)).contiguous()
 
 
 # ----------------------------------------------------------------------------------------- CIFAR-10

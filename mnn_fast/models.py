@@ -14,11 +14,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .data import IMAGENET_MEAN, IMAGENET_STD
+
 MODEL_NAMES = ("mlp", "small_cnn", "resnet20", "resnet56", "mobilenet_v2")
 # The pretrained ResNet files were trained on inputs normalised with ImageNet's statistics, not
 # CIFAR's (the reference trainer.py); re-normalise to these to evaluate them at their best.
-PRETRAINED_RESNET_MEAN = (0.485, 0.456, 0.406)
-PRETRAINED_RESNET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_RESNET_MEAN = IMAGENET_MEAN
+PRETRAINED_RESNET_STD = IMAGENET_STD
 
 
 def build_model(name: str, num_classes: int, input_shape) -> nn.Module:

@@ -125,6 +125,12 @@ def test_cifar_image_folder(tmp_path):
     assert s.train_y.tolist() == [0, 0, 0, 1, 1, 1, 2, 2, 2]
     mean, std = torch.tensor(data.CIFAR10_MEAN), torch.tensor(data.CIFAR10_STD)
     torch.testing.assert_close(s.test_x[2, :, 5, 5], (80 / 255 - mean) / std)
+    # The pretrained ResNets expect ImageNet statistics: the same pixel, the other normalisation.
+    imagenet = data.load_dataset("cifar10", tmp_path, normalization="imagenet")
+    mean, std = torch.tensor(data.IMAGENET_MEAN), torch.tensor(data.IMAGENET_STD)
+    torch.testing.assert_close(imagenet.test_x[2, :, 5, 5], (80 / 255 - mean) / std)
+    with pytest.raises(ValueError, match="normalization"):
+        data.load_dataset("cifar10", tmp_path, normalization="imagenette")
 
 
 def test_cifar_tarballs_and_cache(tmp_path):
