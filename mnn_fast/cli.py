@@ -1,9 +1,10 @@
-"""The ``mnn-fast`` command: train, sweep, eval, bench and demo.
+"""The ``mnn-fast`` command: train, sweep, eval, bench, groups and demo.
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
 ``eval`` reports accuracy at one test threshold; ``bench`` times the routing core against the
-naive loop; ``demo`` is the short load_digits demonstration (``make demo``).
+naive loop; ``groups`` learns label groups from confusions and compares auxiliary heads on them
+with controls; ``demo`` is the short load_digits demonstration (``make demo``).
 """
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ def _config(args):
         dataset=args.dataset, data_path=args.data_path, model=args.model, switch_epochs=args.switch_epochs,
         specialist_epochs=args.specialist_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
-        pretrained=args.pretrained, cache_dir=args.cache_dir,
+        pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
     )
 
 
@@ -103,7 +104,7 @@ def cmd_bench(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import main
 
-    main([])
+    main(["--out", args.out, "--seed", str(args.seed)])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,6 +124,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
         p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) to start the switch from")
+        p.add_argument("--normalization", choices=["auto", "cifar", "imagenet"], default="auto",
+                       help="CIFAR-10 input statistics; auto = imagenet with --pretrained (what those weights expect)")
 
     p = sub.add_parser("train", help="train the switch and specialists (resumable)", description=cmd_train.__doc__)
     p.add_argument("run_dir")
@@ -148,7 +151,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("demo", help="short demonstration on the embedded load_digits")
+    from .groups_report import add_groups_parser
+
+    add_groups_parser(sub)
+
+    p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
+    p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
+    p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -44,10 +44,15 @@ class TrainConfig:
     seed: int = 0
     augment: bool = False
     pretrained: str | None = None  # a CIFAR ResNet checkpoint to start the switch from
+    # "auto": ImageNet statistics when starting from a pretrained CIFAR ResNet (what it was trained
+    # with), CIFAR's otherwise; only CIFAR-10 is normalised (digits/mnist5k stay in [0, 1]).
+    normalization: str = "auto"
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
         check_threshold(self.dataset_threshold)
+        if self.normalization not in ("auto", "cifar", "imagenet"):
+            raise ValueError(f"normalization must be 'auto', 'cifar' or 'imagenet', got {self.normalization!r}")
         if self.optimizer not in ("adam", "sgd"):
             raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         for name in ("switch_epochs", "specialist_epochs", "batch_size"):
@@ -138,7 +143,10 @@ def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[
 
 
 def _data(cfg: TrainConfig, splits: Splits | None) -> Splits:
-    return splits if splits is not None else load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cache_dir=cfg.cache_dir)
+    if splits is not None:
+        return splits
+    norm = cfg.normalization if cfg.normalization != "auto" else ("imagenet" if cfg.pretrained else "cifar")
+    return load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cache_dir=cfg.cache_dir, normalization=norm)
 
 
 def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
@@ -150,7 +158,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     cfg.check()
     run = RunDir(run_dir)
     if run.config.exists():
-        saved = io.load_json(run.config)
+        saved = TrainConfig(**io.load_json(run.config)).identity()  # fields added since: their defaults
         if saved != cfg.identity():
             diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
             raise ValueError(f"run_dir {run.root} holds a different run (fields differ: {diff}); use a new directory")

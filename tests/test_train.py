@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from mnn_fast import io
+from mnn_fast import train as train_mod
 from mnn_fast.data import load_dataset
 from mnn_fast.reference import active_mask_torch, _score_loop
 from mnn_fast.sweep import sweep_test_thresholds
@@ -97,3 +98,15 @@ def test_refuses_corrupt_files_and_foreign_runs(digits, trained, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         load_mnn(tmp_path, splits=digits)
+
+
+def test_normalization_follows_the_pretrained_weights(monkeypatch):
+    # The shared CIFAR ResNets were trained on ImageNet-normalised inputs; "auto" must feed them that.
+    seen = []
+    monkeypatch.setattr(train_mod, "load_dataset", lambda *a, **kw: seen.append(kw["normalization"]))
+    for cfg in (TrainConfig(dataset="cifar10", pretrained="w.th"), TrainConfig(dataset="cifar10"),
+                TrainConfig(dataset="cifar10", pretrained="w.th", normalization="cifar")):
+        train_mod._data(cfg, None)
+    assert seen == ["imagenet", "cifar", "cifar"]
+    with pytest.raises(ValueError, match="normalization"):
+        TrainConfig(normalization="zca").check()
