@@ -21,7 +21,7 @@ test: install
 	$(PY) -m pytest tests -q
 
 demo: install
-	$(PY) -m mnn_fast.demo
+	$(VENV)/bin/mnn-fast demo
 
 bench: install
 	$(PY) -m pytest bench --benchmark-columns=min,median,rounds -q
