@@ -1,0 +1,229 @@
+"""``mnn-fast groups``: do label groups learned from confusions help? Heads on groups vs controls.
+
+Train (or load) a base on the training split less validation; learn groups on the held-out validation
+split (confusions and co-detections, SPEC section 8); train auxiliary heads on each grouping and on a
+random grouping of the same sizes; report test accuracy and multiply-adds per grouping.
+"""
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import io
+from .data import Splits, validation_split
+from .groups import codetection_matrix, confusion_matrix, order_by_groups, similarity, spectral_groups
+from .heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, count_macs, train_heads
+from .models import build_model, load_pretrained_resnet
+from .train import TrainConfig, _data, accuracy, fit, predict_probs
+
+__all__ = ["run_groups_report", "random_groups_like", "plot_similarity", "markdown_table", "cmd_groups",
+           "add_groups_parser"]
+
+CSV_FIELDS = ("row", "test_accuracy", "macs", "overhead_pct", "num_groups", "experts_per_sample", "groups")
+
+
+def random_groups_like(groups, num_classes: int, seed: int) -> list[list[int]]:
+    """A random partition of ``range(num_classes)`` with the same group sizes as ``groups`` (in order),
+    drawn from ``torch.Generator().manual_seed(seed)``; sorted like :func:`spectral_groups`' output.
+    The control that separates "these groups" from "any groups of these sizes"."""
+    sizes = [len(g) for g in groups]
+    if sum(sizes) != num_classes:
+        raise ValueError(f"groups: sizes {sizes} do not add up to num_classes={num_classes}; expected a partition")
+    perm = torch.randperm(num_classes, generator=torch.Generator().manual_seed(seed)).tolist()
+    bounds = np.cumsum([0] + sizes)
+    out = [sorted(perm[a:b]) for a, b in zip(bounds[:-1], bounds[1:])]
+    return sorted(out, key=lambda g: g[0])
+
+
+def plot_similarity(path, panels: list[tuple[str, Tensor, list[list[int]]]], class_names=None) -> None:
+    """One heatmap per ``(title, S: Tensor[C, C], groups)``: rows and columns in group order, white
+    lines at group boundaries, so a good grouping shows as bright diagonal blocks."""
+    from .sweep import _pyplot
+
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, S, groups) in zip(axes[0], panels):
+        order = order_by_groups(groups)
+        m = S.double()[order][:, order].numpy()
+        im = ax.imshow(m, cmap="viridis", interpolation="nearest")
+        names = [str(class_names[c]) if class_names else str(c) for c in order]
+        ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(order)), names, fontsize=7)
+        edge = -0.5
+        for g in groups[:-1]:
+            edge += len(g)
+            ax.axhline(edge, color="white", lw=1.5)
+            ax.axvline(edge, color="white", lw=1.5)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| row | groups | test accuracy | multiply-adds | overhead |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        groups = "" if r["groups"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
+        lines.append(f"| {r['row']} | {groups} | {r['test_accuracy']:.4f} | {r['macs']:,.0f} | {r['overhead_pct']:+.2f}% |")
+    return "\n".join(lines)
+
+
+def _write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r.get(k, "") for k in CSV_FIELDS},
+                        "groups": "" if r["groups"] is None else json.dumps(r["groups"])})
+
+
+def _mnn_row(name, cfg: TrainConfig, base, splits: Splits, run_dir: Path, test_threshold: float,
+             base_macs: int, shape) -> dict:
+    """Train specialists (``cfg.groups``) around ``base`` as the switch; accuracy and mean MACs."""
+    from .sweep import sweep_test_thresholds
+    from .train import RunDir, load_mnn, train
+
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # this report's own scratch directory; a stale one would refuse the config
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True)
+    # A run directory that already holds its switch resumes from it: both MNNs share the report's base.
+    io.save_state(run.switch, base)
+    train(cfg, run_dir, splits=splits)
+    mnn = load_mnn(run_dir, test_threshold, splits=splits)
+    (res,) = sweep_test_thresholds(mnn, splits.test_x, splits.test_y, [test_threshold])
+    # Every specialist is a copy of the base: a sample costs the switch plus one base per active expert.
+    macs = base_macs * (1 + res["experts_per_sample"])
+    return {"row": name, "groups": [list(g) for g in mnn.groups], "test_accuracy": res["accuracy"], "macs": macs,
+            "overhead_pct": 100.0 * (macs - base_macs) / base_macs, "num_groups": len(mnn.groups),
+            "experts_per_sample": res["experts_per_sample"]}
+
+
+def run_groups_report(dataset: str = "digits", data_path: str | None = None, model: str = "small_cnn",
+                      pretrained: str | None = None, num_groups: int = 3, out_dir="groups_out", *, k: int = 2,
+                      epochs: int = 10, base_epochs: int | None = None, head_hidden: int = DEFAULT_HEAD_HIDDEN,
+                      head_depth: int = 1, batch_size: int = 64, lr: float = 1e-3, optimizer: str = "adam",
+                      with_mnn: bool = False, dataset_threshold: float = 0.1, test_threshold: float = 0.25,
+                      seed: int = 0, cache_dir: str | None = None, splits: Splits | None = None,
+                      verbose: bool = True) -> dict:
+    """Runs the controls and writes ``groups.csv``, ``groups.json`` and ``similarity.png`` in ``out_dir``.
+
+    Rows: ``base``; ``heads_confusion`` (heads on the confusion groups); ``heads_random`` (heads on a
+    random partition with the same group sizes); ``heads_codetection``; with ``with_mnn`` also
+    ``mnn_group_specialists`` (one specialist per confusion group) and ``mnn_class_specialists`` (one
+    per class), both with the base as their switch. Each row: test accuracy, multiply-adds per sample
+    (batch 1; for an MNN the mean over the test set) and overhead over the base in percent.
+
+    Splits: the base trains on the training split less a 10% validation split (``seed``), the groups
+    come from the base's predictions on that held-out validation split, heads train on the training
+    split, accuracy is measured on the test split. ``base_epochs`` (default: ``epochs``, or 0 with
+    ``pretrained``, i.e. no fine-tuning) trains the base; ``epochs`` trains heads and specialists.
+    Returns ``{"rows", "groups", "similarity", "val_accuracy", "config", ...}``.
+    """
+    cfg = TrainConfig(dataset=dataset, data_path=data_path, model=model, switch_epochs=0, specialist_epochs=epochs,
+                      batch_size=batch_size, lr=lr, optimizer=optimizer, dataset_threshold=dataset_threshold,
+                      seed=seed, pretrained=pretrained, cache_dir=cache_dir).check()
+    if base_epochs is None:
+        base_epochs = 0 if pretrained else epochs
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    splits = _data(cfg, splits)
+    num_classes, shape = splits.num_classes, (1, *splits.input_shape)
+    train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, seed)
+
+    torch.manual_seed(seed)
+    base = build_model(model, num_classes, splits.input_shape)
+    if pretrained:
+        load_pretrained_resnet(base, pretrained)
+    fit(base, train_x, train_y, base_epochs, cfg, seed, "base")
+    base.eval()
+    base_macs = count_macs(base, shape)
+    val_probs = predict_probs(base, val_x)
+
+    S = {"confusion": similarity(confusion_matrix(val_probs, val_y, k)),
+         "codetection": similarity(codetection_matrix(val_probs, k))}
+    groups = {"confusion": spectral_groups(S["confusion"], num_groups, seed),
+              "codetection": spectral_groups(S["codetection"], num_groups, seed)}
+    groups["random"] = random_groups_like(groups["confusion"], num_classes, seed)
+
+    rows = [{"row": "base", "groups": None, "test_accuracy": accuracy(base, splits.test_x, splits.test_y),
+             "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""}]
+    for kind in ("confusion", "random", "codetection"):
+        net = AuxHeadNet(base, groups[kind], hidden=head_hidden, depth=head_depth)
+        train_heads(net, train_x, train_y, epochs, lr, batch_size, seed)
+        macs = count_macs(net, shape)
+        rows.append({"row": f"heads_{kind}", "groups": groups[kind],
+                     "test_accuracy": accuracy(net, splits.test_x, splits.test_y), "macs": macs,
+                     "overhead_pct": 100.0 * (macs - base_macs) / base_macs, "num_groups": len(groups[kind]),
+                     "experts_per_sample": ""})
+    if with_mnn:
+        for name, g in (("mnn_group_specialists", groups["confusion"]), ("mnn_class_specialists", None)):
+            run_cfg = dataclasses.replace(cfg, groups=g)
+            rows.append(_mnn_row(name, run_cfg, base, splits, out / name, test_threshold, base_macs, shape))
+
+    config = {"dataset": dataset, "model": model, "pretrained": pretrained, "num_groups": num_groups, "k": k,
+              "epochs": epochs, "base_epochs": base_epochs, "head_hidden": head_hidden, "head_depth": head_depth,
+              "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "with_mnn": with_mnn,
+              "dataset_threshold": dataset_threshold, "test_threshold": test_threshold, "seed": seed}
+    result = {"config": config, "rows": rows, "groups": groups, "classes": list(splits.classes),
+              "val_accuracy": accuracy(base, val_x, val_y),
+              "similarity": {kind: s.tolist() for kind, s in S.items()}}
+    _write_csv(out / "groups.csv", rows)
+    io.save_json(out / "groups.json", result)
+    names = list(splits.classes) or None
+    plot_similarity(out / "similarity.png",
+                    [(f"S = A^T A, top-{k} confusions, ordered by confusion groups", S["confusion"], groups["confusion"]),
+                     (f"S = A^T A, top-{k} co-detections, ordered by co-detection groups", S["codetection"],
+                      groups["codetection"])], names)
+    result["table"] = markdown_table(rows)
+    if verbose:
+        print(f"{dataset} / {model}: base validation accuracy {result['val_accuracy']:.4f}, "
+              f"{num_groups} groups from top-{k} predictions on {len(val_y)} held-out samples\n")
+        print(result["table"])
+        print(f"\nwritten: {out / 'groups.csv'}, {out / 'groups.json'}, {out / 'similarity.png'}")
+    return result
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+def add_groups_parser(subparsers):
+    """Adds the ``groups`` sub-command to an ``argparse`` subparsers object; returns its parser."""
+    p = subparsers.add_parser("groups", help="label groups from confusions: auxiliary heads vs controls",
+                              description=__doc__.splitlines()[0])
+    p.add_argument("--dataset", default="digits", help="digits, mnist5k or cifar10 (needs --data-path)")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 directory")
+    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
+    p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
+    p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) for the base (no training unless --base-epochs)")
+    p.add_argument("--num-groups", type=int, default=3)
+    p.add_argument("--k", type=int, default=2, help="top-k predictions counted as confusions / co-detections")
+    p.add_argument("--epochs", type=int, default=10, help="epochs for the heads (and the base, unless --base-epochs)")
+    p.add_argument("--base-epochs", type=int, default=None, help="epochs for the base (default: --epochs; 0 with --pretrained)")
+    p.add_argument("--head-hidden", type=int, default=DEFAULT_HEAD_HIDDEN, help="hidden units per group head")
+    p.add_argument("--head-depth", type=int, default=1, help="hidden layers per group head")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--with-mnn", action="store_true", help="also train MNNs with group and per-class specialists (slower)")
+    p.add_argument("--dataset-threshold", type=float, default=0.1, help="MNN: specialist training-set threshold")
+    p.add_argument("--test-threshold", type=float, default=0.25, help="MNN: test threshold")
+    p.add_argument("--out", default="groups_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_groups)
+    return p
+
+
+def cmd_groups(args) -> None:
+    run_groups_report(args.dataset, args.data_path, args.model, args.pretrained, args.num_groups, args.out,
+                      k=args.k, epochs=args.epochs, base_epochs=args.base_epochs, head_hidden=args.head_hidden,
+                      head_depth=args.head_depth, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                      with_mnn=args.with_mnn, dataset_threshold=args.dataset_threshold,
+                      test_threshold=args.test_threshold, seed=args.seed, cache_dir=args.cache_dir)
