@@ -74,3 +74,88 @@ def best_time(fn, *args, repeats: int = 5) -> float:
         fn(*args)
         times.append(time.perf_counter() - start)
     return min(times)
+
+
+# ------------------------------------------------------------------------------ end to end
+
+def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample: float = 2.0,
+                        width: int = 512, seed: int = 0) -> dict:
+    """A switch, ``experts`` specialists (one per class, ``C = E``) and inputs, freshly initialised.
+
+    ``model``: ``"mlp"`` (``width -> 64 -> C`` MLPs on ``Tensor[B, width]``), ``"resnet20"`` or
+    ``"mobilenet_v2"`` (``E = C = 10`` on ``Tensor[B, 3, 32, 32]``). Untrained switches spread their
+    probability evenly, so the threshold is set to the score quantile that activates
+    ``active_per_sample`` experts per sample on average: the routing load a trained MNN would see.
+    """
+    from torch import nn
+
+    from .models import build_model
+
+    torch.manual_seed(seed)
+    if model == "mlp":
+        def net():
+            return nn.Sequential(nn.Linear(width, 64), nn.ReLU(), nn.Linear(64, experts)).eval()
+        x = torch.randn(batch, width)
+    else:
+        if experts != 10:
+            raise ValueError(f"experts: {model} workloads are CIFAR-sized with 10 classes, got {experts}")
+        def net():
+            return build_model(model, 10, (3, 32, 32)).eval()
+        x = torch.randn(batch, 3, 32, 32)
+    switch, specialists = net(), [net() for _ in range(experts)]
+    with torch.no_grad():
+        scores = torch.softmax(switch(x).float(), 1).flatten()
+    k = max(1, min(scores.numel(), int(round(active_per_sample * batch))))
+    threshold = float(torch.topk(scores, k + 1).values[-1]) if k < scores.numel() else 0.0
+    return dict(model=model, switch=switch, specialists=specialists, x=x, threshold=threshold, batch=batch, experts=experts)
+
+
+def peak_rss_growth(fn) -> int:
+    """Bytes by which one call of ``fn`` raises the process's peak resident memory above its current
+    resident memory (Linux ``VmHWM``, reset first); ``-1`` where ``/proc`` does not offer it."""
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+        raise OSError(field)
+
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        before = status_kb("VmRSS")
+        fn()
+        return max(0, status_kb("VmHWM") - before) * 1024
+    except OSError:
+        return -1
+
+
+def end_to_end_impls(w: dict, executors=("sequential", "grouped")) -> dict:
+    """Name -> zero-argument callable, all on ``w``'s inputs: the naive loop, the engine per executor,
+    dense (every expert on every sample) and the compute floor (switch + experts on pre-gathered rows)."""
+    from .module import MetaNeuralNetwork
+    from .reference import expert_log_contribution, naive_forward
+
+    switch, specialists, x, t = w["switch"], w["specialists"], w["x"], w["threshold"]
+    impls = {"naive": lambda: naive_forward(switch, specialists, x, threshold=t)}
+    for name in executors:
+        mnn = MetaNeuralNetwork(switch, specialists, threshold=t, executor=name)
+        impls[f"engine_{name}"] = lambda mnn=mnn: mnn(x)
+    engine = MetaNeuralNetwork(switch, specialists, threshold=t, executor="sequential")
+    with torch.no_grad():
+        _, routing = engine(x, return_routing=True)
+        chunks = [c.clone() for c in torch.split(x[routing.perm], routing.counts.tolist())]
+    w["rows"] = int(routing.perm.numel())
+
+    def floor():
+        switch(x)
+        return [s(c) for s, c in zip(specialists, chunks) if c.shape[0]]
+
+    def dense():
+        acc = torch.log_softmax(switch(x).float(), 1)
+        for e, s in enumerate(specialists):
+            acc = acc + expert_log_contribution(s(x), [e], len(specialists))
+        return torch.log_softmax(acc, 1)
+
+    impls.update(floor=floor, dense=dense)
+    return impls

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES, get_backend, select_backend
+from .executors import (EXECUTOR_NAMES, GroupedLinearStack, VmapExperts, linear_stack_reason, new_stream_pool,
+                        recording_grad, run_on_streams, select_executor, vectorised_contribution)
 from .reference import Routing, expert_log_contribution
 from .routing import check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
@@ -35,6 +37,12 @@ class MetaNeuralNetwork(nn.Module):
             the threshold/top-k rule.
         backend: ``"auto"`` (fastest available: cuda > triton > torch on GPU, cpp > torch on CPU) or one
             of ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``.
+        executor: how the specialists run (:mod:`mnn_fast.executors`): ``"sequential"`` (one call
+            per active expert), ``"grouped"`` (one batched computation over stacked weights),
+            ``"streams"`` (CUDA streams; sequential elsewhere; grouped ones run inference only, with
+            autograd recording they run sequentially) or ``"auto"`` (grouped for identical
+            Linear stacks, else streams on CUDA, else sequential). ``executor_skipped`` says why
+            an executor was passed over.
 
     ``forward(x)`` returns ``Tensor[B, C] float32`` log-probabilities; ``forward(x, return_routing=True)``
     also returns the :class:`~mnn_fast.Routing` used.
@@ -51,6 +59,7 @@ class MetaNeuralNetwork(nn.Module):
         num_classes: int | None = None,
         switch_fn: Callable[[Tensor], Tensor] | None = None,
         backend: str = "auto",
+        executor: str = "auto",
     ):
         super().__init__()
         if not isinstance(switch, nn.Module):
@@ -79,6 +88,10 @@ class MetaNeuralNetwork(nn.Module):
         self._threshold = check_threshold(threshold, self._top_k)
         self.switch_fn = switch_fn
         self.requested_backend = backend
+        if executor not in EXECUTOR_NAMES:
+            raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {executor!r}")
+        self.requested_executor = executor
+        self._uniform_group_size = len({len(g) for g in self.groups}) == 1
         group_offsets, group_classes = group_tensors(self.groups, torch.device("cpu"))
         self.register_buffer("group_offsets", group_offsets, persistent=False)
         self.register_buffer("group_classes", group_classes, persistent=False)
@@ -87,8 +100,7 @@ class MetaNeuralNetwork(nn.Module):
             self.register_buffer(f"_group_idx_{e}", torch.tensor(g, dtype=torch.long), persistent=False)
         self._max_class = max(c for g in self.groups for c in g)
         if num_classes is not None:
-            for e in range(len(self.groups)):
-                self._cache_outside_idx(e, num_classes)
+            self._cache_class_tables(num_classes)
         self._resolve_backend()
 
     # ------------------------------------------------------------------ configuration
@@ -128,6 +140,12 @@ class MetaNeuralNetwork(nn.Module):
         name, skipped = select_backend(self.requested_backend, self._device())
         self._backend = get_backend(name)
         self.backend_skipped: dict[str, str] = skipped
+        self.executor, self.executor_skipped = select_executor(self.requested_executor, self.specialists, self._device())
+        self._grouped = None
+        if self.executor == "grouped":
+            stackable = linear_stack_reason(self.specialists) is None
+            self._grouped = GroupedLinearStack(self.specialists) if stackable else VmapExperts(self.specialists)
+        self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
 
     def _apply(self, fn, *args, **kwargs):
         # Moving the module (.to/.cuda/.cpu) can change which backends can run.
@@ -138,7 +156,7 @@ class MetaNeuralNetwork(nn.Module):
     def extra_repr(self) -> str:
         return (
             f"experts={self.num_experts}, classes={self.num_classes}, threshold={self._threshold}, "
-            f"top_k={self._top_k}, backend={self.backend!r}"
+            f"top_k={self._top_k}, backend={self.backend!r}, executor={self.executor!r}"
         )
 
     # ------------------------------------------------------------------ forward
@@ -164,10 +182,17 @@ class MetaNeuralNetwork(nn.Module):
             raise ValueError(f"groups name class {self._max_class} but the switch returns only C={num_classes} classes")
         return num_classes
 
-    def _cache_outside_idx(self, e: int, num_classes: int) -> None:
-        members = set(self.groups[e])
-        outside = torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long)
-        self.register_buffer(f"_outside_idx_{e}", outside.to(self.group_offsets.device), persistent=False)
+    def _cache_class_tables(self, num_classes: int) -> None:
+        """Per expert, the classes outside its group; stacked as ``[E, C - g]`` when all groups have ``g``."""
+        outside = []
+        for e, group in enumerate(self.groups):
+            members = set(group)
+            idx = torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long)
+            self.register_buffer(f"_outside_idx_{e}", idx.to(self.group_offsets.device), persistent=False)
+            outside.append(idx)
+        if self._uniform_group_size:
+            self.register_buffer("_group_table", torch.tensor(self.groups, dtype=torch.long).to(self.group_offsets.device), persistent=False)
+            self.register_buffer("_outside_table", torch.stack(outside).to(self.group_offsets.device), persistent=False)
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
@@ -214,29 +239,70 @@ class MetaNeuralNetwork(nn.Module):
             torch._check(n >= 0)  # the data-dependent counts are sizes
         if self.num_classes is None and not compiling:
             self.num_classes = num_classes  # learnt from the first batch; later batches must agree
-            for e in range(len(self.groups)):
-                self._cache_outside_idx(e, num_classes)
+            self._cache_class_tables(num_classes)
+        # Grouped executors serve inference; with autograd recording the experts run one by one
+        # (torch._grouped_mm's CPU backward rejects unaligned sizes, and training needs per-expert grads).
+        if self._grouped is not None and not recording_grad(self.specialists):
+            y = self._grouped(xg, routing.counts)
+            if y is None:
+                return xg.new_empty(0, num_classes, dtype=torch.float32)
+            self._check_specialist_output(y, -1, xg.shape[0], num_classes)
+            if y.shape[1] == num_classes and self._uniform_group_size:
+                return self._contributions(y, routing.counts)
+            outputs = list(torch.split(y, sizes))
+        else:
+            outputs = self._expert_outputs(xg, sizes, num_classes, compiling)
+        widths = {y.shape[1] for y in outputs if y is not None}
+        if widths == {num_classes} and self._uniform_group_size:
+            # One row-wise pass over all experts' logits instead of E small ones; the same
+            # arithmetic per row, so the result is bitwise the per-expert one.
+            return self._contributions(torch.cat([y for y in outputs if y is not None]), routing.counts)
         parts = []
-        for e, (expert, n, rows) in enumerate(zip(self.specialists, sizes, torch.split(xg, sizes))):
-            if compiling:
-                # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm,
-                # for one) branch on "is the batch empty?", which cannot be traced. The expert runs
-                # on its rows plus one padding row, a batch provably non-empty, whose output is dropped.
-                padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
-                y = expert(padded).narrow(0, 0, n)
-            elif n == 0:
-                continue  # as in the paper's loop, an expert with no samples is not called
-            else:
-                y = expert(rows)
-            width = y.shape[1] if isinstance(y, Tensor) and y.dim() == 2 else -1
-            if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n or width not in (num_classes, 1):
-                shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
-                raise ValueError(f"specialists[{e}] must return logits of shape [n, C={num_classes}] (or [n, 1]), got {shape}")
-            if width == 1 and len(self.groups[e]) != 1:
-                raise ValueError(f"specialists[{e}] returns one logit (binary) but its group has {len(self.groups[e])} classes")
+        for e, y in enumerate(outputs):
+            if y is None:
+                continue
             group_idx = getattr(self, f"_group_idx_{e}")
             outside_idx = getattr(self, f"_outside_idx_{e}", None)
             parts.append(expert_log_contribution(y, self.groups[e], num_classes, group_idx, outside_idx))
         if not parts:
             return xg.new_empty(0, num_classes, dtype=torch.float32)
         return torch.cat(parts)
+
+    def _contributions(self, y: Tensor, counts: Tensor) -> Tensor:
+        expert_of_row = torch.repeat_interleave(torch.arange(len(self.groups), device=y.device), counts,
+                                                output_size=y.shape[0])
+        return vectorised_contribution(y, expert_of_row, self._group_table, self._outside_table)
+
+    def _expert_outputs(self, xg: Tensor, sizes: list, num_classes: int, compiling: bool) -> list:
+        """Per expert, its logits on its rows (``None`` for an expert with no rows, which is not called)."""
+        chunks = torch.split(xg, sizes)
+        if self._streams is not None and not compiling:
+            outputs = run_on_streams(self.specialists, list(chunks), self._streams)
+        else:
+            outputs = []
+            for expert, n, rows in zip(self.specialists, sizes, chunks):
+                if compiling:
+                    # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm,
+                    # for one) branch on "is the batch empty?", which cannot be traced. The expert runs
+                    # on its rows plus one padding row, a batch provably non-empty, whose output is dropped.
+                    padded = torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])
+                    outputs.append(expert(padded).narrow(0, 0, n))
+                elif n == 0:
+                    outputs.append(None)  # as in the paper's loop, an expert with no samples is not called
+                else:
+                    outputs.append(expert(rows))
+        for e, (y, n) in enumerate(zip(outputs, sizes)):
+            if y is not None:
+                self._check_specialist_output(y, e, n, num_classes)
+        return outputs
+
+    def _check_specialist_output(self, y, e: int, n, num_classes: int) -> None:
+        who = f"specialists[{e}]" if e >= 0 else "the grouped specialists"
+        width = y.shape[1] if isinstance(y, Tensor) and y.dim() == 2 else -1
+        if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n or width not in (num_classes, 1):
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"{who} must return logits of shape [n, C={num_classes}] (or [n, 1]), got {shape}")
+        if width == 1 and e >= 0 and len(self.groups[e]) != 1:
+            raise ValueError(f"specialists[{e}] returns one logit (binary) but its group has {len(self.groups[e])} classes")
+        if width == 1 and e < 0 and any(len(g) != 1 for g in self.groups):
+            raise ValueError("the grouped specialists return one logit (binary) but some groups have several classes")

@@ -1,0 +1,85 @@
+"""End to end: the naive loop vs the engine per executor vs dense vs the compute floor, same inputs.
+
+compute floor = the switch plus each specialist on its rows already gathered into a contiguous
+batch (no routing, no combine): what any MNN implementation must pay. dense = every specialist on
+every sample. overhead = engine / floor - 1. Memory = growth of peak RSS during one call.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import is_quick
+from mnn_fast.benchmark import end_to_end_impls, end_to_end_workload, peak_rss_growth
+
+TABLE = "end_to_end"
+# (model, E, B). The MLP grid is the issue's; ResNet-20 B=512 and MobileNetV2 B=128 the paper's setting.
+FULL = [("mlp", e, b) for e in (10, 100, 1000) for b in (256, 4096)] + [("resnet20", 10, 512), ("mobilenet_v2", 10, 128)]
+QUICK = [("mlp", 10, 256), ("mlp", 1000, 4096), ("resnet20", 10, 64), ("mobilenet_v2", 10, 32)]
+IMPLS = ["naive", "engine_sequential", "engine_grouped", "dense", "floor"]
+# Dense runs B x E expert rows: past this many it takes minutes and tells nothing new.
+DENSE_MAX_ROWS = 300_000
+
+_CACHE: dict = {}
+
+
+def workload(case):
+    if case not in _CACHE:
+        _CACHE.clear()
+        w = end_to_end_workload(*case)
+        w["impls"] = end_to_end_impls(w)
+        _CACHE[case] = w
+    return _CACHE[case]
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        cases = QUICK if is_quick(metafunc.config) else FULL
+        grid = [(c, i) for c in cases for i in IMPLS]
+        metafunc.parametrize("case,impl", grid, ids=[f"{c[0]}-E{c[1]}-B{c[2]}-{i}" for c, i in grid])
+
+
+def _fmt(rows):
+    head = (f"{'model':>12} {'E':>5} {'B':>5} {'rows':>6} | {'naive':>8} {'seq':>8} {'grouped':>8} {'dense':>8} {'floor':>8} "
+            f"| {'best':>7} {'img/s':>8} {'vs naive':>8} {'vs dense':>8} {'overhead':>8} | {'MB naive':>8} {'MB best':>7}")
+    lines = ["times in ms; best = the faster executor; overhead = best engine over the compute floor", head, "-" * len(head)]
+    for r in rows:
+        if not all(k in r for k in ("naive", "engine_sequential", "engine_grouped", "floor")):
+            continue
+        best = min(("engine_sequential", "engine_grouped"), key=lambda k: r[k])
+        r.update(best_executor=best.removeprefix("engine_"), images_per_s=r["B"] / r[best],
+                 speedup_vs_naive=r["naive"] / r[best], overhead_vs_floor=r[best] / r["floor"] - 1,
+                 speedup_vs_dense=(r["dense"] / r[best]) if r.get("dense") else None)
+        ms = lambda k: f"{r[k] * 1e3:>8.1f}" if r.get(k) else f"{'-':>8}"
+        vs_dense = f"{r['speedup_vs_dense']:>7.1f}x" if r["speedup_vs_dense"] else f"{'-':>8}"
+        lines.append(
+            f"{r['model']:>12} {r['E']:>5} {r['B']:>5} {r['rows']:>6} | {ms('naive')} {ms('engine_sequential')} "
+            f"{ms('engine_grouped')} {ms('dense')} {ms('floor')} | {r['best_executor']:>7} {r['images_per_s']:>8.0f} "
+            f"{r['speedup_vs_naive']:>7.1f}x {vs_dense} {100 * r['overhead_vs_floor']:>7.1f}% | "
+            f"{r['mem_naive'] / 2**20:>8.1f} {r['mem_' + best] / 2**20:>7.1f}")
+    return lines
+
+
+def test_end_to_end(benchmark, results, case, impl):
+    model, experts, batch = case
+    results.formatters[TABLE] = _fmt
+    w = workload(case)
+    key = dict(model=model, E=experts, B=batch)
+    if impl == "dense" and batch * experts > DENSE_MAX_ROWS:
+        results.record(TABLE, key, dense=None)
+        results.notes[TABLE] = [f"dense skipped where B x E > {DENSE_MAX_ROWS} expert rows (minutes per call)"]
+        return
+    fn = w["impls"][impl]
+    with torch.no_grad():
+        if impl.startswith("engine"):  # a speed is only worth reporting for a correct output
+            want = w["impls"]["naive"]()
+            got = fn()
+            if impl == "engine_sequential":
+                assert torch.equal(got, want)
+            else:
+                torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+        benchmark.group = f"{model} E={experts} B={batch}"
+        benchmark.pedantic(fn, rounds=3 if model != "mlp" else 10, warmup_rounds=1, iterations=1)
+        seconds = benchmark.stats.stats.min
+        memory = peak_rss_growth(fn)
+    results.record(TABLE, key, rows=w["rows"], threshold=w["threshold"], **{impl: seconds, f"mem_{impl}": memory})

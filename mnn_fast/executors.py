@@ -1,0 +1,344 @@
+"""Executors: how the specialists run on the expert-major buffer ``xg`` (rows of expert ``e`` contiguous).
+
+sequential: each expert on its slice, one call after another (the baseline; bitwise the naive loop).
+grouped: experts sharing one architecture run as one computation over stacked weights: Linear stacks
+as segment matmuls (``torch._grouped_mm``, no padding), anything else via ``torch.func`` + ``vmap`` on
+count-bucketed padded batches (padding at most half of each bucket, reported). streams: CUDA only.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+__all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
+           "GroupedLinearStack", "VmapExperts", "segment_matmul", "run_on_streams"]
+
+EXECUTOR_NAMES = ("auto", "sequential", "grouped", "streams")
+
+# Layers a grouped Linear stack may hold between its Linears: stateless and applied row by row, so
+# one call on the whole buffer equals one call per expert slice.
+_ROWWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
+
+
+@torch.library.custom_op("mnn_fast::segment_matmul", mutates_args=())
+def segment_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
+    """``out[r] = x[r] @ weight[e]`` for the rows ``offsets[e-1] <= r < offsets[e]`` of segment ``e``.
+
+    ``x: Tensor[N, K]``, ``weight: Tensor[E, K, M]`` (any strides), ``offsets: Tensor[E] int32`` the
+    segments' cumulative ends (``offsets[-1] == N``) -> ``Tensor[N, M]``. One ``torch._grouped_mm``,
+    bitwise equal to ``x[segment] @ weight[e]`` per segment. A custom op because the aten op's fake
+    kernel accepts only bf16, which would stop ``torch.compile`` tracing float32 models.
+    """
+    if x.shape[0] == 0:  # _grouped_mm returns zero strides for an empty result
+        return x.new_empty(0, weight.shape[2])
+    # _grouped_mm pads output rows to 16 bytes; contiguous() gives the layout the fake kernel promises.
+    return torch._grouped_mm(x.contiguous(), weight, offs=offsets).contiguous()
+
+
+@segment_matmul.register_fake
+def _(x, weight, offsets):
+    torch._check(x.shape[1] == weight.shape[1])
+    return x.new_empty(x.shape[0], weight.shape[2])
+
+
+@torch.library.custom_op("mnn_fast::segment_matmul_weight_grad", mutates_args=())
+def segment_matmul_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
+    """``Tensor[E, K, M]``: per segment ``x[segment]^T @ grad[segment]`` (the weight gradient).
+
+    A loop over segments: training is not the grouped executor's hot path, clarity wins here; an op
+    of its own so the data-dependent segment bounds stay out of traced graphs.
+    """
+    ends = offsets.long().tolist()
+    starts = [0] + ends[:-1]
+    return torch.stack([x[a:b].t() @ grad[a:b] for a, b in zip(starts, ends)])
+
+
+@segment_matmul_weight_grad.register_fake
+def _(x, grad, offsets):
+    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
+
+
+def _segment_matmul_backward(ctx, grad):
+    x, weight, offsets = ctx.saved_tensors
+    grad_x = segment_matmul(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
+    grad_w = segment_matmul_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
+    return grad_x, grad_w, None
+
+
+def _segment_matmul_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+segment_matmul.register_autograd(_segment_matmul_backward, setup_context=_segment_matmul_setup)
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """A Sequential flattened into its leaf layers; any other module is its own single layer."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _layers(child)]
+    return [module]
+
+
+def _describe(layer: nn.Module) -> tuple:
+    if isinstance(layer, nn.Linear):
+        return ("Linear", layer.in_features, layer.out_features, layer.bias is not None)
+    if isinstance(layer, nn.Flatten):
+        return ("Flatten", layer.start_dim, layer.end_dim)
+    return (type(layer).__name__, repr(layer))
+
+
+def linear_stack_reason(experts: Sequence[nn.Module]) -> str | None:
+    """``None`` when every expert is the same stack of Linear and row-wise layers, else why not."""
+    layouts = []
+    for e, expert in enumerate(experts):
+        layers = _layers(expert)
+        for layer in layers:
+            flatten_ok = isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
+            if not (isinstance(layer, (nn.Linear, *_ROWWISE)) or flatten_ok):
+                return f"specialists[{e}] holds {type(layer).__name__}, not only Linear and row-wise layers"
+            if isinstance(layer, nn.Linear) and layer.weight.dtype != torch.float32:
+                return f"specialists[{e}] has a {layer.weight.dtype} Linear; segment matmul runs float32"
+            if isinstance(layer, nn.Linear) and layer.in_features % 4:
+                # torch._grouped_mm needs 16-byte-aligned row strides.
+                return f"specialists[{e}] has a Linear with in_features={layer.in_features}, not a multiple of 4"
+        if not any(isinstance(layer, nn.Linear) for layer in layers):
+            return f"specialists[{e}] has no Linear layer"
+        layouts.append([_describe(layer) for layer in layers])
+    if any(layout != layouts[0] for layout in layouts):
+        return "specialists differ in layers or sizes"
+    return None
+
+
+def same_architecture_reason(experts: Sequence[nn.Module]) -> str | None:
+    """``None`` when all experts share class, parameter names and shapes (stackable for vmap)."""
+    def signature(m: nn.Module):
+        return (type(m), [(n, tuple(p.shape), p.dtype) for n, p in m.named_parameters()],
+                [(n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()])
+
+    first = signature(experts[0])
+    for e, expert in enumerate(experts[1:], 1):
+        if signature(expert) != first:
+            return f"specialists[{e}] differs from specialists[0] in class, parameter or buffer shapes"
+    return None
+
+
+def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.device) -> tuple[str, dict[str, str]]:
+    """``(name, skipped)``: the executor to use and, for each one passed over, the reason."""
+    if requested not in EXECUTOR_NAMES:
+        raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {requested!r}")
+    skipped: dict[str, str] = {}
+    stack_reason = linear_stack_reason(experts)
+    arch_reason = same_architecture_reason(experts)
+    if device.type != "cuda":
+        skipped["streams"] = f"CUDA streams need a CUDA device; the module is on {device.type}"
+    if stack_reason is not None:
+        # vmap turns each conv into a grouped conv; measured slower than E separate calls on CPU
+        # (README, issue 3 table), so auto only groups Linear stacks.
+        skipped["grouped"] = stack_reason if arch_reason is not None else (
+            f"{stack_reason}; explicit executor='grouped' would use vmap over padded batches")
+    if requested == "auto":
+        if stack_reason is None:
+            return "grouped", skipped
+        return ("streams" if "streams" not in skipped else "sequential"), skipped
+    if requested == "grouped" and stack_reason is not None and arch_reason is not None:
+        raise ValueError(f"executor='grouped' needs specialists of one architecture: {arch_reason}")
+    if requested == "streams" and "streams" in skipped:
+        return "sequential", skipped  # the documented CPU fallback; `executor_skipped` says why
+    return requested, {k: v for k, v in skipped.items() if k != requested}
+
+
+def _param_key(params: list[Tensor]) -> tuple:
+    # A tensor's version counter moves on every in-place update (optimizer steps, load_state_dict).
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+class _StackCache:
+    """Stacked copies of per-expert tensors, rebuilt only when one of them changed.
+
+    With autograd recording (training) or under ``torch.compile`` the stack is taken fresh each call,
+    so gradients reach every expert's own parameters and no stale copy is ever used.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value: list[Tensor] = []
+
+    def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
+        recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
+        if recording or torch.compiler.is_compiling():
+            return [torch.stack(ts) for ts in groups_of_tensors]
+        key = tuple(_param_key(ts) for ts in groups_of_tensors)
+        if key != self._key:
+            self._value = [torch.stack([t.detach() for t in ts]) for ts in groups_of_tensors]
+            self._key = key
+        return self._value
+
+
+def recording_grad(experts: Sequence[nn.Module]) -> bool:
+    """Whether autograd would record through the experts (then grouped executors run sequentially)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for m in experts for p in m.parameters())
+
+
+class GroupedLinearStack:
+    """Runs ``E`` identical Linear stacks as segment matmuls over the expert-major buffer.
+
+    Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``torch._grouped_mm``
+    (offsets = expert boundaries, so no padding); row-wise layers run once on the whole buffer.
+    ``torch._grouped_mm`` equals ``rows @ W^T`` bitwise; ``nn.Linear`` adds its bias inside the GEMM
+    (``addmm``), so results match the sequential executor to float32 rounding (relative ~1e-6).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        self.experts = list(experts)
+        self.layers = _layers(self.experts[0])
+        self._linear_at = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)]
+        self._cache = _StackCache()
+
+    def _stacked(self) -> list[Tensor]:
+        per_layer = []
+        for i in self._linear_at:
+            linears = [_layers(expert)[i] for expert in self.experts]
+            per_layer.append([lin.weight for lin in linears])
+            if linears[0].bias is not None:
+                per_layer.append([lin.bias for lin in linears])
+        return self._cache.get(per_layer)
+
+    def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
+        """``xg: Tensor[N, ...] float32`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
+        stacked = iter(self._stacked())
+        offs = torch.cumsum(counts, 0).to(torch.int32)
+        expert_of_row = None
+        h = xg
+        for i, layer in enumerate(self.layers):
+            if not isinstance(layer, nn.Linear):
+                h = layer(h)
+                continue
+            weight = next(stacked)
+            h = segment_matmul(h, weight.transpose(1, 2), offs)
+            if layer.bias is not None:
+                if expert_of_row is None:
+                    expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=xg.device), counts,
+                                                            output_size=xg.shape[0])
+                h = h + next(stacked).index_select(0, expert_of_row)
+        return h
+
+
+def bucket_experts(counts: list[int]) -> list[list[int]]:
+    """Experts with rows, in buckets whose smallest count is more than half the largest.
+
+    Padding every expert of a bucket to the bucket's largest count then wastes at most half of the
+    bucket's rows; there are at most ``log2(max count) + 1`` buckets.
+    """
+    order = sorted((e for e, n in enumerate(counts) if n > 0), key=lambda e: -counts[e])
+    buckets: list[list[int]] = []
+    for e in order:
+        if buckets and 2 * counts[e] > counts[buckets[-1][0]]:
+            buckets[-1].append(e)
+        else:
+            buckets.append([e])
+    return buckets
+
+
+class VmapExperts:
+    """Same-architecture experts as ``torch.func.functional_call`` under ``vmap`` over stacked state.
+
+    Rows are padded per bucket (:func:`bucket_experts`); ``last_padding_waste`` is the fraction of
+    computed rows that were padding in the latest call. Batched convolutions and reductions round
+    differently from per-expert calls: outputs agree with sequential to float32 rounding.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        self.experts = list(experts)
+        self._names = [n for n, _ in self.experts[0].named_parameters()]
+        self._buffer_names = [n for n, _ in self.experts[0].named_buffers()]
+        self._cache = _StackCache()
+        self.last_padding_waste = 0.0
+
+    def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
+        sizes = counts.tolist()
+        named = [(dict(m.named_parameters()), dict(m.named_buffers())) for m in self.experts]
+        params = [[p[n] for p, _ in named] for n in self._names]
+        buffers = [[b[n] for _, b in named] for n in self._buffer_names]
+        stacked = self._cache.get(params + buffers)
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        base = self.experts[0]
+        outputs: dict[int, Tensor] = {}
+        computed = 0
+
+        def call_one(p, b, rows):
+            return torch.func.functional_call(base, (p, b), (rows,))
+
+        for bucket in bucket_experts(sizes):
+            width = sizes[bucket[0]]
+            idx = torch.tensor(bucket, device=xg.device)
+            padded = xg.new_zeros(len(bucket), width, *xg.shape[1:])
+            for j, e in enumerate(bucket):
+                padded[j, : sizes[e]] = xg[starts[e] : starts[e + 1]]
+            p = {n: t.index_select(0, idx) for n, t in zip(self._names, stacked[: len(self._names)])}
+            b = {n: t.index_select(0, idx) for n, t in zip(self._buffer_names, stacked[len(self._names):])}
+            y = torch.vmap(call_one)(p, b, padded)
+            computed += len(bucket) * width
+            for j, e in enumerate(bucket):
+                outputs[e] = y[j, : sizes[e]]
+        self.last_padding_waste = 1.0 - xg.shape[0] / computed if computed else 0.0
+        if not outputs:
+            return None
+        return torch.cat([outputs[e] for e in range(len(sizes)) if sizes[e] > 0])
+
+
+def run_on_streams(experts: Sequence[nn.Module], chunks: list[Tensor], streams: list) -> list[Tensor | None]:
+    """Each non-empty chunk's expert on one of ``streams`` (round robin); joins on the current stream.
+
+    Side streams first wait for the current stream (the gather that filled ``xg``); ``record_stream``
+    keeps the caching allocator from reusing an input or output while a side stream still uses it.
+    """
+    main = torch.cuda.current_stream()
+    ready = torch.cuda.Event()
+    ready.record(main)
+    outputs: list[Tensor | None] = [None] * len(chunks)
+    used = set()
+    for e, (expert, rows) in enumerate(zip(experts, chunks)):
+        if rows.shape[0] == 0:
+            continue
+        stream = streams[e % len(streams)]
+        used.add(stream)
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            rows.record_stream(stream)
+            y = expert(rows)
+            y.record_stream(main)
+        outputs[e] = y
+    for stream in used:
+        done = torch.cuda.Event()
+        done.record(stream)
+        main.wait_event(done)
+    return outputs
+
+
+def new_stream_pool(device: torch.device, size: int = 4) -> list:
+    return [torch.cuda.Stream(device=device) for _ in range(size)]
+
+
+def vectorised_contribution(y: Tensor, expert_of_row: Tensor, group_idx: Tensor, outside_idx: Tensor) -> Tensor:
+    """``log v: Tensor[N, C] float32`` for width-``C`` logits of experts whose groups all have ``g`` classes.
+
+    ``group_idx: Tensor[E, g]``, ``outside_idx: Tensor[E, C - g]`` int64. The same row-wise steps as
+    :func:`mnn_fast.reference.expert_log_contribution` (log_softmax, gather, logsumexp of the rest),
+    so each row is bitwise what the per-expert version gives.
+    """
+    from .reference import _logsumexp_rows
+
+    ls = torch.log_softmax(y.float(), dim=1)
+    in_group = ls.gather(1, group_idx.index_select(0, expert_of_row))
+    rest = outside_idx.shape[1]
+    if rest:
+        log_not_q = _logsumexp_rows(ls.gather(1, outside_idx.index_select(0, expert_of_row)))
+        out = (log_not_q - math.log(rest)).expand(y.shape[0], y.shape[1]).clone()
+    else:
+        out = torch.empty_like(ls)
+    return out.scatter_(1, group_idx.index_select(0, expert_of_row), in_group)

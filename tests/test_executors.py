@@ -1,0 +1,164 @@
+"""Executors (sequential, grouped, streams, auto) against the naive loop and each other.
+
+Reference: ``naive_forward`` (the paper's loop). The sequential executor must equal it bitwise; the
+grouped Linear-stack executor bitwise for bias-free experts (``torch._grouped_mm`` equals per-segment
+``x @ W^T``), within float32 rounding with biases (``nn.Linear`` fuses the bias into its GEMM); the
+vmap executor within float32 rounding (batched kernels round differently).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+from torch import nn
+
+from models import cnn_mnn, mlp, mlp_mnn
+from mnn_fast import MetaNeuralNetwork
+from mnn_fast.executors import VmapExperts, bucket_experts, segment_matmul, segment_matmul_weight_grad
+from mnn_fast.reference import naive_forward
+
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def bias_free_mnn(classes: int, experts: int, d_in: int = 24, seed: int = 0):
+    torch.manual_seed(seed)
+    def net(d_out):
+        return nn.Sequential(nn.Linear(d_in, 32, bias=False), nn.ReLU(), nn.Linear(32, d_out, bias=False)).eval()
+    return net(classes), [net(classes) for _ in range(experts)]
+
+
+def groups_for(classes: int, experts: int):
+    return [[e % classes] for e in range(experts)]
+
+
+# Each case is an edge the buffer layout has to survive: empty batch, one sample, nothing routed
+# (t = 1), everything routed (t = 0), one expert taking every row, a single expert, many experts.
+EDGES = [
+    (0, 6, 6, 0.1), (1, 6, 6, 0.1), (40, 6, 6, 1.0), (40, 6, 6, 0.0),
+    (40, 1, 1, 0.0), (50, 6, 1, 0.0), (64, 4, 300, 0.001),
+]
+
+
+@pytest.mark.parametrize("batch,classes,experts,threshold", EDGES)
+@pytest.mark.parametrize("executor", ["sequential", "grouped"])
+def test_bias_free_experts_bitwise_equal_to_naive(batch, classes, experts, threshold, executor):
+    switch, specialists = bias_free_mnn(classes, experts)
+    groups = groups_for(classes, experts)
+    if experts == 1 and classes == 6:  # one expert takes everything: a group of all classes
+        groups = [list(range(classes))]
+    mnn = MetaNeuralNetwork(switch, specialists, groups=groups, threshold=threshold, num_classes=classes,
+                            executor=executor)
+    assert mnn.executor == executor
+    x = torch.randn(batch, 24)
+    with torch.no_grad():
+        got = mnn(x)
+        want = naive_forward(switch, specialists, x, groups=groups, threshold=threshold)
+    assert torch.equal(got, want)
+
+
+@settings(max_examples=25, deadline=None)
+@given(batch=st.integers(0, 300), experts=st.integers(1, 40), seed=st.integers(0, 2**16),
+       threshold=st.sampled_from([0.0, 0.02, 0.1, 0.3]))
+def test_grouped_with_biases_close_to_sequential(batch, experts, seed, threshold):
+    switch, specialists = mlp_mnn(8, experts, seed=seed)
+    groups = groups_for(8, experts)
+    x = torch.randn(batch, 24, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        seq = MetaNeuralNetwork(switch, specialists, groups=groups, threshold=threshold, executor="sequential")
+        grouped = MetaNeuralNetwork(switch, specialists, groups=groups, threshold=threshold, executor="grouped")
+        want, r_want = seq(x, return_routing=True)
+        got, r_got = grouped(x, return_routing=True)
+    assert torch.equal(r_got.perm, r_want.perm)
+    torch.testing.assert_close(got, want, **TOL)
+    assert torch.equal(want, naive_forward(switch, specialists, x, groups=groups, threshold=threshold))
+
+
+def test_vmap_executor_close_to_sequential_and_reports_padding():
+    switch, specialists = cnn_mnn(5, seed=3)
+    x = torch.randn(70, 3, 8, 8)
+    with torch.no_grad():
+        seq = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="sequential")
+        grouped = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="grouped")
+        assert isinstance(grouped._grouped, VmapExperts)  # convs are not a Linear stack
+        want, got = seq(x), grouped(x)
+    torch.testing.assert_close(got, want, **TOL)
+    assert 0.0 <= grouped._grouped.last_padding_waste <= 0.5
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(0, 5000), min_size=1, max_size=60))
+def test_buckets_bound_padding_to_half(counts):
+    buckets = bucket_experts(counts)
+    covered = sorted(e for b in buckets for e in b)
+    assert covered == [e for e, n in enumerate(counts) if n > 0]  # every expert with rows, once
+    for b in buckets:
+        widest = max(counts[e] for e in b)
+        assert all(2 * counts[e] > widest for e in b)
+        assert sum(counts[e] for e in b) * 2 > widest * len(b)  # padding < half of the bucket
+
+
+def test_auto_groups_linear_stacks_and_explains_the_rest():
+    switch, specialists = mlp_mnn(4)
+    assert MetaNeuralNetwork(switch, specialists).executor == "grouped"
+    cnn_switch, cnns = cnn_mnn(3)
+    auto = MetaNeuralNetwork(cnn_switch, cnns)
+    assert auto.executor == "sequential"
+    assert "Conv2d" in auto.executor_skipped["grouped"]
+    streams = MetaNeuralNetwork(switch, specialists, executor="streams")
+    assert streams.executor == "sequential" and "CUDA" in streams.executor_skipped["streams"]
+    mixed = [mlp(24, 4), mlp(24, 4, hidden=16), mlp(24, 4), mlp(24, 4)]
+    assert "differ" in MetaNeuralNetwork(switch, mixed).executor_skipped["grouped"]
+    with pytest.raises(ValueError, match="one architecture"):
+        MetaNeuralNetwork(switch, mixed, executor="grouped")
+    odd = [nn.Sequential(nn.Linear(24, 33), nn.ReLU(), nn.Linear(33, 4)) for _ in range(4)]
+    assert "multiple of 4" in MetaNeuralNetwork(switch, odd).executor_skipped["grouped"]
+    with pytest.raises(ValueError, match="executor"):
+        MetaNeuralNetwork(switch, specialists, executor="parallel")
+
+
+def test_grouped_trains_like_sequential():
+    # With autograd recording the grouped module runs the experts one by one: same loss, same grads.
+    switch, specialists = mlp_mnn(5, seed=2)
+    x = torch.randn(30, 24)
+    grads = []
+    for executor in ("sequential", "grouped"):
+        for p in [*switch.parameters(), *(q for s in specialists for q in s.parameters())]:
+            p.grad = None
+        MetaNeuralNetwork(switch, specialists, threshold=0.1, executor=executor)(x).sum().backward()
+        grads.append([s[0].weight.grad.clone() if s[0].weight.grad is not None else None for s in specialists])
+    assert any(g is not None for g in grads[0])
+    for a, b in zip(*grads):
+        assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_stacked_weights_follow_in_place_updates():
+    # The grouped executor caches stacked weights; an optimizer step (an in-place update) must show.
+    switch, specialists = bias_free_mnn(4, 4, seed=1)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.0, executor="grouped")
+    x = torch.randn(20, 24)
+    with torch.no_grad():
+        before = mnn(x)
+        specialists[2][0].weight.mul_(3.0)
+        after = mnn(x)
+        want = naive_forward(switch, specialists, x, threshold=0.0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, want)
+
+
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 0], [10, 0, 0, 0]])
+def test_segment_matmul_matches_per_segment_and_passes_opcheck(counts):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(sum(counts), 16, generator=gen)
+    w = torch.randn(len(counts), 16, 8, generator=gen)
+    offsets = torch.tensor(counts).cumsum(0).to(torch.int32)
+    parts = [a @ w[e] for e, a in enumerate(torch.split(x, counts))]
+    assert torch.equal(segment_matmul(x, w, offsets), torch.cat(parts))
+    torch.library.opcheck(segment_matmul, (x, w, offsets))
+    torch.library.opcheck(segment_matmul, (x.requires_grad_(), w.requires_grad_(), offsets))
+    torch.library.opcheck(segment_matmul_weight_grad, (x.detach(), torch.randn(sum(counts), 8), offsets))
+    # The registered backward against autograd through the per-segment products.
+    g = torch.randn(sum(counts), 8, generator=gen)
+    got = torch.autograd.grad(segment_matmul(x, w, offsets), (x, w), g)
+    want = torch.autograd.grad(torch.cat([a @ w[e] for e, a in enumerate(torch.split(x, counts))]), (x, w), g)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, **TOL)
