@@ -2,8 +2,8 @@
 
 sequential: each expert on its slice, one call after another (the baseline; bitwise the naive loop).
 grouped: experts sharing one architecture run as one computation over stacked weights: Linear stacks
-as segment matmuls (``torch._grouped_mm``, no padding), anything else via ``torch.func`` + ``vmap`` on
-count-bucketed padded batches (padding at most half of each bucket, reported). streams: CUDA only.
+as segment matmuls (the ``mnn_fast::segment_linear`` op, no padding), anything else via ``torch.func``
++ ``vmap`` on count-bucketed padded batches (padding under half of each bucket). streams: CUDA only.
 """
 from __future__ import annotations
 
@@ -14,65 +14,13 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
-           "GroupedLinearStack", "VmapExperts", "segment_matmul", "run_on_streams"]
+           "GroupedLinearStack", "VmapExperts", "run_on_streams"]
 
 EXECUTOR_NAMES = ("auto", "sequential", "grouped", "streams")
 
 # Layers a grouped Linear stack may hold between its Linears: stateless and applied row by row, so
 # one call on the whole buffer equals one call per expert slice.
 _ROWWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
-
-
-@torch.library.custom_op("mnn_fast::segment_matmul", mutates_args=())
-def segment_matmul(x: Tensor, weight: Tensor, offsets: Tensor) -> Tensor:
-    """``out[r] = x[r] @ weight[e]`` for the rows ``offsets[e-1] <= r < offsets[e]`` of segment ``e``.
-
-    ``x: Tensor[N, K]``, ``weight: Tensor[E, K, M]`` (any strides), ``offsets: Tensor[E] int32`` the
-    segments' cumulative ends (``offsets[-1] == N``) -> ``Tensor[N, M]``. One ``torch._grouped_mm``,
-    bitwise equal to ``x[segment] @ weight[e]`` per segment. A custom op because the aten op's fake
-    kernel accepts only bf16, which would stop ``torch.compile`` tracing float32 models.
-    """
-    if x.shape[0] == 0:  # _grouped_mm returns zero strides for an empty result
-        return x.new_empty(0, weight.shape[2])
-    # _grouped_mm pads output rows to 16 bytes; contiguous() gives the layout the fake kernel promises.
-    return torch._grouped_mm(x.contiguous(), weight, offs=offsets).contiguous()
-
-
-@segment_matmul.register_fake
-def _(x, weight, offsets):
-    torch._check(x.shape[1] == weight.shape[1])
-    return x.new_empty(x.shape[0], weight.shape[2])
-
-
-@torch.library.custom_op("mnn_fast::segment_matmul_weight_grad", mutates_args=())
-def segment_matmul_weight_grad(x: Tensor, grad: Tensor, offsets: Tensor) -> Tensor:
-    """``Tensor[E, K, M]``: per segment ``x[segment]^T @ grad[segment]`` (the weight gradient).
-
-    A loop over segments: training is not the grouped executor's hot path, clarity wins here; an op
-    of its own so the data-dependent segment bounds stay out of traced graphs.
-    """
-    ends = offsets.long().tolist()
-    starts = [0] + ends[:-1]
-    return torch.stack([x[a:b].t() @ grad[a:b] for a, b in zip(starts, ends)])
-
-
-@segment_matmul_weight_grad.register_fake
-def _(x, grad, offsets):
-    return x.new_empty(offsets.shape[0], x.shape[1], grad.shape[1])
-
-
-def _segment_matmul_backward(ctx, grad):
-    x, weight, offsets = ctx.saved_tensors
-    grad_x = segment_matmul(grad, weight.transpose(1, 2), offsets) if ctx.needs_input_grad[0] else None
-    grad_w = segment_matmul_weight_grad(x, grad, offsets) if ctx.needs_input_grad[1] else None
-    return grad_x, grad_w, None
-
-
-def _segment_matmul_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-segment_matmul.register_autograd(_segment_matmul_backward, setup_context=_segment_matmul_setup)
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
@@ -92,6 +40,13 @@ def _describe(layer: nn.Module) -> tuple:
 
 def linear_stack_reason(experts: Sequence[nn.Module]) -> str | None:
     """``None`` when every expert is the same stack of Linear and row-wise layers, else why not."""
+    from .ops import EXTENSION_ERROR
+
+    if EXTENSION_ERROR is not None:
+        return f"the segment_linear kernel is in the C++ extension, which failed to load: {EXTENSION_ERROR}"
+    devices = {p.device.type for expert in experts for p in expert.parameters()}
+    if devices - {"cpu"}:
+        return f"segment_linear has a CPU kernel only; the specialists are on {sorted(devices)}"
     layouts = []
     for e, expert in enumerate(experts):
         layers = _layers(expert)
@@ -99,11 +54,6 @@ def linear_stack_reason(experts: Sequence[nn.Module]) -> str | None:
             flatten_ok = isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
             if not (isinstance(layer, (nn.Linear, *_ROWWISE)) or flatten_ok):
                 return f"specialists[{e}] holds {type(layer).__name__}, not only Linear and row-wise layers"
-            if isinstance(layer, nn.Linear) and layer.weight.dtype != torch.float32:
-                return f"specialists[{e}] has a {layer.weight.dtype} Linear; segment matmul runs float32"
-            if isinstance(layer, nn.Linear) and layer.in_features % 4:
-                # torch._grouped_mm needs 16-byte-aligned row strides.
-                return f"specialists[{e}] has a Linear with in_features={layer.in_features}, not a multiple of 4"
         if not any(isinstance(layer, nn.Linear) for layer in layers):
             return f"specialists[{e}] has no Linear layer"
         layouts.append([_describe(layer) for layer in layers])
@@ -185,10 +135,10 @@ def recording_grad(experts: Sequence[nn.Module]) -> bool:
 class GroupedLinearStack:
     """Runs ``E`` identical Linear stacks as segment matmuls over the expert-major buffer.
 
-    Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``torch._grouped_mm``
-    (offsets = expert boundaries, so no padding); row-wise layers run once on the whole buffer.
-    ``torch._grouped_mm`` equals ``rows @ W^T`` bitwise; ``nn.Linear`` adds its bias inside the GEMM
-    (``addmm``), so results match the sequential executor to float32 rounding (relative ~1e-6).
+    Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``segment_linear``
+    op (offsets = expert boundaries, so no padding; one ``addmm`` per expert, experts spread over
+    the cores); row-wise layers run once on the whole buffer. ``addmm`` is the call ``nn.Linear``
+    makes, so the output is bitwise the sequential executor's.
     """
 
     def __init__(self, experts: Sequence[nn.Module]):
@@ -207,22 +157,17 @@ class GroupedLinearStack:
         return self._cache.get(per_layer)
 
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
-        """``xg: Tensor[N, ...] float32`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
+        """``xg: Tensor[N, ...]`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
         stacked = iter(self._stacked())
-        offs = torch.cumsum(counts, 0).to(torch.int32)
-        expert_of_row = None
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         h = xg
-        for i, layer in enumerate(self.layers):
-            if not isinstance(layer, nn.Linear):
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                weight = next(stacked)
+                bias = next(stacked) if layer.bias is not None else None
+                h = torch.ops.mnn_fast.segment_linear(h, weight, bias, offsets)
+            else:
                 h = layer(h)
-                continue
-            weight = next(stacked)
-            h = segment_matmul(h, weight.transpose(1, 2), offs)
-            if layer.bias is not None:
-                if expert_of_row is None:
-                    expert_of_row = torch.repeat_interleave(torch.arange(len(counts), device=xg.device), counts,
-                                                            output_size=xg.shape[0])
-                h = h + next(stacked).index_select(0, expert_of_row)
         return h
 
 
@@ -257,6 +202,7 @@ class VmapExperts:
         self._cache = _StackCache()
         self.last_padding_waste = 0.0
 
+    @torch.compiler.disable  # buckets sort data-dependent counts in Python: runs eagerly under compile
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
         sizes = counts.tolist()
         named = [(dict(m.named_parameters()), dict(m.named_buffers())) for m in self.experts]
@@ -324,21 +270,24 @@ def new_stream_pool(device: torch.device, size: int = 4) -> list:
     return [torch.cuda.Stream(device=device) for _ in range(size)]
 
 
-def vectorised_contribution(y: Tensor, expert_of_row: Tensor, group_idx: Tensor, outside_idx: Tensor) -> Tensor:
+def vectorised_contribution(y: Tensor, expert_of_row: Tensor, group_idx: Tensor) -> Tensor:
     """``log v: Tensor[N, C] float32`` for width-``C`` logits of experts whose groups all have ``g`` classes.
 
-    ``group_idx: Tensor[E, g]``, ``outside_idx: Tensor[E, C - g]`` int64. The same row-wise steps as
-    :func:`mnn_fast.reference.expert_log_contribution` (log_softmax, gather, logsumexp of the rest),
-    so each row is bitwise what the per-expert version gives.
+    ``expert_of_row: Tensor[N] int64``, ``group_idx: Tensor[E, g] int64``. The same row-wise steps as
+    :func:`mnn_fast.reference.expert_log_contribution` on the same contiguous ``[N, C - g]`` block of
+    out-of-group log-probabilities (``masked_select`` keeps row-major order), so each row is bitwise
+    what the per-expert version gives, without an ``[N, C]`` index tensor.
     """
     from .reference import _logsumexp_rows
 
     ls = torch.log_softmax(y.float(), dim=1)
-    in_group = ls.gather(1, group_idx.index_select(0, expert_of_row))
-    rest = outside_idx.shape[1]
+    rows_group = group_idx.index_select(0, expert_of_row)
+    in_group = ls.gather(1, rows_group)
+    rest = y.shape[1] - group_idx.shape[1]
     if rest:
-        log_not_q = _logsumexp_rows(ls.gather(1, outside_idx.index_select(0, expert_of_row)))
+        outside = torch.ones_like(ls, dtype=torch.bool).scatter_(1, rows_group, False)
+        log_not_q = _logsumexp_rows(ls.masked_select(outside).view(-1, rest))
         out = (log_not_q - math.log(rest)).expand(y.shape[0], y.shape[1]).clone()
     else:
         out = torch.empty_like(ls)
-    return out.scatter_(1, group_idx.index_select(0, expert_of_row), in_group)
+    return out.scatter_(1, rows_group, in_group)

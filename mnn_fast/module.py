@@ -183,16 +183,13 @@ class MetaNeuralNetwork(nn.Module):
         return num_classes
 
     def _cache_class_tables(self, num_classes: int) -> None:
-        """Per expert, the classes outside its group; stacked as ``[E, C - g]`` when all groups have ``g``."""
-        outside = []
+        """Per expert, the classes outside its group; all groups as ``[E, g]`` when they all have ``g``."""
         for e, group in enumerate(self.groups):
             members = set(group)
             idx = torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long)
             self.register_buffer(f"_outside_idx_{e}", idx.to(self.group_offsets.device), persistent=False)
-            outside.append(idx)
         if self._uniform_group_size:
             self.register_buffer("_group_table", torch.tensor(self.groups, dtype=torch.long).to(self.group_offsets.device), persistent=False)
-            self.register_buffer("_outside_table", torch.stack(outside).to(self.group_offsets.device), persistent=False)
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
@@ -240,8 +237,8 @@ class MetaNeuralNetwork(nn.Module):
         if self.num_classes is None and not compiling:
             self.num_classes = num_classes  # learnt from the first batch; later batches must agree
             self._cache_class_tables(num_classes)
-        # Grouped executors serve inference; with autograd recording the experts run one by one
-        # (torch._grouped_mm's CPU backward rejects unaligned sizes, and training needs per-expert grads).
+        # Grouped executors serve inference; with autograd recording the experts run one by one, so
+        # training never pays for re-stacking every expert's weights on each step.
         if self._grouped is not None and not recording_grad(self.specialists):
             y = self._grouped(xg, routing.counts)
             if y is None:
@@ -271,7 +268,7 @@ class MetaNeuralNetwork(nn.Module):
     def _contributions(self, y: Tensor, counts: Tensor) -> Tensor:
         expert_of_row = torch.repeat_interleave(torch.arange(len(self.groups), device=y.device), counts,
                                                 output_size=y.shape[0])
-        return vectorised_contribution(y, expert_of_row, self._group_table, self._outside_table)
+        return vectorised_contribution(y, expert_of_row, self._group_table)
 
     def _expert_outputs(self, xg: Tensor, sizes: list, num_classes: int, compiling: bool) -> list:
         """Per expert, its logits on its rows (``None`` for an expert with no rows, which is not called)."""

@@ -70,7 +70,51 @@ def _backward_combine(ctx, grad):
     return grad, grad.index_select(0, perm), None, None, None
 
 
+def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor) -> Tensor:
+    torch._check(x.shape[1] == weight.shape[2])
+    return x.new_empty(x.shape[0], weight.shape[1])
+
+
+@torch.library.custom_op("mnn_fast::segment_linear_param_grads", mutates_args=())
+def segment_linear_param_grads(x: Tensor, grad: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
+    """Per segment ``e``: ``(grad[seg]^T @ x[seg]: Tensor[E, M, K], grad[seg].sum(0): Tensor[E, M])``.
+
+    A loop over segments (training is not the grouped path's hot loop); an op of its own so the
+    data-dependent segment bounds stay out of traced graphs.
+    """
+    bounds = offsets.tolist()
+    pairs = [(grad[a:b].t() @ x[a:b], grad[a:b].sum(0)) for a, b in zip(bounds[:-1], bounds[1:])]
+    if not pairs:
+        return x.new_zeros(0, grad.shape[1], x.shape[1]), x.new_zeros(0, grad.shape[1])
+    return torch.stack([w for w, _ in pairs]), torch.stack([b for _, b in pairs])
+
+
+@segment_linear_param_grads.register_fake
+def _(x, grad, offsets):
+    experts = offsets.shape[0] - 1
+    return x.new_empty(experts, grad.shape[1], x.shape[1]), x.new_empty(experts, grad.shape[1])
+
+
+def _setup_segment_linear(ctx, inputs, output):
+    x, weight, bias, offsets = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, offsets)
+
+
+def _backward_segment_linear(ctx, grad):
+    x, weight, offsets = ctx.saved_tensors
+    grad = grad.contiguous()
+    # d/dx of x @ W^T is grad @ W: the same op with each weight transposed ([E, K, M] as [E, M', K']).
+    grad_x = torch.ops.mnn_fast.segment_linear(grad, weight.transpose(1, 2), None, offsets) if ctx.needs_input_grad[0] else None
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        grad_w, grad_b = segment_linear_param_grads(x, grad, offsets)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+
+
 if EXTENSION_ERROR is None:
+    torch.library.register_fake("mnn_fast::segment_linear")(_fake_segment_linear)
+    torch.library.register_autograd("mnn_fast::segment_linear", _backward_segment_linear, setup_context=_setup_segment_linear)
     torch.library.register_fake("mnn_fast::group_scores")(_fake_group_scores)
     torch.library.register_fake("mnn_fast::route")(_fake_route)
     torch.library.register_fake("mnn_fast::gather")(_fake_gather)

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from .module import MetaNeuralNetwork
 from .routing import check_threshold
@@ -35,7 +36,7 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     correct = [0] * len(thresholds)
     routed = [0] * len(thresholds)
     ops, top_k = mnn._backend, mnn.top_k or 0
-    for start in range(0, len(x), batch_size):
+    for start in tqdm(range(0, len(x), batch_size), desc="sweep", leave=False, disable=len(x) <= batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
         logp, scores, num_classes = mnn._switch_scores(xb)
         widest = ops.route(scores, min(thresholds), top_k)

@@ -1,0 +1,76 @@
+// segment_linear on CPU: out[r] = x[r] @ weight[e]^T + bias[e] for the rows r of segment e
+// (offsets[e] <= r < offsets[e+1]). One at::addmm_out per segment, the call nn.Linear makes, so each
+// segment's rows are bitwise what the expert's own Linear gives. Segments run in parallel, each GEMM
+// single-threaded: thousands of small GEMMs gain more from spreading over cores than from splitting
+// one tiny GEMM across them.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <torch/library.h>
+
+#include "common.h"
+
+namespace mnn_fast {
+namespace cpu {
+namespace {
+
+at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                              const at::Tensor& offsets_in) {
+  constexpr const char* op = "segment_linear";
+  TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D tensor [N, K], got ", describe(x_in));
+  TORCH_CHECK_VALUE(weight.dim() == 3, op, ": weight must be a 3-D tensor [E, M, K], got ", describe(weight));
+  TORCH_CHECK_TYPE(x_in.scalar_type() == weight.scalar_type(), op, ": weight must have x's dtype ",
+                   dtype_name(x_in.scalar_type()), ", got ", describe(weight));
+  check_cpu(op, "x", x_in);
+  check_cpu(op, "weight", weight);
+  check_index_1d(op, "offsets", offsets_in);
+  const int64_t E = weight.size(0), M = weight.size(1), K = weight.size(2), N = x_in.size(0);
+  TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " features but weight expects K = ", K);
+  TORCH_CHECK_VALUE(offsets_in.numel() == E + 1, op, ": offsets must have E + 1 = ", E + 1, " entries, got ",
+                    offsets_in.numel());
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == M, op,
+                      ": bias must be a 2-D tensor [E, M] = [", E, ", ", M, "], got ", describe(*bias));
+    TORCH_CHECK_TYPE(bias->scalar_type() == x_in.scalar_type(), op, ": bias must have x's dtype, got ", describe(*bias));
+    check_cpu(op, "bias", *bias);
+  }
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, ", got ", off[0], " .. ",
+                    off[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
+                      " > offsets[", e + 1, "] = ", off[e + 1]);
+  }
+  // The ATen calls below are this kernel's own arithmetic: autograd is handled by the op (ops.py).
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  at::NoGradGuard no_grad;
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor out = at::empty({N, M}, x.options());
+  if (N == 0) return out;
+  // Grain 1: one segment is already thousands of multiply-adds.
+  at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t e = begin; e < end; ++e) {
+      const int64_t n = off[e + 1] - off[e];
+      if (n == 0) continue;
+      at::Tensor dst = out.narrow(0, off[e], n);
+      // detach(): out= calls refuse inputs that require grad, even below autograd.
+      const at::Tensor rows = x.narrow(0, off[e], n).detach();
+      const at::Tensor w_t = weight.select(0, e).t().detach();
+      if (bias.has_value()) {
+        at::addmm_out(dst, bias->select(0, e).detach(), rows, w_t);
+      } else {
+        at::mm_out(dst, rows, w_t);
+      }
+    }
+  });
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace mnn_fast
+
+TORCH_LIBRARY_IMPL(mnn_fast, CPU, m) {
+  m.impl("segment_linear", &mnn_fast::cpu::segment_linear_cpu);
+}
