@@ -12,10 +12,9 @@ import numbers
 
 import torch
 from torch import Tensor, nn
-from tqdm import tqdm
 
-from .data import batches
 from .routing import normalize_groups
+from .train import minimise
 
 __all__ = ["AuxHeadNet", "train_heads", "count_macs", "head_overhead", "find_classifier", "DEFAULT_HEAD_HIDDEN"]
 
@@ -171,19 +170,8 @@ def train_heads(net: AuxHeadNet, x: Tensor, y: Tensor, epochs: int = 10, lr: flo
     feats = _all_features(net, x, 512)
     y = y.to(feats.device)
     opt = torch.optim.Adam(net.trainable_parameters(), lr=lr)
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
     net.train()
-    with tqdm(total=steps, desc="heads", leave=False, disable=steps == 0) as bar:
-        for epoch in range(epochs):
-            for fb, yb in batches(feats, y, batch_size, shuffle=True, seed=seed * 1000 + epoch):
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(net.head_logits(fb), yb)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+    minimise(net.head_logits, opt, feats, y, epochs, batch_size, seed, "heads")
     return net.eval()
 
 

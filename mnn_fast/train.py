@@ -23,7 +23,7 @@ from .models import build_model, load_pretrained_resnet
 from .module import MetaNeuralNetwork
 from .routing import check_threshold, normalize_groups, route
 
-__all__ = ["TrainConfig", "train", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "RunDir"]
+__all__ = ["TrainConfig", "train", "fit", "minimise", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "RunDir"]
 
 
 @dataclass
@@ -85,25 +85,38 @@ def _optimizer(cfg: TrainConfig, model: nn.Module):
     return torch.optim.Adam(model.parameters(), lr=cfg.lr)
 
 
-def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
-    """Trains ``model`` on ``(x: Tensor[n, ...] float32, y: Tensor[n] int64)``; deterministic given ``seed``."""
-    torch.manual_seed(seed)
-    opt = _optimizer(cfg, model)
-    steps = epochs * ((len(x) + cfg.batch_size - 1) // cfg.batch_size)
+def minimise(logits_fn, opt, x: Tensor, y: Tensor, epochs: int, batch_size: int, seed: int, desc: str, *,
+             augment: bool = False, min_batch: int = 1) -> None:
+    """Cross-entropy of ``logits_fn(x[b])`` against ``y[b]`` minimised with ``opt`` under cosine decay.
+
+    ``epochs`` passes over ``(x: Tensor[n, ...], y: Tensor[n] int64)`` in mini-batches shuffled from
+    ``seed``; batches smaller than ``min_batch`` are skipped. One tqdm bar over all steps.
+    """
+    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    model.train()
     with tqdm(total=steps, desc=desc, leave=False, disable=steps == 0) as bar:
         for epoch in range(epochs):
-            for xb, yb in batches(x, y, cfg.batch_size, shuffle=True, seed=seed * 1000 + epoch, augment=cfg.augment):
-                if len(xb) < 2 and any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules()):
-                    continue  # BatchNorm cannot train on a single sample
+            for xb, yb in batches(x, y, batch_size, shuffle=True, seed=seed * 1000 + epoch, augment=augment):
+                if len(xb) < min_batch:
+                    continue
                 opt.zero_grad()
-                loss = nn.functional.cross_entropy(model(xb), yb)
+                loss = nn.functional.cross_entropy(logits_fn(xb), yb)
                 loss.backward()
                 opt.step()
                 sched.step()
                 bar.update(1)
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+
+
+def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
+    """Trains ``model`` on ``(x: Tensor[n, ...] float32, y: Tensor[n] int64)``; deterministic given ``seed``."""
+    torch.manual_seed(seed)
+    opt = _optimizer(cfg, model)
+    model.train()
+    # BatchNorm cannot train on a single sample.
+    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    minimise(model, opt, x, y, epochs, cfg.batch_size, seed, desc, augment=cfg.augment,
+             min_batch=2 if has_batchnorm else 1)
     return model.eval()
 
 
