@@ -1,8 +1,8 @@
 """Accuracy over test thresholds (and dataset thresholds) without re-running networks per threshold.
 
 One pass routes at the lowest test threshold and runs every specialist once on every sample it could
-ever see; each threshold then keeps the rows whose score still exceeds it (a stable filter of the
-expert-major buffer is that threshold's buffer) and recombines them with the combine op.
+ever see; each threshold keeps the rows whose score still exceeds it (a stable filter of the widest
+routing's sample view is that threshold's sample view), and one combine call sums all thresholds.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ from tqdm import tqdm
 from .module import MetaNeuralNetwork
 from .routing import check_threshold
 
-__all__ = ["sweep_test_thresholds", "write_csv", "plot_heatmap", "plot_lines", "DEFAULT_TEST_THRESHOLDS"]
+__all__ = ["sweep_test_thresholds", "log_softmax_argmax", "write_csv", "plot_heatmap", "plot_lines", "DEFAULT_TEST_THRESHOLDS"]
 
 DEFAULT_TEST_THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]  # 0.00, 0.05, ..., 1.00
 
@@ -33,8 +33,9 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     thresholds = [check_threshold(t) for t in thresholds]
     if not thresholds:
         raise ValueError("thresholds is empty; expected at least one test threshold in [0, 1]")
-    correct = [0] * len(thresholds)
-    routed = [0] * len(thresholds)
+    thr = torch.tensor(thresholds, dtype=torch.float32)
+    correct = torch.zeros(len(thresholds), dtype=torch.long)
+    routed = torch.zeros(len(thresholds), dtype=torch.long)
     ops, top_k = mnn._backend, mnn.top_k or 0
     for start in tqdm(range(0, len(x), batch_size), desc="sweep", leave=False, disable=len(x) <= batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
@@ -42,19 +43,74 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
         widest = ops.route(scores, min(thresholds), top_k)
         xg = mnn._gather(xb, widest.perm)
         logv = mnn._run_specialists(xg, widest, num_classes)
-        expert_of_row = torch.repeat_interleave(torch.arange(len(widest.counts), device=xb.device), widest.counts)
-        row_scores = scores[widest.perm, expert_of_row]
-        for j, t in enumerate(thresholds):
-            keep = row_scores > t  # the same float32 comparison the route kernel makes
-            r = ops.route(scores, t, top_k)
-            acc = ops.combine(logp, logv[keep], r.perm, r.sample_offsets, r.sample_rows)
-            correct[j] += int((torch.log_softmax(acc, 1).argmax(1) == yb).sum())
-            routed[j] += r.perm.numel()
+        pred, kept = _predictions_per_threshold(ops, logp, logv, scores, widest, thr.to(logp.device))
+        correct += (pred == yb.to(pred.device)).sum(1).cpu()
+        routed += kept.sum(1).cpu()
     n = max(len(x), 1)
     return [
-        {"test_threshold": t, "accuracy": correct[j] / n, "experts_per_sample": routed[j] / n}
+        {"test_threshold": t, "accuracy": int(correct[j]) / n, "experts_per_sample": int(routed[j]) / n}
         for j, t in enumerate(thresholds)
     ]
+
+
+def log_softmax_argmax(acc: Tensor) -> Tensor:
+    """``torch.log_softmax(acc, 1).argmax(1)`` (``Tensor[n] int64`` from ``acc: Tensor[n, C] float32``),
+    bitwise, without a log-softmax of every row.
+
+    log_softmax subtracts one constant per row, a monotone map, so its argmax is ``acc``'s argmax unless
+    rounding ties the maximum with an earlier class (possible only within a few ulps of ``|max|`` plus
+    ``log C``), or the row is not finite (a NaN row argmaxes to 0). Such rows -- rare -- take the exact
+    path. On small C the full log_softmax is the most expensive op of a 21-threshold sweep.
+    """
+    if acc.numel() == 0:
+        return acc.new_empty(acc.shape[0], dtype=torch.long)
+    pred = acc.argmax(1)
+    top = acc.gather(1, pred[:, None])
+    slack = 1e-5 * (top.abs() + math.log(acc.shape[1]) + 1)  # ~100 ulps of the largest term
+    # A row with a NaN or an infinity has a non-finite sum (so does one that overflows: harmless).
+    unsure = ((acc >= top - slack).sum(1) > 1) | ~torch.isfinite(acc.sum(1))
+    rows = unsure.nonzero().squeeze(1)
+    if rows.numel():
+        pred[rows] = torch.log_softmax(acc.index_select(0, rows), 1).argmax(1)
+    return pred
+
+
+def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, widest, thr: Tensor):
+    """``(pred, kept)``, both ``Tensor[T, B] int64``: the module's predicted class and number of
+    routed rows for each threshold and sample, from the widest routing's buffer ``logv``.
+
+    Row sets shrink as ``t`` grows (the rows whose score exceeds ``t``, a stable filter of the widest
+    sample view: the same rows, in the same expert order, as ``route(t)`` gives), so a sample's set
+    at ``t_j`` differs from its set at ``t_{j-1}`` exactly when its row count does. One combine sums
+    only those new (threshold, sample) sets -- a "virtual sample" each -- and every threshold reads
+    the prediction of its latest new set. Each sum is bitwise the one the module computes at ``t``.
+    """
+    T, B, R = thr.numel(), logp.shape[0], widest.sample_rows.numel()
+    E, device = len(widest.counts), logp.device
+    expert_of_row = torch.repeat_interleave(torch.arange(E, device=device), widest.counts)
+    # Tensor[N]: each buffer row's routing score (flat index_select beats 2-D fancy indexing).
+    row_scores = scores.reshape(-1).index_select(0, widest.perm * E + expert_of_row)
+    keep = row_scores.index_select(0, widest.sample_rows)[None, :] > thr[:, None]  # Tensor[T, R]
+    prefix = torch.zeros(T, R + 1, dtype=torch.long, device=device)
+    torch.cumsum(keep, 1, out=prefix[:, 1:])
+    at = prefix.index_select(1, widest.sample_offsets)
+    kept = at[:, 1:] - at[:, :-1]  # Tensor[T, B]: rows per (threshold, sample)
+
+    new = torch.ones(T, B, dtype=torch.bool, device=device)
+    new[1:] = kept[1:] != kept[:-1]
+    sample_of_pos = widest.perm.index_select(0, widest.sample_rows)  # Tensor[R]: each view row's sample
+    rows = widest.sample_rows.expand(T, -1)[keep & new.index_select(1, sample_of_pos)]
+    counts = kept[new]  # row-major, like rows: threshold by threshold, samples in order
+    offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=device)
+    torch.cumsum(counts, 0, out=offsets[1:])
+    virtual = new.nonzero()[:, 1]  # the sample behind each new set
+    acc = ops.combine(logp.index_select(0, virtual), logv, widest.perm, offsets, rows)
+    pred_new = log_softmax_argmax(acc)
+    # Each (j, i) reads the latest new set of column i at or before j: positions of new sets grow in
+    # row-major order, so a running max down each column finds it (row 0 is always new).
+    position = torch.cumsum(new.reshape(-1), 0).sub_(1).view(T, B)
+    latest = torch.cummax(torch.where(new, position, -1), 0).values
+    return pred_new[latest], kept
 
 
 def write_csv(path, rows: list[dict]) -> None:

@@ -9,6 +9,7 @@ from mnn_fast import io
 from mnn_fast import train as train_mod
 from mnn_fast.data import load_dataset
 from mnn_fast.reference import active_mask_torch, _score_loop
+from mnn_fast.module import MetaNeuralNetwork
 from mnn_fast.sweep import sweep_test_thresholds
 from mnn_fast.train import RunDir, TrainConfig, accuracy, load_mnn, read_probs, specialist_subsets, train, write_probs
 
@@ -80,6 +81,28 @@ def test_threshold_one_is_switch_only_and_sweep_matches_module(digits, trained):
     for row in rows:
         mnn.threshold = row["test_threshold"]
         assert row["accuracy"] == accuracy(mnn, digits.test_x, digits.test_y)
+
+
+# Overlapping groups, binary and width-C specialists, top-k and unsorted/duplicate thresholds: the
+# cases where "filter the widest routing" could differ from routing afresh at each threshold.
+@pytest.mark.parametrize("top_k", [None, 2])
+def test_sweep_predicts_what_the_module_predicts(top_k):
+    torch.manual_seed(0)
+    C, groups = 6, [[0, 1], [1, 2, 3], [4], [5, 0]]
+    switch = torch.nn.Linear(5, C)
+    experts = [torch.nn.Linear(5, 1 if len(g) == 1 else C) for g in groups]
+    mnn = MetaNeuralNetwork(switch, experts, groups=groups, threshold=0.0, top_k=top_k).eval()
+    x = torch.randn(300, 5)
+    thresholds = [0.3, 0.0, 0.05, 0.3, 0.6, 1.0]
+    for t in thresholds:
+        mnn.threshold = t
+        with torch.no_grad():
+            pred, routing = mnn(x, return_routing=True)
+        # Labels = the module's own predictions at t: the sweep must score exactly 1.0 there.
+        (row,) = [r for r in sweep_test_thresholds(mnn, x, pred.argmax(1), thresholds, batch_size=128)
+                  if r["test_threshold"] == t][:1]
+        assert row["accuracy"] == 1.0
+        assert row["experts_per_sample"] == routing.perm.numel() / len(x)
 
 
 def test_refuses_corrupt_files_and_foreign_runs(digits, trained, tmp_path):
