@@ -10,7 +10,7 @@ from mnn_fast import train as train_mod
 from mnn_fast.data import load_dataset
 from mnn_fast.reference import active_mask_torch, _score_loop
 from mnn_fast.module import MetaNeuralNetwork
-from mnn_fast.sweep import sweep_test_thresholds
+from mnn_fast.sweep import log_softmax_argmax, sweep_test_thresholds
 from mnn_fast.train import RunDir, TrainConfig, accuracy, load_mnn, read_probs, specialist_subsets, train, write_probs
 
 
@@ -133,3 +133,20 @@ def test_normalization_follows_the_pretrained_weights(monkeypatch):
     assert seen == ["imagenet", "cifar", "cifar"]
     with pytest.raises(ValueError, match="normalization"):
         TrainConfig(normalization="zca").check()
+
+
+# Rows built to break a plain argmax: exact ties, values a rounding apart, NaN and infinities, and
+# large magnitudes where log_softmax's subtraction rounds distinct logits together.
+def test_log_softmax_argmax_is_bitwise_torch():
+    g = torch.Generator().manual_seed(0)
+    acc = torch.randn(4000, 7, generator=g) * torch.tensor([1e-3, 1.0, 30.0, 1e4])[torch.arange(4000) % 4, None]
+    acc[::5, 3] = acc[::5, 5]  # exact ties
+    acc[1::5, 2] = torch.nextafter(acc[1::5, 4], torch.tensor(float("inf")))  # one ulp apart
+    acc[2::50, 1] = float("nan")
+    acc[3::50, 0] = float("inf")
+    acc[4::50] = float("-inf")
+    big = torch.full((3, 7), 3e7)
+    big[:, 5] += 2.0  # distinct in float32, equal after subtracting log-sum-exp
+    acc = torch.cat([acc, big, acc.new_empty(0, 7)])
+    assert torch.equal(log_softmax_argmax(acc), torch.log_softmax(acc, 1).argmax(1))
+    assert log_softmax_argmax(acc.new_empty(0, 7)).shape == (0,)
