@@ -116,7 +116,8 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
                       verbose: bool = True) -> dict:
     """Runs the controls and writes ``groups.csv``, ``groups.json`` and ``similarity.png`` in ``out_dir``.
 
-    Rows: ``base``; ``heads_confusion`` (heads on the confusion groups); ``heads_random`` (heads on a
+    Rows: ``base``; ``classifier_refit`` (the classifier retrained as the heads' classifier is, no
+    heads: what the extra training alone buys); ``heads_confusion`` (heads on the confusion groups); ``heads_random`` (heads on a
     random partition with the same group sizes); ``heads_codetection``; with ``with_mnn`` also
     ``mnn_group_specialists`` (one specialist per confusion group) and ``mnn_class_specialists`` (one
     per class), both with the base as their switch. Each row: test accuracy, multiply-adds per sample
@@ -156,6 +157,10 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
 
     rows = [{"row": "base", "groups": None, "test_accuracy": accuracy(base, splits.test_x, splits.test_y),
              "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""}]
+    refit = AuxHeadNet(base, groups["confusion"], hidden=head_hidden, depth=head_depth)
+    train_heads(refit, train_x, train_y, epochs, lr, batch_size, seed, classifier_only=True)
+    rows.append({"row": "classifier_refit", "groups": None, "test_accuracy": accuracy(refit, splits.test_x, splits.test_y),
+                 "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""})
     for kind in ("confusion", "random", "codetection"):
         net = AuxHeadNet(base, groups[kind], hidden=head_hidden, depth=head_depth)
         train_heads(net, train_x, train_y, epochs, lr, batch_size, seed)

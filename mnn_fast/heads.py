@@ -150,12 +150,14 @@ def _all_features(net: AuxHeadNet, x: Tensor, batch_size: int) -> Tensor:
 
 
 def train_heads(net: AuxHeadNet, x: Tensor, y: Tensor, epochs: int = 10, lr: float = 1e-3,
-                batch_size: int = 64, seed: int = 0) -> AuxHeadNet:
+                batch_size: int = 64, seed: int = 0, *, classifier_only: bool = False) -> AuxHeadNet:
     """Trains ``net``'s classifier and heads with Adam + cosine decay on cross-entropy; returns ``net``
     in eval mode. ``x: Tensor[n, ...] float32``, ``y: Tensor[n] int64``. Deterministic given ``seed``.
 
     The base is frozen and in eval mode, so its features are a fixed function of ``x``: they are
     computed once (one forward pass over ``x``) and every epoch runs only the small layers on them.
+    ``classifier_only=True`` retrains the classifier and leaves the heads at zero: the control that
+    tells what the heads add beyond refitting the last layer on the same data.
     """
     if not isinstance(net, AuxHeadNet):
         raise TypeError(f"net must be an AuxHeadNet, got {type(net).__name__}")
@@ -169,7 +171,8 @@ def train_heads(net: AuxHeadNet, x: Tensor, y: Tensor, epochs: int = 10, lr: flo
     torch.manual_seed(seed)
     feats = _all_features(net, x, 512)
     y = y.to(feats.device)
-    opt = torch.optim.Adam(net.trainable_parameters(), lr=lr)
+    params = list(net.classifier.parameters()) if classifier_only else net.trainable_parameters()
+    opt = torch.optim.Adam(params, lr=lr)
     net.train()
     minimise(net.head_logits, opt, feats, y, epochs, batch_size, seed, "heads")
     return net.eval()

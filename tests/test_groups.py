@@ -355,6 +355,17 @@ def test_resnet20_head_overhead_at_most_5_percent(resnet20, groups):
     assert count_macs(net, (1, 3, 32, 32)) == cost["total_macs"]
 
 
+def test_classifier_only_training_leaves_heads_at_zero():
+    # The classifier_refit control must differ from the base only in its last layer.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    net = AuxHeadNet(base, [[0, 1], [2, 3]], hidden=8)
+    before = net.classifier.weight.clone()
+    train_heads(net, torch.randn(64, 6), torch.randint(0, 4, (64,)), epochs=2, classifier_only=True)
+    assert not torch.equal(net.classifier.weight, before)
+    assert all(torch.count_nonzero(h[-1].weight) == 0 for h in net.heads)
+
+
 # ------------------------------------------------------------------------------ report
 
 def test_random_groups_keep_the_sizes():
@@ -374,10 +385,11 @@ def test_groups_report_end_to_end(tmp_path, capsys):
     args.func(args)
     with (tmp_path / "groups.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert [r["row"] for r in rows] == ["base", "heads_confusion", "heads_random", "heads_codetection"]
+    assert [r["row"] for r in rows] == ["base", "classifier_refit", "heads_confusion", "heads_random",
+                                        "heads_codetection"]
     assert all(0.0 <= float(r["test_accuracy"]) <= 1.0 for r in rows)
-    assert float(rows[0]["overhead_pct"]) == 0.0
-    assert all(int(r["macs"]) > int(rows[0]["macs"]) and float(r["overhead_pct"]) > 0 for r in rows[1:])
+    assert float(rows[0]["overhead_pct"]) == 0.0 and rows[1]["macs"] == rows[0]["macs"]
+    assert all(int(r["macs"]) > int(rows[0]["macs"]) and float(r["overhead_pct"]) > 0 for r in rows[2:])
     report = json.loads((tmp_path / "groups.json").read_text())
     for kind in ("confusion", "random", "codetection"):
         assert_partition(report["groups"][kind], 10, 3)
