@@ -89,6 +89,7 @@ def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample:
     """
     from torch import nn
 
+    from .heads import find_classifier
     from .models import build_model
 
     torch.manual_seed(seed)
@@ -104,6 +105,16 @@ def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample:
         x = torch.randn(batch, 3, 32, 32)
     switch, specialists = net(), [net() for _ in range(experts)]
     with torch.no_grad():
+        _, classifier = find_classifier(switch)
+        # Untrained switches are nearly constant (MobileNetV2's logits are ~1e-9 at init, so every
+        # score is 1/C and no quantile separates them) and favour a class or two for every input.
+        # Rescale the classifier to logits of spread 2 and centre each class over the batch, so
+        # routing is confident and spread over the experts, as a trained switch's is.
+        z = switch(x).float()
+        spread = float(z.std()) if batch > 1 else 0.0
+        if spread > 0 and classifier.bias is not None:
+            classifier.weight.mul_(2.0 / spread)
+            classifier.bias.mul_(2.0 / spread).sub_(z.mean(0) * (2.0 / spread))
         scores = torch.softmax(switch(x).float(), 1).flatten()
     k = max(1, min(scores.numel(), int(round(active_per_sample * batch))))
     threshold = float(torch.topk(scores, k + 1).values[-1]) if k < scores.numel() else 0.0

@@ -19,6 +19,8 @@ def test_fullgraph_compile_matches_eager(backend, kind):
         switch, specialists = cnn_mnn(4, seed=7)
         shape = (3, 8, 8)
     mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1, backend=backend)
+    # auto picks segment_linear for the MLP stack and runs the CNNs one by one: both paths compile.
+    assert mnn.executor == ("grouped" if kind == "mlp" else "sequential")
     compiled = torch.compile(mnn, fullgraph=True, dynamic=True)
     with torch.no_grad():
         for batch in (37, 64):  # a second size must reuse the dynamic graph, not break
