@@ -81,30 +81,42 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
 
     Row sets shrink as ``t`` grows (the rows whose score exceeds ``t``, a stable filter of the widest
     sample view: the same rows, in the same expert order, as ``route(t)`` gives), so a sample's set
-    at ``t_j`` differs from its set at ``t_{j-1}`` exactly when its row count does. One combine sums
-    only those new (threshold, sample) sets -- a "virtual sample" each -- and every threshold reads
-    the prediction of its latest new set. Each sum is bitwise the one the module computes at ``t``.
+    at ``t_j`` differs from its set at ``t_{j-1}`` exactly when its row count does (the two sets are
+    nested, sorted thresholds or not). One combine sums only those new (threshold, sample) sets -- a
+    "virtual sample" each -- and every threshold reads the prediction of its latest new set. Each
+    sum is bitwise the one the module computes at ``t``.
+
+    Samples are laid out as a padded grid ``[B, L]`` of their view rows' scores (``L`` = most rows
+    of any sample), so the work is ``O(B L log L + T B + V L)`` for ``V`` new sets rather than
+    ``O(T R)`` over all ``R`` view rows at every threshold.
     """
-    T, B, R = thr.numel(), logp.shape[0], widest.sample_rows.numel()
+    T, B = thr.numel(), logp.shape[0]
     E, device = len(widest.counts), logp.device
+    per_sample = widest.sample_offsets.diff()
+    L = int(per_sample.max()) if B else 0
     expert_of_row = torch.repeat_interleave(torch.arange(E, device=device), widest.counts)
-    # Tensor[N]: each buffer row's routing score (flat index_select beats 2-D fancy indexing).
-    row_scores = scores.reshape(-1).index_select(0, widest.perm * E + expert_of_row)
-    keep = row_scores.index_select(0, widest.sample_rows)[None, :] > thr[:, None]  # Tensor[T, R]
-    prefix = torch.zeros(T, R + 1, dtype=torch.long, device=device)
-    torch.cumsum(keep, 1, out=prefix[:, 1:])
-    at = prefix.index_select(1, widest.sample_offsets)
-    kept = at[:, 1:] - at[:, :-1]  # Tensor[T, B]: rows per (threshold, sample)
+    row_scores = scores.reshape(-1).index_select(0, widest.perm * E + expert_of_row)  # Tensor[N]
+    # grid[i, l] = view position of sample i's l-th row (expert order); padding -> score -inf.
+    lane = torch.arange(L, device=device)
+    grid = widest.sample_offsets[:-1, None] + lane
+    real = lane < per_sample[:, None]
+    grid = torch.where(real, grid, 0)
+    view_scores = row_scores.index_select(0, widest.sample_rows) if widest.sample_rows.numel() else row_scores
+    grid_scores = torch.where(real, view_scores[grid] if L else grid.float(), -math.inf)  # Tensor[B, L]
+    # kept[j, i] = #{l : grid_scores[i, l] > t_j}: a binary search in each sample's sorted scores.
+    ascending = grid_scores.sort(1).values.contiguous()
+    kept = (L - torch.searchsorted(ascending, thr.expand(B, T).contiguous(), right=True)).t()  # Tensor[T, B]
 
     new = torch.ones(T, B, dtype=torch.bool, device=device)
     new[1:] = kept[1:] != kept[:-1]
-    sample_of_pos = widest.perm.index_select(0, widest.sample_rows)  # Tensor[R]: each view row's sample
-    rows = widest.sample_rows.expand(T, -1)[keep & new.index_select(1, sample_of_pos)]
-    counts = kept[new]  # row-major, like rows: threshold by threshold, samples in order
-    offsets = torch.zeros(counts.numel() + 1, dtype=torch.long, device=device)
-    torch.cumsum(counts, 0, out=offsets[1:])
-    virtual = new.nonzero()[:, 1]  # the sample behind each new set
-    acc = ops.combine(logp.index_select(0, virtual), logv, widest.perm, offsets, rows)
+    at = new.nonzero()  # Tensor[V, 2]: (threshold, sample) of each new set, row-major
+    thr_of_set, sample_of_set = at[:, 0], at[:, 1]
+    member = real.index_select(0, sample_of_set) & (
+        grid_scores.index_select(0, sample_of_set) > thr.index_select(0, thr_of_set)[:, None])  # Tensor[V, L]
+    rows = widest.sample_rows.index_select(0, grid.index_select(0, sample_of_set)[member])
+    offsets = torch.zeros(at.shape[0] + 1, dtype=torch.long, device=device)
+    torch.cumsum(member.sum(1), 0, out=offsets[1:])
+    acc = ops.combine(logp.index_select(0, sample_of_set), logv, widest.perm, offsets, rows)
     pred_new = log_softmax_argmax(acc)
     # Each (j, i) reads the latest new set of column i at or before j: positions of new sets grow in
     # row-major order, so a running max down each column finds it (row 0 is always new).

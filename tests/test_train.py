@@ -85,16 +85,19 @@ def test_threshold_one_is_switch_only_and_sweep_matches_module(digits, trained):
 
 # Overlapping groups, binary and width-C specialists, top-k and unsorted/duplicate thresholds: the
 # cases where "filter the widest routing" could differ from routing afresh at each threshold.
+# A lowest threshold of 0 routes every sample to every expert; 0.1 leaves samples with different
+# row counts (the padded-grid path), and 101 thresholds is a fine sweep.
+@pytest.mark.parametrize("thresholds", [[0.3, 0.0, 0.05, 0.3, 0.6, 1.0], [0.4, 0.1, 0.2, 0.1],
+                                        [round(0.01 * i, 2) for i in range(101)]])
 @pytest.mark.parametrize("top_k", [None, 2])
-def test_sweep_predicts_what_the_module_predicts(top_k):
+def test_sweep_predicts_what_the_module_predicts(top_k, thresholds):
     torch.manual_seed(0)
     C, groups = 6, [[0, 1], [1, 2, 3], [4], [5, 0]]
     switch = torch.nn.Linear(5, C)
     experts = [torch.nn.Linear(5, 1 if len(g) == 1 else C) for g in groups]
     mnn = MetaNeuralNetwork(switch, experts, groups=groups, threshold=0.0, top_k=top_k).eval()
     x = torch.randn(300, 5)
-    thresholds = [0.3, 0.0, 0.05, 0.3, 0.6, 1.0]
-    for t in thresholds:
+    for t in thresholds[::10] if len(thresholds) > 20 else thresholds:  # one sweep per checked t
         mnn.threshold = t
         with torch.no_grad():
             pred, routing = mnn(x, return_routing=True)
