@@ -30,6 +30,9 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     threshold; outputs equal ``mnn`` evaluated at each threshold (up to the specialists' own
     batch-size-dependent rounding, since they see a larger batch).
     """
+    if mnn.switch_fn is not None:
+        raise ValueError("mnn: its switch_fn replaces the threshold rule, so a test-threshold sweep does not "
+                         "apply; expected a module routing by threshold (switch_fn=None)")
     thresholds = [check_threshold(t) for t in thresholds]
     if not thresholds:
         raise ValueError("thresholds is empty; expected at least one test threshold in [0, 1]")
@@ -114,9 +117,14 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
     member = real.index_select(0, sample_of_set) & (
         grid_scores.index_select(0, sample_of_set) > thr.index_select(0, thr_of_set)[:, None])  # Tensor[V, L]
     rows = widest.sample_rows.index_select(0, grid.index_select(0, sample_of_set)[member])
+    sizes = member.sum(1)
     offsets = torch.zeros(at.shape[0] + 1, dtype=torch.long, device=device)
-    torch.cumsum(member.sum(1), 0, out=offsets[1:])
-    acc = ops.combine(logp.index_select(0, sample_of_set), logv, widest.perm, offsets, rows)
+    torch.cumsum(sizes, 0, out=offsets[1:])
+    # combine's contract (every backend checks it) is one logv row per sample_rows entry, each
+    # owned by the sample perm names; a row shared by several sets is copied once per set.
+    owner = torch.repeat_interleave(torch.arange(at.shape[0], device=device), sizes, output_size=rows.numel())
+    acc = ops.combine(logp.index_select(0, sample_of_set), logv.index_select(0, rows), owner, offsets,
+                      torch.arange(rows.numel(), device=device))
     pred_new = log_softmax_argmax(acc)
     # Each (j, i) reads the latest new set of column i at or before j: positions of new sets grow in
     # row-major order, so a running max down each column finds it (row 0 is always new).

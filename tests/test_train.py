@@ -2,6 +2,8 @@
 
 Runs on sklearn's embedded digits with one-epoch MLPs so the whole file takes seconds.
 """
+import dataclasses
+
 import pytest
 import torch
 
@@ -136,6 +138,30 @@ def test_normalization_follows_the_pretrained_weights(monkeypatch):
     assert seen == ["imagenet", "cifar", "cifar"]
     with pytest.raises(ValueError, match="normalization"):
         TrainConfig(normalization="zca").check()
+
+
+def test_sweep_refuses_a_switch_fn_module():
+    mnn = MetaNeuralNetwork(torch.nn.Linear(5, 3), [torch.nn.Linear(5, 3) for _ in range(3)],
+                            switch_fn=lambda scores: scores > 0.5)
+    with pytest.raises(ValueError, match="switch_fn"):
+        sweep_test_thresholds(mnn, torch.randn(4, 5), torch.zeros(4, dtype=torch.long), [0.1])
+
+
+# A combine that enforces the CUDA kernel's contract: one sample_rows entry per logv row.
+def test_sweep_respects_the_combine_contract(monkeypatch):
+    torch.manual_seed(0)
+    mnn = MetaNeuralNetwork(torch.nn.Linear(5, 4), [torch.nn.Linear(5, 4) for _ in range(4)]).eval()
+    ops = mnn._backend
+    inner = ops.combine
+
+    def strict(logp, logv, perm, sample_offsets, sample_rows):
+        assert sample_rows.numel() == logv.shape[0] == perm.numel()
+        return inner(logp, logv, perm, sample_offsets, sample_rows)
+
+    monkeypatch.setattr(mnn, "_backend", dataclasses.replace(ops, combine=strict))
+    x = torch.randn(60, 5)
+    rows = sweep_test_thresholds(mnn, x, torch.zeros(60, dtype=torch.long), [0.0, 0.2, 0.3])
+    assert rows[0]["experts_per_sample"] == 4.0
 
 
 # Rows built to break a plain argmax: exact ties, values a rounding apart, NaN and infinities, and
