@@ -163,7 +163,11 @@ def _data(cfg: TrainConfig, splits: Splits | None) -> Splits:
 
 
 def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
-    return build_model(cfg.model, splits.num_classes, splits.input_shape)
+    # Initialised from cfg.seed, not from whatever the global generator holds (which depends on
+    # everything the process ran before): the same config trains the same switch every time.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        return build_model(cfg.model, splits.num_classes, splits.input_shape)
 
 
 def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None) -> RunDir:

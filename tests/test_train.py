@@ -62,6 +62,17 @@ def test_specialists_start_from_switch_weights(digits, tmp_path):
     assert any(not torch.equal(switch[k], moved[k]) for k in switch)  # training does move them
 
 
+def test_same_config_trains_the_same_files(digits, tmp_path):
+    # The first run in a process used to initialise the switch from the global generator's state.
+    runs = []
+    for name in ("a", "b"):
+        torch.randn(7)  # whatever the process did before must not matter
+        runs.append(train(tiny(), tmp_path / name, experts=[0, 3], splits=digits))
+    a, b = runs
+    assert a.switch.read_bytes() == b.switch.read_bytes()
+    assert all(a.specialist(e).read_bytes() == b.specialist(e).read_bytes() for e in (0, 3))
+
+
 def test_resume_skips_finished_specialists(digits, tmp_path):
     run = train(tiny(), tmp_path, experts=[0, 1], splits=digits)
     assert [run.specialist(e).exists() for e in range(4)] == [True, True, False, False]
