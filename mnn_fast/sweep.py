@@ -104,8 +104,8 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
     grid = widest.sample_offsets[:-1, None] + lane
     real = lane < per_sample[:, None]
     grid = torch.where(real, grid, 0)
-    view_scores = row_scores.index_select(0, widest.sample_rows) if widest.sample_rows.numel() else row_scores
-    grid_scores = torch.where(real, view_scores[grid] if L else grid.float(), -math.inf)  # Tensor[B, L]
+    view_scores = row_scores.index_select(0, widest.sample_rows)
+    grid_scores = torch.where(real, view_scores[grid], -math.inf)  # Tensor[B, L]
     # kept[j, i] = #{l : grid_scores[i, l] > t_j}: a binary search in each sample's sorted scores.
     ascending = grid_scores.sort(1).values.contiguous()
     kept = (L - torch.searchsorted(ascending, thr.expand(B, T).contiguous(), right=True)).t()  # Tensor[T, B]
@@ -114,8 +114,8 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
     new[1:] = kept[1:] != kept[:-1]
     at = new.nonzero()  # Tensor[V, 2]: (threshold, sample) of each new set, row-major
     thr_of_set, sample_of_set = at[:, 0], at[:, 1]
-    member = real.index_select(0, sample_of_set) & (
-        grid_scores.index_select(0, sample_of_set) > thr.index_select(0, thr_of_set)[:, None])  # Tensor[V, L]
+    # Padding scores -inf never exceed a threshold (all are in [0, 1]), so they are never members.
+    member = grid_scores.index_select(0, sample_of_set) > thr.index_select(0, thr_of_set)[:, None]  # Tensor[V, L]
     rows = widest.sample_rows.index_select(0, grid.index_select(0, sample_of_set)[member])
     sizes = member.sum(1)
     offsets = torch.zeros(at.shape[0] + 1, dtype=torch.long, device=device)
