@@ -19,7 +19,7 @@ from torch import Tensor
 from . import io
 from .data import Splits, validation_split
 from .groups import codetection_matrix, confusion_matrix, order_by_groups, similarity, spectral_groups
-from .heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, count_macs, train_heads
+from .heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, base_features, count_macs, train_heads
 from .models import build_model, load_pretrained_resnet
 from .train import TrainConfig, _data, accuracy, fit, predict_probs
 
@@ -158,12 +158,13 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
     rows = [{"row": "base", "groups": None, "test_accuracy": accuracy(base, splits.test_x, splits.test_y),
              "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""}]
     refit = AuxHeadNet(base, groups["confusion"], hidden=head_hidden, depth=head_depth)
-    train_heads(refit, train_x, train_y, epochs, lr, batch_size, seed, classifier_only=True)
+    feats = base_features(refit, train_x)  # one pass of the frozen base, shared by every row below
+    train_heads(refit, train_x, train_y, epochs, lr, batch_size, seed, classifier_only=True, features=feats)
     rows.append({"row": "classifier_refit", "groups": None, "test_accuracy": accuracy(refit, splits.test_x, splits.test_y),
                  "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""})
     for kind in ("confusion", "random", "codetection"):
         net = AuxHeadNet(base, groups[kind], hidden=head_hidden, depth=head_depth)
-        train_heads(net, train_x, train_y, epochs, lr, batch_size, seed)
+        train_heads(net, train_x, train_y, epochs, lr, batch_size, seed, features=feats)
         macs = count_macs(net, shape)
         rows.append({"row": f"heads_{kind}", "groups": groups[kind],
                      "test_accuracy": accuracy(net, splits.test_x, splits.test_y), "macs": macs,

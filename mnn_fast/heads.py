@@ -16,7 +16,7 @@ from torch import Tensor, nn
 from .routing import normalize_groups
 from .train import minimise
 
-__all__ = ["AuxHeadNet", "train_heads", "count_macs", "head_overhead", "find_classifier", "DEFAULT_HEAD_HIDDEN"]
+__all__ = ["AuxHeadNet", "train_heads", "base_features", "count_macs", "head_overhead", "find_classifier", "DEFAULT_HEAD_HIDDEN"]
 
 # Width of each group's hidden layers. Heads cost E*F*h + (depth-1)*E*h^2 + h*sum|G_g| multiply-adds
 # per sample (E groups, F features); for a partition of C classes that grows with E, so C singleton
@@ -144,19 +144,23 @@ class AuxHeadNet(nn.Module):
 
 
 @torch.no_grad()
-def _all_features(net: AuxHeadNet, x: Tensor, batch_size: int) -> Tensor:
+def base_features(net: AuxHeadNet, x: Tensor, batch_size: int = 512) -> Tensor:
+    """``Tensor[n, F]``: the frozen base's features of ``x: Tensor[n, ...]``, in batches. Every
+    ``AuxHeadNet`` built on the same base gives the same features, so they can be shared."""
     net.eval()
     return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
 
 
 def train_heads(net: AuxHeadNet, x: Tensor, y: Tensor, epochs: int = 10, lr: float = 1e-3,
-                batch_size: int = 64, seed: int = 0, *, classifier_only: bool = False) -> AuxHeadNet:
+                batch_size: int = 64, seed: int = 0, *, classifier_only: bool = False,
+                features: Tensor | None = None) -> AuxHeadNet:
     """Trains ``net``'s classifier and heads with Adam + cosine decay on cross-entropy; returns ``net``
     in eval mode. ``x: Tensor[n, ...] float32``, ``y: Tensor[n] int64``. Deterministic given ``seed``.
 
     The base is frozen and in eval mode, so its features are a fixed function of ``x``: they are
-    computed once (one forward pass over ``x``) and every epoch runs only the small layers on them.
-    ``classifier_only=True`` retrains the classifier and leaves the heads at zero: the control that
+    computed once (one forward pass over ``x``) and every epoch runs only the small layers on them;
+    ``features`` passes them in precomputed (:func:`base_features`), to share one pass between nets
+    on the same base. ``classifier_only=True`` retrains the classifier and leaves the heads at zero: the control that
     tells what the heads add beyond refitting the last layer on the same data.
     """
     if not isinstance(net, AuxHeadNet):
@@ -169,7 +173,13 @@ def train_heads(net: AuxHeadNet, x: Tensor, y: Tensor, epochs: int = 10, lr: flo
     if not isinstance(lr, numbers.Real) or not lr > 0 or not math.isfinite(lr):
         raise ValueError(f"lr must be a positive number, got {lr!r}")
     torch.manual_seed(seed)
-    feats = _all_features(net, x, 512)
+    if features is None:
+        feats = base_features(net, x)
+    elif not isinstance(features, Tensor) or tuple(features.shape) != (len(x), net.num_features):
+        got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+        raise ValueError(f"features: expected the base's features of x, shape [{len(x)}, {net.num_features}], got {got}")
+    else:
+        feats = features
     y = y.to(feats.device)
     params = list(net.classifier.parameters()) if classifier_only else net.trainable_parameters()
     opt = torch.optim.Adam(params, lr=lr)

@@ -25,7 +25,7 @@ from mnn_fast import MetaNeuralNetwork
 from mnn_fast.groups import (codetection_matrix, confusion_matrix, learn_groups, similarity,
                              spectral_groups)
 from mnn_fast.groups_report import add_groups_parser, random_groups_like
-from mnn_fast.heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, count_macs, head_overhead, train_heads
+from mnn_fast.heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, base_features, count_macs, head_overhead, train_heads
 from mnn_fast.models import build_model
 from mnn_fast.reference import naive_forward
 from mnn_fast.train import predict_probs
@@ -396,3 +396,17 @@ def test_groups_report_end_to_end(tmp_path, capsys):
     assert sorted(map(len, report["groups"]["random"])) == sorted(map(len, report["groups"]["confusion"]))
     assert (tmp_path / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| heads_confusion |" in capsys.readouterr().out
+
+
+def test_shared_features_train_the_same_heads():
+    # The report computes the base's features once for all its rows; that must change nothing.
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4))
+    x, y = torch.randn(64, 6), torch.randint(0, 4, (64,))
+    own, shared = (AuxHeadNet(base, [[0, 1], [2, 3]], hidden=8) for _ in range(2))
+    shared.load_state_dict(own.state_dict())
+    train_heads(own, x, y, epochs=2)
+    train_heads(shared, x, y, epochs=2, features=base_features(shared, x))
+    assert all(torch.equal(a, b) for a, b in zip(own.state_dict().values(), shared.state_dict().values()))
+    with pytest.raises(ValueError, match="features"):
+        train_heads(shared, x, y, features=torch.zeros(63, 5))
