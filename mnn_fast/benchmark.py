@@ -111,10 +111,12 @@ def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample:
         # Rescale the classifier to logits of spread 2 and centre each class over the batch, so
         # routing is confident and spread over the experts, as a trained switch's is.
         z = switch(x).float()
-        spread = float((z - z.mean(0)).std()) if batch > 1 else 0.0  # after centring: what routing sees
+        centre = z.mean(0)
+        spread = float((z - centre).std()) if batch > 1 else 0.0  # after centring: what routing sees
         if spread > 0 and classifier.bias is not None:
-            classifier.weight.mul_(2.0 / spread)
-            classifier.bias.mul_(2.0 / spread).sub_(z.mean(0) * (2.0 / spread))
+            scale = 2.0 / spread
+            classifier.weight.mul_(scale)
+            classifier.bias.sub_(centre).mul_(scale)
         scores = torch.softmax(switch(x).float(), 1).flatten()
     k = max(1, min(scores.numel(), int(round(active_per_sample * batch))))
     threshold = float(torch.topk(scores, k + 1).values[-1]) if k < scores.numel() else 0.0
