@@ -18,5 +18,5 @@ TORCH_LIBRARY(mnn_fast, m) {
       "(Tensor counts, Tensor offsets, Tensor perm, Tensor sample_offsets, Tensor sample_rows)");
   m.def("gather(Tensor x, Tensor perm) -> Tensor");
   m.def("combine(Tensor logp, Tensor logv, Tensor perm, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
-  m.def("segment_linear(Tensor x, Tensor weight, Tensor? bias, Tensor offsets) -> Tensor");
+  m.def("segment_linear(Tensor x, Tensor weight, Tensor? bias, Tensor offsets, bool parallel_segments=False) -> Tensor");
 }

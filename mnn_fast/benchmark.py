@@ -143,7 +143,7 @@ def peak_rss_growth(fn) -> int:
         return -1
 
 
-def end_to_end_impls(w: dict, executors=("sequential", "grouped")) -> dict:
+def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_parallel")) -> dict:
     """Name -> zero-argument callable, all on ``w``'s inputs: the naive loop, the engine per executor,
     dense (every expert on every sample) and the compute floor (switch + experts on pre-gathered rows)."""
     from .module import MetaNeuralNetwork
@@ -151,7 +151,11 @@ def end_to_end_impls(w: dict, executors=("sequential", "grouped")) -> dict:
 
     switch, specialists, x, t = w["switch"], w["specialists"], w["x"], w["threshold"]
     impls = {"naive": lambda: naive_forward(switch, specialists, x, threshold=t)}
+    from .executors import linear_stack_reason
+
     for name in executors:
+        if name == "grouped_parallel" and linear_stack_reason(specialists) is not None:
+            continue
         mnn = MetaNeuralNetwork(switch, specialists, threshold=t, executor=name)
         impls[f"engine_{name}"] = lambda mnn=mnn: mnn(x)
     engine = MetaNeuralNetwork(switch, specialists, threshold=t, executor="sequential")

@@ -2,8 +2,9 @@
 
 sequential: each expert on its slice, one call after another (the baseline; bitwise the naive loop).
 grouped: experts sharing one architecture run as one computation over stacked weights: Linear stacks
-as segment matmuls (the ``mnn_fast::segment_linear`` op, no padding), anything else via ``torch.func``
-+ ``vmap`` on count-bucketed padded batches (padding under half of each bucket). streams: CUDA only.
+as segment matmuls (the ``mnn_fast::segment_linear`` op, no padding, bitwise the naive loop), anything
+else via ``torch.func`` + ``vmap`` on count-bucketed padded batches (float32 rounding, not bitwise).
+grouped_parallel: Linear stacks with experts spread over the cores (opt-in, not bitwise). streams: CUDA.
 """
 from __future__ import annotations
 
@@ -13,10 +14,42 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
+__all__ = ["EXECUTOR_NAMES", "FRESH_ALIGNMENT", "as_fresh_aligned", "aligned_stack", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
            "GroupedLinearStack", "VmapExperts", "run_on_streams"]
 
-EXECUTOR_NAMES = ("auto", "sequential", "grouped", "streams")
+EXECUTOR_NAMES = ("auto", "sequential", "grouped", "grouped_parallel", "streams")
+
+# Bytes: the alignment of every tensor PyTorch's CPU allocator returns (c10 ``gAlignment``), so of
+# ``x[idx]`` in the naive loop. BLAS (MKL) picks its kernel by operand alignment, and kernels round
+# differently: an expert must get its rows on this alignment to compute the naive loop's bits.
+FRESH_ALIGNMENT = 64
+
+
+def as_fresh_aligned(t: Tensor) -> Tensor:
+    """``t`` if it starts on :data:`FRESH_ALIGNMENT`, else a fresh contiguous copy (which does)."""
+    if t.data_ptr() % FRESH_ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def aligned_stack(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` with every slice ``[e]`` starting on :data:`FRESH_ALIGNMENT`.
+
+    Each slab is padded to a multiple of 64 bytes (``stride(0)`` may exceed the slice's numel), so
+    ``segment_linear`` hands BLAS each expert's weight on the alignment its own parameter has.
+    """
+    first = tensors[0]
+    per_line = FRESH_ALIGNMENT // first.element_size()
+    slab = -(-first.numel() // per_line) * per_line if first.numel() else 0
+    flat = first.new_empty(len(tensors) * slab + per_line)
+    skip = (-(flat.data_ptr() // first.element_size())) % per_line  # 0 for a fresh CPU buffer
+    strides = [1] * first.dim()
+    for d in range(first.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * first.shape[d + 1]
+    out = flat.as_strided((len(tensors), *first.shape), (slab, *strides), skip)
+    for e, t in enumerate(tensors):
+        out[e].copy_(t)
+    return out
 
 # Layers a grouped Linear stack may hold between its Linears: stateless and applied row by row, so
 # one call on the whole buffer equals one call per expert slice.
@@ -56,6 +89,10 @@ def linear_stack_reason(experts: Sequence[nn.Module]) -> str | None:
                 return f"specialists[{e}] holds {type(layer).__name__}, not only Linear and row-wise layers"
         if not any(isinstance(layer, nn.Linear) for layer in layers):
             return f"specialists[{e}] has no Linear layer"
+        for name, p in expert.named_parameters():
+            if p.data_ptr() % FRESH_ALIGNMENT:
+                # The grouped copy would be aligned, this parameter is not: BLAS could round differently.
+                return f"specialists[{e}].{name} does not start on a {FRESH_ALIGNMENT}-byte boundary"
         layouts.append([_describe(layer) for layer in layers])
     if any(layout != layouts[0] for layout in layouts):
         return "specialists differ in layers or sizes"
@@ -89,12 +126,16 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
         # (README, issue 3 table), so auto only groups Linear stacks.
         skipped["grouped"] = stack_reason if arch_reason is not None else (
             f"{stack_reason}; explicit executor='grouped' would use vmap over padded batches")
+    # Spreading experts over the cores changes each GEMM's thread count, so its bits: opt-in only.
+    skipped.setdefault("grouped_parallel", "not bitwise equal to the naive loop; request it explicitly")
     if requested == "auto":
         if stack_reason is None:
             return "grouped", skipped
         return ("streams" if "streams" not in skipped else "sequential"), skipped
     if requested == "grouped" and stack_reason is not None and arch_reason is not None:
         raise ValueError(f"executor='grouped' needs specialists of one architecture: {arch_reason}")
+    if requested == "grouped_parallel" and stack_reason is not None:
+        raise ValueError(f"executor='grouped_parallel' needs identical Linear stacks: {stack_reason}")
     if requested == "streams" and "streams" in skipped:
         return "sequential", skipped  # the documented CPU fallback; `executor_skipped` says why
     return requested, {k: v for k, v in skipped.items() if k != requested}
@@ -122,7 +163,7 @@ class _StackCache:
             return [torch.stack(ts) for ts in groups_of_tensors]
         key = tuple(_param_key(ts) for ts in groups_of_tensors)
         if key != self._key:
-            self._value = [torch.stack([t.detach() for t in ts]) for ts in groups_of_tensors]
+            self._value = [aligned_stack([t.detach() for t in ts]) for ts in groups_of_tensors]
             self._key = key
         return self._value
 
@@ -138,11 +179,14 @@ class GroupedLinearStack:
     Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``segment_linear``
     op (offsets = expert boundaries, so no padding; one ``addmm`` per expert, experts spread over
     the cores); row-wise layers run once on the whole buffer. ``addmm`` is the call ``nn.Linear``
-    makes, so the output is bitwise the sequential executor's.
+    makes, on operands aligned as fresh tensors and at the caller's thread count, so the output is
+    bitwise the sequential executor's. ``parallel=True`` runs experts on all cores, each GEMM on one
+    thread: faster for many small experts, equal to float32 rounding only.
     """
 
-    def __init__(self, experts: Sequence[nn.Module]):
+    def __init__(self, experts: Sequence[nn.Module], parallel: bool = False):
         self.experts = list(experts)
+        self.parallel = parallel
         self.layers = _layers(self.experts[0])
         self._linear_at = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)]
         self._cache = _StackCache()
@@ -165,7 +209,7 @@ class GroupedLinearStack:
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
-                h = torch.ops.mnn_fast.segment_linear(h, weight, bias, offsets)
+                h = torch.ops.mnn_fast.segment_linear(h, weight, bias, offsets, self.parallel)
             else:
                 h = layer(h)
         return h

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .backends import BACKEND_NAMES, get_backend, select_backend
-from .executors import (EXECUTOR_NAMES, GroupedLinearStack, VmapExperts, linear_stack_reason, new_stream_pool,
-                        recording_grad, run_on_streams, select_executor, vectorised_contribution)
+from .executors import (EXECUTOR_NAMES, GroupedLinearStack, VmapExperts, as_fresh_aligned, linear_stack_reason,
+                        new_stream_pool, recording_grad, run_on_streams, select_executor, vectorised_contribution)
 from .reference import Routing, expert_log_contribution
 from .routing import check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
@@ -39,6 +39,7 @@ class MetaNeuralNetwork(nn.Module):
             of ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``.
         executor: how the specialists run (:mod:`mnn_fast.executors`): ``"sequential"`` (one call
             per active expert), ``"grouped"`` (one batched computation over stacked weights),
+            ``"grouped_parallel"`` (Linear stacks, experts spread over the cores; not bitwise),
             ``"streams"`` (CUDA streams; sequential elsewhere; grouped ones run inference only, with
             autograd recording they run sequentially) or ``"auto"`` (grouped for identical
             Linear stacks, else streams on CUDA, else sequential). ``executor_skipped`` says why
@@ -81,6 +82,7 @@ class MetaNeuralNetwork(nn.Module):
         self.switch = switch
         self.specialists = nn.ModuleList(specialists)
         self.groups = normalize_groups(groups, len(specialists), num_classes)
+        self._default_groups = groups is None
         if num_classes is None and groups is None:
             num_classes = len(specialists)
         self.num_classes = num_classes
@@ -142,7 +144,9 @@ class MetaNeuralNetwork(nn.Module):
         self.backend_skipped: dict[str, str] = skipped
         self.executor, self.executor_skipped = select_executor(self.requested_executor, self.specialists, self._device())
         self._grouped = None
-        if self.executor == "grouped":
+        if self.executor == "grouped_parallel":
+            self._grouped = GroupedLinearStack(self.specialists, parallel=True)
+        elif self.executor == "grouped":
             stackable = linear_stack_reason(self.specialists) is None
             self._grouped = GroupedLinearStack(self.specialists) if stackable else VmapExperts(self.specialists)
         self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
@@ -170,14 +174,28 @@ class MetaNeuralNetwork(nn.Module):
             raise ValueError(f"x must have shape [B, ...] with at least 2 dimensions, got {tuple(x.shape)}")
         if x.device != self._device():
             raise ValueError(f"x is on {x.device} but the module is on {self._device()}; move one of them")
+        param = next(self.switch.parameters(), None)
+        if (param is not None and param.is_floating_point() and x.dtype != param.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x is {x.dtype} but the switch's parameters are {param.dtype}; "
+                            f"convert one of them (x.to({param.dtype}) or mnn.to({x.dtype}))")
 
-    def _check_logits(self, z, batch: int) -> int:
+    def _check_logits(self, z, x: Tensor) -> int:
+        batch = x.shape[0]
         if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != batch:
             shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
-            raise ValueError(f"switch must return logits of shape [B={batch}, C], got {shape}")
+            hint = ""
+            if isinstance(z, Tensor) and z.dim() == 1:
+                # Convolutions accept an unbatched [C, H, W] image and return [classes].
+                hint = f"; x of shape {tuple(x.shape)} looks unbatched: pass a batch, e.g. x.unsqueeze(0)"
+            raise ValueError(f"switch must return logits of shape [B={batch}, C], got {shape}{hint}")
         num_classes = z.shape[1]
         if self.num_classes is not None and num_classes != self.num_classes:
-            raise ValueError(f"switch returned C={num_classes} logits but the module expects C={self.num_classes}")
+            hint = ""
+            if self._default_groups:
+                hint = (f": without groups= each of the {self.num_experts} specialists covers one class, so C must "
+                        f"equal the number of specialists; pass groups= (one list of class ids per specialist)")
+            raise ValueError(f"switch returned C={num_classes} logits but the module expects C={self.num_classes}{hint}")
         if self._max_class >= num_classes:
             raise ValueError(f"groups name class {self._max_class} but the switch returns only C={num_classes} classes")
         return num_classes
@@ -215,7 +233,7 @@ class MetaNeuralNetwork(nn.Module):
     def _switch_scores(self, x: Tensor) -> tuple[Tensor, Tensor, int]:
         """``(logP: Tensor[B, C] float32, scores: Tensor[B, E] float32, C)`` from the switch on ``x``."""
         z = self.switch(x)
-        num_classes = self._check_logits(z, x.shape[0])
+        num_classes = self._check_logits(z, x)
         z = z.float()
         logp = torch.log_softmax(z, dim=1)
         probs = torch.softmax(z, dim=1)
@@ -273,6 +291,11 @@ class MetaNeuralNetwork(nn.Module):
     def _expert_outputs(self, xg: Tensor, sizes: list, num_classes: int, compiling: bool) -> list:
         """Per expert, its logits on its rows (``None`` for an expert with no rows, which is not called)."""
         chunks = torch.split(xg, sizes)
+        if not compiling:
+            # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the
+            # allocator's alignment (a segment of one buffer may start anywhere), or BLAS may
+            # round differently. Compiled code makes no bitwise promise and has no data pointers.
+            chunks = [as_fresh_aligned(rows) for rows in chunks]
         if self._streams is not None and not compiling:
             outputs = run_on_streams(self.specialists, list(chunks), self._streams)
         else:
@@ -287,11 +310,22 @@ class MetaNeuralNetwork(nn.Module):
                 elif n == 0:
                     outputs.append(None)  # as in the paper's loop, an expert with no samples is not called
                 else:
-                    outputs.append(expert(rows))
+                    outputs.append(self._call_expert(expert, rows))
         for e, (y, n) in enumerate(zip(outputs, sizes)):
             if y is not None:
                 self._check_specialist_output(y, e, n, num_classes)
         return outputs
+
+    @staticmethod
+    def _call_expert(expert: nn.Module, rows: Tensor) -> Tensor:
+        try:
+            return expert(rows)
+        except ValueError as exc:
+            # An expert may get a single row; in training mode BatchNorm refuses that.
+            if expert.training and rows.shape[0] == 1 and "more than 1 value per channel" in str(exc):
+                raise ValueError(f"{exc}. A specialist received one row while in training mode; call mnn.eval() "
+                                 "for inference") from exc
+            raise
 
     def _check_specialist_output(self, y, e: int, n, num_classes: int) -> None:
         who = f"specialists[{e}]" if e >= 0 else "the grouped specialists"

@@ -70,7 +70,7 @@ def _backward_combine(ctx, grad):
     return grad, grad.index_select(0, perm), None, None, None
 
 
-def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor) -> Tensor:
+def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, parallel_segments: bool = False) -> Tensor:
     torch._check(x.shape[1] == weight.shape[2])
     return x.new_empty(x.shape[0], weight.shape[1])
 
@@ -96,7 +96,7 @@ def _(x, grad, offsets):
 
 
 def _setup_segment_linear(ctx, inputs, output):
-    x, weight, bias, offsets = inputs
+    x, weight, bias, offsets, _ = inputs
     ctx.has_bias = bias is not None
     ctx.save_for_backward(x, weight, offsets)
 
@@ -109,7 +109,7 @@ def _backward_segment_linear(ctx, grad):
     grad_w = grad_b = None
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
         grad_w, grad_b = segment_linear_param_grads(x, grad, offsets)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
 
 
 if EXTENSION_ERROR is None:

@@ -173,3 +173,42 @@ def test_kernels_reject_bad_tensors_without_crashing():
         ops.route(scores, 0.1, 4)
     with pytest.raises(ValueError, match="sample_rows values must be in"):
         ops.combine(torch.zeros(2, 3), torch.zeros(1, 3), torch.tensor([0]), torch.tensor([0, 1, 1]), torch.tensor([5]))
+
+
+# Friction a new user met with torchvision-style models (issue 10): each error says what to do.
+
+def test_fewer_specialists_than_classes_without_groups_says_groups_is_needed():
+    switch = nn.Linear(6, 10)
+    mnn = MetaNeuralNetwork(switch, [nn.Linear(6, 10) for _ in range(5)])
+    with pytest.raises(ValueError, match=r"expects C=5: without groups= .* pass groups="):
+        mnn(torch.randn(4, 6))
+
+
+def test_unbatched_image_is_named_as_unbatched():
+    conv = lambda: nn.Sequential(nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten(0), nn.Linear(4, 3))
+    mnn = MetaNeuralNetwork(conv(), [conv() for _ in range(3)]).eval()
+    with pytest.raises(ValueError, match=r"looks unbatched: pass a batch, e.g. x.unsqueeze\(0\)"):
+        mnn(torch.randn(3, 8, 8))
+
+
+def test_input_dtype_differing_from_the_module_is_a_type_error_naming_both():
+    mnn = MetaNeuralNetwork(nn.Linear(6, 3), [nn.Linear(6, 3) for _ in range(3)])
+    with pytest.raises(TypeError, match="x is torch.float16 but the switch's parameters are torch.float32"):
+        mnn(torch.randn(4, 6, dtype=torch.float16))
+
+
+def test_batchnorm_specialist_in_training_mode_on_one_row_says_call_eval():
+    def net():
+        return nn.Sequential(nn.Linear(6, 8), nn.BatchNorm1d(8), nn.Linear(8, 3))
+    switch = nn.Linear(6, 3)
+    with torch.no_grad():  # sample 0 goes to expert 0 only, the rest to expert 2: expert 0 gets one row
+        switch.weight.zero_()
+        switch.weight[0, 0], switch.weight[2, 0] = 10.0, -10.0
+        switch.bias.copy_(torch.tensor([0.0, -50.0, 0.0]))
+    mnn = MetaNeuralNetwork(switch, [net() for _ in range(3)], top_k=1, threshold=None, executor="sequential")
+    x = torch.randn(5, 6)
+    x[:, 0] = torch.tensor([1.0, -1.0, -1.0, -1.0, -1.0])
+    with pytest.raises(ValueError, match=r"call mnn.eval\(\) for inference"):
+        mnn(x)
+    mnn.eval()
+    assert mnn(x).shape == (5, 3)

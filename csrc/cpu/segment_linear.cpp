@@ -1,8 +1,13 @@
 // segment_linear on CPU: out[r] = x[r] @ weight[e]^T + bias[e] for the rows r of segment e
-// (offsets[e] <= r < offsets[e+1]). One at::addmm_out per segment, the call nn.Linear makes, so each
-// segment's rows are bitwise what the expert's own Linear gives. Segments run in parallel, each GEMM
-// single-threaded: thousands of small GEMMs gain more from spreading over cores than from splitting
-// one tiny GEMM across them.
+// (offsets[e] <= r < offsets[e+1]). One at::addmm per segment, the call nn.Linear makes.
+// Bitwise equal to the expert's own nn.Linear on a fresh tensor because BLAS sees the same call:
+//  - operands start on the alignment of a fresh allocation (MKL picks a different kernel, with
+//    different rounding, for a misaligned operand: measured on AMD EPYC at widths 5 and 24);
+//    a misaligned segment is copied to a fresh tensor, a misaligned output slot written via one;
+//  - segments run one after another, each GEMM at the caller's intra-op thread count, as the
+//    naive loop runs them (MKL's result depends on its thread count).
+// parallel_segments=true spreads segments over the cores, each GEMM single-threaded: faster for
+// thousands of tiny GEMMs, but bitwise only where one-thread and n-thread GEMMs agree (opt-in).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
@@ -14,8 +19,32 @@ namespace mnn_fast {
 namespace cpu {
 namespace {
 
+// What at::empty returns on CPU (c10's allocator alignment), so "fresh" operands share it.
+constexpr uintptr_t kFreshAlignment = 64;
+
+bool fresh_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kFreshAlignment == 0; }
+
+void segment_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                  int64_t e, int64_t begin, int64_t n) {
+  at::Tensor dst = out.narrow(0, begin, n);
+  // detach(): out= calls refuse inputs that require grad, even below autograd.
+  at::Tensor rows = x.narrow(0, begin, n).detach();
+  if (!fresh_aligned(rows)) rows = rows.clone();
+  at::Tensor w = weight.select(0, e).detach();
+  if (!fresh_aligned(w)) w = w.contiguous().clone();
+  const at::Tensor w_t = w.t();
+  const bool direct = fresh_aligned(dst);
+  at::Tensor target = direct ? dst : at::empty({n, out.size(1)}, out.options());
+  if (bias.has_value()) {
+    at::addmm_out(target, bias->select(0, e).detach(), rows, w_t);
+  } else {
+    at::mm_out(target, rows, w_t);
+  }
+  if (!direct) dst.copy_(target);
+}
+
 at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& offsets_in) {
+                              const at::Tensor& offsets_in, bool parallel_segments) {
   constexpr const char* op = "segment_linear";
   TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D tensor [N, K], got ", describe(x_in));
   TORCH_CHECK_VALUE(weight.dim() == 3, op, ": weight must be a 3-D tensor [E, M, K], got ", describe(weight));
@@ -48,20 +77,16 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({N, M}, x.options());
   if (N == 0) return out;
+  if (!parallel_segments) {
+    for (int64_t e = 0; e < E; ++e) {
+      if (off[e + 1] > off[e]) segment_gemm(out, x, weight, bias, e, off[e], off[e + 1] - off[e]);
+    }
+    return out;
+  }
   // Grain 1: one segment is already thousands of multiply-adds.
   at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
     for (int64_t e = begin; e < end; ++e) {
-      const int64_t n = off[e + 1] - off[e];
-      if (n == 0) continue;
-      at::Tensor dst = out.narrow(0, off[e], n);
-      // detach(): out= calls refuse inputs that require grad, even below autograd.
-      const at::Tensor rows = x.narrow(0, off[e], n).detach();
-      const at::Tensor w_t = weight.select(0, e).t().detach();
-      if (bias.has_value()) {
-        at::addmm_out(dst, bias->select(0, e).detach(), rows, w_t);
-      } else {
-        at::mm_out(dst, rows, w_t);
-      }
+      if (off[e + 1] > off[e]) segment_gemm(out, x, weight, bias, e, off[e], off[e + 1] - off[e]);
     }
   });
   return out;
