@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
+import triton
 import triton.language as tl
 
 # Reductions and scans are spelled tl.reduce / tl.associative_scan with the standard combine
@@ -16,6 +17,18 @@ import triton.language as tl
 # maps these two combine functions straight to numpy. Integer operands only: order is irrelevant.
 _sum = tl.standard._sum_combine
 _max = tl.standard._elementwise_max
+
+
+@triton.jit
+def _block_start(index, width):
+    """``index * width`` in int64: the first element of block (row, tile) ``index`` of ``width`` elements.
+
+    Every kernel computes its row / tile / program offsets here. int64: B·E (and N·D, B·C) can pass
+    2**31, and an int32 product wraps silently into an out-of-bounds address. Widening ``index``
+    before the multiply makes the product int64 whatever ``width`` is (int32 argument or constexpr).
+    ``tl.cast``, not ``.to``: under the interpreter a ``range`` loop variable is a Python int.
+    """
+    return tl.cast(index, tl.int64) * width
 
 
 def _is_interpreted(kernel) -> bool:

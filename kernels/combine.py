@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import _define_op, _is_interpreted, _max
+from . import _block_start, _define_op, _is_interpreted, _max
 from .gather import triton_gather
 
 
@@ -25,10 +25,10 @@ def _combine_kernel(
 
     Grid ``(cdiv(B, BLOCK_B), cdiv(C, BLOCK_C))``.
     """
-    pid_b = tl.program_id(0)
-    pid_c = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    cols = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    # int64 index math (_block_start): B * C and N * C can pass 2**31. rows, start and the loaded
+    # row indices r are int64, so every row offset (rows * C, r * C) is an int64 product.
+    rows = _block_start(tl.program_id(0), BLOCK_B) + tl.arange(0, BLOCK_B)
+    cols = _block_start(tl.program_id(1), BLOCK_C) + tl.arange(0, BLOCK_C)
     row_mask = rows < B
     col_mask = cols < C
     mask = row_mask[:, None] & col_mask[None, :]

@@ -11,20 +11,19 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import _define_op, _is_interpreted
+from . import _block_start, _define_op, _is_interpreted
 
 
 @triton.jit
 def _gather_kernel(x_ptr, perm_ptr, out_ptr, N, D, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
     """``x: [B, D]``, ``perm: [N] int64``, ``out: [N, D]`` (dtype of ``x``); grid ``(cdiv(N, BLOCK_N), cdiv(D, BLOCK_D))``."""
-    pid_n = tl.program_id(0)
-    pid_d = tl.program_id(1)
-    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    # int64 index math (_block_start): N * D and B * D can pass 2**31. rows and src are int64, so
+    # every row offset (rows * D, src * D) is an int64 product.
+    rows = _block_start(tl.program_id(0), BLOCK_N) + tl.arange(0, BLOCK_N)
+    cols = _block_start(tl.program_id(1), BLOCK_D) + tl.arange(0, BLOCK_D)
     row_mask = rows < N
     mask = row_mask[:, None] & (cols < D)[None, :]
     src = tl.load(perm_ptr + rows, mask=row_mask, other=0)
-    # int64 row offsets: N * D and B * D may exceed 2**31.
     vals = tl.load(x_ptr + src[:, None] * D + cols[None, :], mask=mask)
     tl.store(out_ptr + rows[:, None] * D + cols[None, :], vals, mask=mask)
 

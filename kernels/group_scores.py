@@ -12,7 +12,7 @@ import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
-from . import _define_op, _is_interpreted, _max
+from . import _block_start, _define_op, _is_interpreted, _max
 
 
 @triton.jit
@@ -24,10 +24,10 @@ def _group_scores_kernel(
 
     Grid ``(cdiv(B, BLOCK_B), cdiv(E, BLOCK_E))``.
     """
-    pid_b = tl.program_id(0)
-    pid_e = tl.program_id(1)
-    rows = pid_b.to(tl.int64) * BLOCK_B + tl.arange(0, BLOCK_B)
-    experts = pid_e * BLOCK_E + tl.arange(0, BLOCK_E)
+    # int64 index math (_block_start): B * C and B * E can pass 2**31. rows is int64, so every row
+    # offset (rows * C, rows * E) is an int64 product.
+    rows = _block_start(tl.program_id(0), BLOCK_B) + tl.arange(0, BLOCK_B)
+    experts = _block_start(tl.program_id(1), BLOCK_E) + tl.arange(0, BLOCK_E)
     row_mask = rows < B
     expert_mask = experts < E
     mask = row_mask[:, None] & expert_mask[None, :]

@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import _is_interpreted, _max, _sum
+from . import _block_start, _is_interpreted, _max, _sum
 
 
 @triton.jit
@@ -58,11 +58,14 @@ def _route_count_kernel(
     sample blocks ``[p * blocks_per_program, (p + 1) * blocks_per_program)``.
     """
     pid = tl.program_id(0)
-    block_lo = pid * blocks_per_program
+    # int64 index math (_block_start): B * E and P * E can pass 2**31. rows is int64, so the row
+    # offsets rows * E are int64 products; so are block_lo (hence blk) and this program's counts row.
+    block_lo = _block_start(pid, blocks_per_program)
     block_hi = tl.minimum(block_lo + blocks_per_program, tl.cdiv(B, BLOCK_B))
+    counts_row = program_counts_ptr + _block_start(pid, E)
     arange_e = tl.arange(0, BLOCK_E)
     for blk in range(block_lo, block_hi):
-        rows = (blk * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+        rows = _block_start(blk, BLOCK_B) + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         row_ptr = scores_ptr + rows[:, None] * E
         if USE_TOP_K:
@@ -122,7 +125,7 @@ def _route_count_kernel(
                 act = act & ((key > kth[:, None]) | ((key == kth[:, None]) & (cols[None, :] <= cut[:, None])))
             act = act.to(tl.int32)
             n_active += tl.reduce(act, 1, _sum)
-            tl.atomic_add(program_counts_ptr + pid * E + cols, tl.reduce(act, 0, _sum), mask=col_mask, sem="relaxed")
+            tl.atomic_add(counts_row + cols, tl.reduce(act, 0, _sum), mask=col_mask, sem="relaxed")
         tl.store(sample_counts_ptr + rows, n_active.to(tl.int64), mask=row_mask)
 
 
@@ -137,11 +140,13 @@ def _route_fill_kernel(
     Writes ``perm: [N] i64`` and ``sample_rows: [N] i64``; grid and sample blocks as in pass 1.
     """
     pid = tl.program_id(0)
-    block_lo = pid * blocks_per_program
+    # int64 index math as in pass 1 (B * E and P * E can pass 2**31); r and slot are int64 loads.
+    block_lo = _block_start(pid, blocks_per_program)
     block_hi = tl.minimum(block_lo + blocks_per_program, tl.cdiv(B, BLOCK_B))
+    cursor_row = cursor_ptr + _block_start(pid, E)
     arange_e = tl.arange(0, BLOCK_E)
     for blk in range(block_lo, block_hi):
-        rows = (blk * BLOCK_B + tl.arange(0, BLOCK_B)).to(tl.int64)
+        rows = _block_start(blk, BLOCK_B) + tl.arange(0, BLOCK_B)
         row_mask = rows < B
         row_ptr = scores_ptr + rows[:, None] * E
         slot0 = tl.load(sample_offsets_ptr + rows, mask=row_mask, other=0)
@@ -160,12 +165,12 @@ def _route_fill_kernel(
             # (increasing i: stable), along a row = rank among the sample's experts (increasing e).
             rank_in_expert = tl.associative_scan(a, 0, _sum) - a
             rank_in_sample = tl.associative_scan(a, 1, _sum) - a
-            base = tl.load(cursor_ptr + pid * E + cols, mask=col_mask, other=0)
+            base = tl.load(cursor_row + cols, mask=col_mask, other=0)
             r = base[None, :] + rank_in_expert
             slot = slot0[:, None] + rank_in_sample
             tl.store(perm_ptr + r, tl.broadcast_to(rows[:, None], [BLOCK_B, BLOCK_E]), mask=act)
             tl.store(sample_rows_ptr + slot, r, mask=act)
-            tl.store(cursor_ptr + pid * E + cols, base + tl.reduce(a, 0, _sum), mask=col_mask)
+            tl.store(cursor_row + cols, base + tl.reduce(a, 0, _sum), mask=col_mask)
             slot0 += tl.reduce(a, 1, _sum)
         # The next block re-reads this program's cursor row, possibly from other threads.
         tl.debug_barrier()
