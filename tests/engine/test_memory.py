@@ -14,7 +14,7 @@ import pytest
 SCRIPT = r"""
 import json, sys, torch
 import mnn_fast
-from mnn_fast.backends import get_backend
+from mnn_fast.engine.backends import get_backend
 torch.set_num_threads(2)
 B, E = 20000, 2000
 scores = torch.rand(B, E) * (0.5 / E)     # nothing near the threshold ...

@@ -13,8 +13,8 @@ from torch import nn
 
 from models import cnn_mnn, mlp, mlp_mnn
 from mnn_fast import MetaNeuralNetwork
-from mnn_fast.executors import VmapExperts, bucket_experts
-from mnn_fast.ops import segment_linear_param_grads
+from mnn_fast.engine.executors import VmapExperts, bucket_experts
+from mnn_fast.engine.ops import segment_linear_param_grads
 from mnn_fast.reference import naive_forward
 
 TOL = dict(atol=1e-5, rtol=1e-5)
@@ -182,24 +182,3 @@ def test_segment_linear_refuses_bad_offsets():
         segment_linear(x, w, None, torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="dtype"):
         segment_linear(x.double(), w, None, torch.tensor([0, 2, 5]))
-
-
-# Group width g picks the path: shifts for g <= 8 (one, two, unsorted several), masked_select above,
-# nothing outside at g = C. Rows per expert vary, including experts with no rows.
-@pytest.mark.parametrize("g", [1, 2, 5, 8, 9, 12])
-def test_vectorised_contribution_bitwise_per_expert(g):
-    from mnn_fast.executors import vectorised_contribution
-    from mnn_fast.reference import expert_log_contribution
-
-    gen = torch.Generator().manual_seed(g)
-    C, E = 12, 7
-    groups = [torch.randperm(C, generator=gen)[:g].tolist() for _ in range(E)]  # unsorted on purpose
-    counts = torch.randint(0, 6, (E,), generator=gen)
-    counts[2] = 0
-    y = torch.randn(int(counts.sum()), C, generator=gen) * 20
-    y[::4, 0] = -1e30  # a class pushed to probability 0
-    expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
-    got = vectorised_contribution(y, expert_of_row, torch.tensor(groups))
-    want = torch.cat([expert_log_contribution(part, groups[e], C)
-                      for e, part in enumerate(torch.split(y, counts.tolist()))])
-    assert torch.equal(got, want)

@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 
 from conftest import CPU_BACKENDS
 from helpers import assert_routing_equal, make_scores, random_groups
-from mnn_fast import reference as R
-from mnn_fast.backends import get_backend
-from mnn_fast.routing import group_tensors
+from mnn_fast.engine import torch_ops as R
+from mnn_fast.engine.backends import get_backend
+from mnn_fast.engine.routing import group_tensors
 
 NO_THRESHOLD = -math.inf
 

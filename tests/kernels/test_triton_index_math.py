@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 if __name__ == "__main__":  # the TTIR worker runs this file as a script
     sys.path.insert(0, str(ROOT))
 

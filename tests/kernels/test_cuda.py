@@ -14,9 +14,9 @@ from hypothesis import strategies as st
 from helpers import assert_routing_equal, make_scores, random_groups
 from models import cnn_mnn, mlp_mnn
 from mnn_fast import MetaNeuralNetwork
-from mnn_fast import reference as R
-from mnn_fast.backends import backend_status, get_backend
-from mnn_fast.routing import group_tensors
+from mnn_fast.engine import torch_ops as R
+from mnn_fast.engine.backends import backend_status, get_backend
+from mnn_fast.engine.routing import group_tensors
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 GPU_BACKENDS = ["cuda", "triton"]

@@ -7,7 +7,7 @@ from torch import nn
 
 from models import mlp_mnn
 from mnn_fast import MetaNeuralNetwork, route
-from mnn_fast.backends import get_backend
+from mnn_fast.engine.backends import get_backend
 
 
 @pytest.fixture

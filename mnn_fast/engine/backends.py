@@ -1,0 +1,126 @@
+"""Backend choice, in one place: which implementations of the routing ops can run, and why not.
+
+``"auto"`` picks the fastest usable one for the input's device (CUDA: cuda > triton > torch;
+CPU: cpp > torch) and records why each faster one was skipped. The Triton kernels run on CPU
+tensors only under ``TRITON_INTERPRET=1`` (for testing), so ``auto`` never picks them there.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from . import ops
+from .routing import Routing
+from .torch_ops import combine_torch, gather_torch, group_scores_torch, route_torch, segment_linear_torch
+
+__all__ = ["Backend", "BACKEND_NAMES", "backend_status", "get_backend", "select_backend"]
+
+BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
+_AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
+
+
+@dataclass(frozen=True)
+class Backend:
+    """The ops of one implementation. ``threshold=-inf`` / ``top_k=0`` mean "off".
+
+    ``segment_linear`` (the grouped executor's matmul, ``docs/ops.md``) is ``None`` where the
+    backend has no kernel for it (cuda, triton: the grouped Linear executor is CPU-only).
+    """
+
+    name: str
+    group_scores: Callable[[Tensor, Tensor, Tensor], Tensor]
+    route: Callable[[Tensor, float, int], Routing]
+    gather: Callable[[Tensor, Tensor], Tensor]
+    combine: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
+    segment_linear: Callable[..., Tensor] | None = None
+
+
+def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
+    return route_torch(scores, None if threshold == -math.inf else threshold, top_k or None)
+
+
+def _ops_backend(name: str, prefix: str, segment_linear=None) -> Backend:
+    lib = torch.ops.mnn_fast
+    route_op = getattr(lib, prefix + "route")
+    return Backend(
+        name,
+        getattr(lib, prefix + "group_scores"),
+        lambda s, t, k: Routing(*route_op(s, t, k)),
+        getattr(lib, prefix + "gather"),
+        getattr(lib, prefix + "combine"),
+        segment_linear,
+    )
+
+
+def _triton_error(device_type: str) -> str | None:
+    try:
+        importlib.import_module("triton")
+    except ImportError as exc:
+        return f"triton is not installed ({exc})"
+    if device_type == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+        return "Triton runs on CPU tensors only under TRITON_INTERPRET=1 (a testing mode)"
+    if device_type not in ("cpu", "cuda"):
+        return f"Triton kernels target CUDA devices, not {device_type}"
+    try:
+        importlib.import_module("mnn_fast.kernels")
+    except Exception as exc:  # a broken Triton install must not break the other backends
+        return f"mnn_fast.kernels failed to import ({type(exc).__name__}: {exc})"
+    return None
+
+
+def backend_status(device: torch.device | str) -> dict[str, str | None]:
+    """For each backend name: ``None`` if it can run on ``device``, else the reason it cannot."""
+    device_type = torch.device(device).type
+    status: dict[str, str | None] = {"torch": None}
+    if ops.EXTENSION_ERROR is not None:
+        status["cpp"] = status["cuda"] = ops.EXTENSION_ERROR
+    else:
+        status["cpp"] = None if device_type == "cpu" else f"the C++ CPU kernels need CPU tensors, got {device_type}"
+        if device_type != "cuda":
+            status["cuda"] = f"the CUDA kernels need CUDA tensors, got {device_type}"
+        elif not ops.extension_has_cuda():
+            status["cuda"] = "mnn_fast._C was built without CUDA (rebuild on a CUDA machine or with FORCE_CUDA=1)"
+        else:
+            status["cuda"] = None
+    status["triton"] = _triton_error(device_type)
+    return status
+
+
+def select_backend(requested: str, device: torch.device | str) -> tuple[str, dict[str, str]]:
+    """Resolves ``requested`` (a name or ``"auto"``) for ``device``: ``(name, {skipped: reason})``."""
+    if not isinstance(requested, str):
+        raise TypeError(f"backend must be a string, got {type(requested).__name__}")
+    if requested != "auto" and requested not in BACKEND_NAMES:
+        raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES}, got {requested!r}")
+    status = backend_status(device)
+    if requested != "auto":
+        if status[requested] is not None:
+            raise ValueError(f"backend={requested!r} cannot run on {torch.device(device)}: {status[requested]}")
+        return requested, {}
+    order = _AUTO_ORDER.get(torch.device(device).type, ("torch",))
+    skipped: dict[str, str] = {}
+    for name in order:
+        if status[name] is None:
+            return name, skipped
+        skipped[name] = status[name]
+    raise AssertionError("the torch backend is always available")
+
+
+def get_backend(name: str) -> Backend:
+    """The :class:`Backend` named ``name`` (check availability with :func:`select_backend` first)."""
+    if name == "torch":
+        return Backend("torch", group_scores_torch, _torch_route, gather_torch, combine_torch, segment_linear_torch)
+    if name == "cpp":
+        return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear)
+    if name == "cuda":
+        return _ops_backend(name, "")
+    if name == "triton":
+        importlib.import_module("mnn_fast.kernels")
+        return _ops_backend(name, "triton_")
+    raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")

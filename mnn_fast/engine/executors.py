@@ -1,0 +1,315 @@
+"""Executors: how the specialists run on the expert-major buffer ``xg`` (rows of expert ``e`` contiguous).
+
+sequential: each expert on its slice, one call after another (the baseline; bitwise the naive loop).
+grouped: experts sharing one architecture run as one computation over stacked weights: Linear stacks
+as segment matmuls (the ``mnn_fast::segment_linear`` op, no padding, bitwise the naive loop), anything
+else via ``torch.func`` + ``vmap`` on count-bucketed padded batches (float32 rounding, not bitwise).
+grouped_parallel: Linear stacks with experts spread over the cores (opt-in, not bitwise). streams: CUDA.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backends import Backend
+
+__all__ = ["EXECUTOR_NAMES", "FRESH_ALIGNMENT", "as_fresh_aligned", "aligned_stack", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
+           "GroupedLinearStack", "VmapExperts", "run_on_streams", "new_stream_pool"]
+
+EXECUTOR_NAMES = ("auto", "sequential", "grouped", "grouped_parallel", "streams")
+
+# Bytes: the alignment of every tensor PyTorch's CPU allocator returns (c10 ``gAlignment``), so of
+# ``x[idx]`` in the naive loop. BLAS (MKL) picks its kernel by operand alignment, and kernels round
+# differently: an expert must get its rows on this alignment to compute the naive loop's bits.
+FRESH_ALIGNMENT = 64
+
+
+def as_fresh_aligned(t: Tensor) -> Tensor:
+    """``t`` if it starts on :data:`FRESH_ALIGNMENT`, else a fresh contiguous copy (which does)."""
+    if t.data_ptr() % FRESH_ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def aligned_stack(tensors: Sequence[Tensor]) -> Tensor:
+    """``torch.stack(tensors)`` with every slice ``[e]`` starting on :data:`FRESH_ALIGNMENT`.
+
+    Each slab is padded to a multiple of 64 bytes (``stride(0)`` may exceed the slice's numel), so
+    ``segment_linear`` hands BLAS each expert's weight on the alignment its own parameter has.
+    """
+    first = tensors[0]
+    per_line = FRESH_ALIGNMENT // first.element_size()
+    slab = -(-first.numel() // per_line) * per_line if first.numel() else 0
+    flat = first.new_empty(len(tensors) * slab + per_line)
+    skip = (-(flat.data_ptr() // first.element_size())) % per_line  # 0 for a fresh CPU buffer
+    strides = [1] * first.dim()
+    for d in range(first.dim() - 2, -1, -1):
+        strides[d] = strides[d + 1] * first.shape[d + 1]
+    out = flat.as_strided((len(tensors), *first.shape), (slab, *strides), skip)
+    for e, t in enumerate(tensors):
+        out[e].copy_(t)
+    return out
+
+# Layers a grouped Linear stack may hold between its Linears: stateless and applied row by row, so
+# one call on the whole buffer equals one call per expert slice.
+_ROWWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
+
+
+def _layers(module: nn.Module) -> list[nn.Module]:
+    """A Sequential flattened into its leaf layers; any other module is its own single layer."""
+    if isinstance(module, nn.Sequential):
+        return [leaf for child in module for leaf in _layers(child)]
+    return [module]
+
+
+def _describe(layer: nn.Module) -> tuple:
+    if isinstance(layer, nn.Linear):
+        return ("Linear", layer.in_features, layer.out_features, layer.bias is not None)
+    if isinstance(layer, nn.Flatten):
+        return ("Flatten", layer.start_dim, layer.end_dim)
+    return (type(layer).__name__, repr(layer))
+
+
+def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend) -> str | None:
+    """``None`` when every expert is the same stack of Linear and row-wise layers and ``ops`` (the
+    module's backend) has a ``segment_linear``, else why not."""
+    if ops.segment_linear is None:
+        return f"backend {ops.name!r} has no segment_linear kernel (CPU only: cpp, torch)"
+    layouts = []
+    for e, expert in enumerate(experts):
+        layers = _layers(expert)
+        for layer in layers:
+            flatten_ok = isinstance(layer, nn.Flatten) and layer.start_dim == 1 and layer.end_dim == -1
+            if not (isinstance(layer, (nn.Linear, *_ROWWISE)) or flatten_ok):
+                return f"specialists[{e}] holds {type(layer).__name__}, not only Linear and row-wise layers"
+        if not any(isinstance(layer, nn.Linear) for layer in layers):
+            return f"specialists[{e}] has no Linear layer"
+        for name, p in expert.named_parameters():
+            if p.data_ptr() % FRESH_ALIGNMENT:
+                # The grouped copy would be aligned, this parameter is not: BLAS could round differently.
+                return f"specialists[{e}].{name} does not start on a {FRESH_ALIGNMENT}-byte boundary"
+        layouts.append([_describe(layer) for layer in layers])
+    if any(layout != layouts[0] for layout in layouts):
+        return "specialists differ in layers or sizes"
+    return None
+
+
+def same_architecture_reason(experts: Sequence[nn.Module]) -> str | None:
+    """``None`` when all experts share class, parameter names and shapes (stackable for vmap)."""
+    def signature(m: nn.Module):
+        return (type(m), [(n, tuple(p.shape), p.dtype) for n, p in m.named_parameters()],
+                [(n, tuple(b.shape), b.dtype) for n, b in m.named_buffers()])
+
+    first = signature(experts[0])
+    for e, expert in enumerate(experts[1:], 1):
+        if signature(expert) != first:
+            return f"specialists[{e}] differs from specialists[0] in class, parameter or buffer shapes"
+    return None
+
+
+def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.device,
+                    ops: Backend) -> tuple[str, dict[str, str]]:
+    """``(name, skipped)``: the executor for experts on ``device`` with backend ``ops``; for each one
+    passed over, why."""
+    if requested not in EXECUTOR_NAMES:
+        raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {requested!r}")
+    skipped: dict[str, str] = {}
+    device = torch.device(device).type
+    stack_reason = linear_stack_reason(experts, ops)
+    arch_reason = same_architecture_reason(experts)
+    if device != "cuda":
+        skipped["streams"] = f"CUDA streams need a CUDA device; the module is on {device}"
+    if stack_reason is not None:
+        # vmap turns each conv into a grouped conv; measured slower than E separate calls on CPU
+        # (README, issue 3 table), so auto only groups Linear stacks.
+        skipped["grouped"] = stack_reason if arch_reason is not None else (
+            f"{stack_reason}; explicit executor='grouped' would use vmap over padded batches")
+    # Spreading experts over the cores changes each GEMM's thread count, so its bits: opt-in only.
+    skipped.setdefault("grouped_parallel", "not bitwise equal to the naive loop; request it explicitly")
+    if requested == "auto":
+        if stack_reason is None:
+            return "grouped", skipped
+        return ("streams" if "streams" not in skipped else "sequential"), skipped
+    if requested == "grouped" and stack_reason is not None and arch_reason is not None:
+        raise ValueError(f"executor='grouped' needs specialists of one architecture: {arch_reason}")
+    if requested == "grouped_parallel" and stack_reason is not None:
+        raise ValueError(f"executor='grouped_parallel' needs identical Linear stacks: {stack_reason}")
+    if requested == "streams" and "streams" in skipped:
+        return "sequential", skipped  # the documented CPU fallback; `executor_skipped` says why
+    return requested, {k: v for k, v in skipped.items() if k != requested}
+
+
+def _param_key(params: list[Tensor]) -> tuple:
+    # A tensor's version counter moves on every in-place update (optimizer steps, load_state_dict).
+    return tuple((p.data_ptr(), p._version) for p in params)
+
+
+class _StackCache:
+    """Stacked copies of per-expert tensors, rebuilt only when one of them changed.
+
+    With autograd recording (training) or under ``torch.compile`` the stack is taken fresh each call,
+    so gradients reach every expert's own parameters and no stale copy is ever used.
+    """
+
+    def __init__(self):
+        self._key = None
+        self._value: list[Tensor] = []
+
+    def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
+        recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
+        if recording or torch.compiler.is_compiling():
+            return [torch.stack(ts) for ts in groups_of_tensors]
+        key = tuple(_param_key(ts) for ts in groups_of_tensors)
+        if key != self._key:
+            self._value = [aligned_stack([t.detach() for t in ts]) for ts in groups_of_tensors]
+            self._key = key
+        return self._value
+
+
+def recording_grad(experts: Sequence[nn.Module]) -> bool:
+    """Whether autograd would record through the experts (then grouped executors run sequentially)."""
+    return torch.is_grad_enabled() and any(p.requires_grad for m in experts for p in m.parameters())
+
+
+class GroupedLinearStack:
+    """Runs ``E`` identical Linear stacks as segment matmuls over the expert-major buffer.
+
+    Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``segment_linear``
+    op (offsets = expert boundaries, so no padding; one ``addmm`` per expert, experts spread over
+    the cores); row-wise layers run once on the whole buffer. ``addmm`` is the call ``nn.Linear``
+    makes, on operands aligned as fresh tensors and at the caller's thread count, so the output is
+    bitwise the sequential executor's. ``parallel=True`` runs experts on all cores, each GEMM on one
+    thread: faster for many small experts, equal to float32 rounding only.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False):
+        self.experts = list(experts)
+        self.segment_linear = segment_linear
+        self.parallel = parallel
+        self.layers = _layers(self.experts[0])
+        self._linear_at = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)]
+        self._cache = _StackCache()
+
+    def _stacked(self) -> list[Tensor]:
+        per_layer = []
+        for i in self._linear_at:
+            linears = [_layers(expert)[i] for expert in self.experts]
+            per_layer.append([lin.weight for lin in linears])
+            if linears[0].bias is not None:
+                per_layer.append([lin.bias for lin in linears])
+        return self._cache.get(per_layer)
+
+    def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
+        """``xg: Tensor[N, ...]`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
+        stacked = iter(self._stacked())
+        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        h = xg
+        for layer in self.layers:
+            if isinstance(layer, nn.Linear):
+                weight = next(stacked)
+                bias = next(stacked) if layer.bias is not None else None
+                h = self.segment_linear(h, weight, bias, offsets, self.parallel)
+            else:
+                h = layer(h)
+        return h
+
+
+def bucket_experts(counts: list[int]) -> list[list[int]]:
+    """Experts with rows, in buckets whose smallest count is more than half the largest.
+
+    Padding every expert of a bucket to the bucket's largest count then wastes at most half of the
+    bucket's rows; there are at most ``log2(max count) + 1`` buckets.
+    """
+    order = sorted((e for e, n in enumerate(counts) if n > 0), key=lambda e: -counts[e])
+    buckets: list[list[int]] = []
+    for e in order:
+        if buckets and 2 * counts[e] > counts[buckets[-1][0]]:
+            buckets[-1].append(e)
+        else:
+            buckets.append([e])
+    return buckets
+
+
+class VmapExperts:
+    """Same-architecture experts as ``torch.func.functional_call`` under ``vmap`` over stacked state.
+
+    Rows are padded per bucket (:func:`bucket_experts`); ``last_padding_waste`` is the fraction of
+    computed rows that were padding in the latest call. Batched convolutions and reductions round
+    differently from per-expert calls: outputs agree with sequential to float32 rounding.
+    """
+
+    def __init__(self, experts: Sequence[nn.Module]):
+        self.experts = list(experts)
+        self._names = [n for n, _ in self.experts[0].named_parameters()]
+        self._buffer_names = [n for n, _ in self.experts[0].named_buffers()]
+        self._cache = _StackCache()
+        self.last_padding_waste = 0.0
+
+    @torch.compiler.disable  # buckets sort data-dependent counts in Python: runs eagerly under compile
+    def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
+        sizes = counts.tolist()
+        named = [(dict(m.named_parameters()), dict(m.named_buffers())) for m in self.experts]
+        params = [[p[n] for p, _ in named] for n in self._names]
+        buffers = [[b[n] for _, b in named] for n in self._buffer_names]
+        stacked = self._cache.get(params + buffers)
+        starts = [0]
+        for n in sizes:
+            starts.append(starts[-1] + n)
+        base = self.experts[0]
+        outputs: dict[int, Tensor] = {}
+        computed = 0
+
+        def call_one(p, b, rows):
+            return torch.func.functional_call(base, (p, b), (rows,))
+
+        for bucket in bucket_experts(sizes):
+            width = sizes[bucket[0]]
+            idx = torch.tensor(bucket, device=xg.device)
+            padded = xg.new_zeros(len(bucket), width, *xg.shape[1:])
+            for j, e in enumerate(bucket):
+                padded[j, : sizes[e]] = xg[starts[e] : starts[e + 1]]
+            p = {n: t.index_select(0, idx) for n, t in zip(self._names, stacked[: len(self._names)])}
+            b = {n: t.index_select(0, idx) for n, t in zip(self._buffer_names, stacked[len(self._names):])}
+            y = torch.vmap(call_one)(p, b, padded)
+            computed += len(bucket) * width
+            for j, e in enumerate(bucket):
+                outputs[e] = y[j, : sizes[e]]
+        self.last_padding_waste = 1.0 - xg.shape[0] / computed if computed else 0.0
+        if not outputs:
+            return None
+        return torch.cat([outputs[e] for e in range(len(sizes)) if sizes[e] > 0])
+
+
+def run_on_streams(experts: Sequence[nn.Module], chunks: list[Tensor], streams: list) -> list[Tensor | None]:
+    """Each non-empty chunk's expert on one of ``streams`` (round robin); joins on the current stream.
+
+    Side streams first wait for the current stream (the gather that filled ``xg``); ``record_stream``
+    keeps the caching allocator from reusing an input or output while a side stream still uses it.
+    """
+    main = torch.cuda.current_stream()
+    ready = torch.cuda.Event()
+    ready.record(main)
+    outputs: list[Tensor | None] = [None] * len(chunks)
+    used = set()
+    for e, (expert, rows) in enumerate(zip(experts, chunks)):
+        if rows.shape[0] == 0:
+            continue
+        stream = streams[e % len(streams)]
+        used.add(stream)
+        stream.wait_event(ready)
+        with torch.cuda.stream(stream):
+            rows.record_stream(stream)
+            y = expert(rows)
+            y.record_stream(main)
+        outputs[e] = y
+    for stream in used:
+        done = torch.cuda.Event()
+        done.record(stream)
+        main.wait_event(done)
+    return outputs
+
+
+def new_stream_pool(device: torch.device, size: int = 4) -> list:
+    return [torch.cuda.Stream(device=device) for _ in range(size)]

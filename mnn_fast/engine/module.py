@@ -1,0 +1,246 @@
+"""``MetaNeuralNetwork``: a drop-in ``nn.Module`` over the engine's public stages (:mod:`.stages`).
+
+switch -> softmax -> group scores -> route (fused op) -> gather all routed rows into one buffer ->
+each specialist on its contiguous slice -> contributions -> combine (fixed expert order) -> log_softmax.
+Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from . import stages
+from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
+from .contributions import ClassTables, class_tables, specialist_contributions
+from .executors import EXECUTOR_NAMES, GroupedLinearStack, VmapExperts, linear_stack_reason, new_stream_pool, select_executor
+from .routing import Routing, check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
+
+__all__ = ["MetaNeuralNetwork"]
+
+
+class MetaNeuralNetwork(nn.Module):
+    """A switch network plus ``E`` specialists; each input wakes only the specialists it needs.
+
+    Args:
+        switch: ``nn.Module`` mapping ``x: Tensor[B, ...]`` to logits ``Tensor[B, C]``.
+        specialists: ``E`` ``nn.Module`` s; specialist ``e`` maps its rows to ``Tensor[n, C]`` logits,
+            or ``Tensor[n, 1]`` (a binary specialist) when its group has one class.
+        groups: ``E`` lists of class ids; ``None`` = one specialist per class (``E == C``).
+        threshold: activate expert ``e`` for sample ``i`` when its group probability is ``> threshold``
+            (``[0, 1]``; ``None`` only together with ``top_k``). Can be changed after training.
+        top_k: keep only the ``top_k`` highest-scoring experts per sample (ties: lower index).
+        num_classes: ``C``; inferred from the switch's output when not given.
+        switch_fn: optional ``callable(scores: Tensor[B, E] float32) -> Tensor[B, E] bool`` replacing
+            the threshold/top-k rule.
+        backend: ``"auto"`` (fastest available: cuda > triton > torch on GPU, cpp > torch on CPU), one
+            of ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``, or a
+            :class:`~mnn_fast.engine.backends.Backend` record of the caller's own ops.
+        executor: how the specialists run (:mod:`mnn_fast.executors`): ``"sequential"`` (one call
+            per active expert), ``"grouped"`` (one batched computation over stacked weights),
+            ``"grouped_parallel"`` (Linear stacks, experts spread over the cores; not bitwise),
+            ``"streams"`` (CUDA streams; sequential elsewhere; grouped ones run inference only, with
+            autograd recording they run sequentially) or ``"auto"`` (grouped for identical
+            Linear stacks, else streams on CUDA, else sequential). ``executor_skipped`` says why
+            an executor was passed over.
+
+    ``forward(x)`` returns ``Tensor[B, C] float32`` log-probabilities; ``forward(x, return_routing=True)``
+    also returns the :class:`~mnn_fast.Routing` used.
+    """
+
+    def __init__(
+        self,
+        switch: nn.Module,
+        specialists: Sequence[nn.Module],
+        groups=None,
+        threshold: float | None = 0.25,
+        top_k: int | None = None,
+        *,
+        num_classes: int | None = None,
+        switch_fn: Callable[[Tensor], Tensor] | None = None,
+        backend: str = "auto",
+        executor: str = "auto",
+    ):
+        super().__init__()
+        if not isinstance(switch, nn.Module):
+            raise TypeError(f"switch must be an nn.Module, got {type(switch).__name__}")
+        if isinstance(specialists, nn.Module) and not isinstance(specialists, (nn.ModuleList, nn.Sequential)):
+            raise TypeError("specialists must be a sequence of nn.Modules, got a single nn.Module")
+        specialists = list(specialists)
+        if not specialists:
+            raise ValueError("specialists is empty; expected at least one nn.Module")
+        for e, s in enumerate(specialists):
+            if not isinstance(s, nn.Module):
+                raise TypeError(f"specialists[{e}] must be an nn.Module, got {type(s).__name__}")
+        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+            raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
+        if switch_fn is not None and not callable(switch_fn):
+            raise TypeError(f"switch_fn must be callable, got {type(switch_fn).__name__}")
+        if not isinstance(backend, Backend) and backend != "auto" and backend not in BACKEND_NAMES:
+            raise ValueError(f"backend must be 'auto', one of {BACKEND_NAMES} or a Backend, got {backend!r}")
+        self.switch = switch
+        self.specialists = nn.ModuleList(specialists)
+        self.groups = normalize_groups(groups, len(specialists), num_classes)
+        self._default_groups = groups is None
+        if num_classes is None and groups is None:
+            num_classes = len(specialists)
+        self.num_classes = num_classes
+        self._top_k = check_top_k(top_k, len(specialists))
+        self._threshold = check_threshold(threshold, self._top_k)
+        self.switch_fn = switch_fn
+        self.requested_backend = backend
+        if executor not in EXECUTOR_NAMES:
+            raise ValueError(f"executor must be one of {EXECUTOR_NAMES}, got {executor!r}")
+        self.requested_executor = executor
+        group_offsets, group_classes = group_tensors(self.groups, torch.device("cpu"))
+        self.register_buffer("group_offsets", group_offsets, persistent=False)
+        self.register_buffer("group_classes", group_classes, persistent=False)
+        self._max_class = max(c for g in self.groups for c in g)
+        # Contribution index tables per (C, device), built on first use; not module state, so a
+        # forward never changes the module (C may be learnt per batch when num_classes is None).
+        self._tables: dict[tuple[int, torch.device], ClassTables] = {}
+        self._resolve_backend()
+
+    # ------------------------------------------------------------------ configuration
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.specialists)
+
+    @property
+    def threshold(self) -> float | None:
+        return self._threshold
+
+    @threshold.setter
+    def threshold(self, value) -> None:
+        self._threshold = check_threshold(value, self._top_k)
+
+    @property
+    def top_k(self) -> int | None:
+        return self._top_k
+
+    @top_k.setter
+    def top_k(self, value) -> None:
+        top_k = check_top_k(value, self.num_experts)
+        check_threshold(self._threshold, top_k)
+        self._top_k = top_k
+
+    @property
+    def backend(self) -> str:
+        """The backend in use for the module's current device."""
+        return self._backend.name
+
+    @property
+    def ops(self) -> Backend:
+        """The :class:`~mnn_fast.engine.backends.Backend` (routing ops) the stages run on."""
+        return self._backend
+
+    def _device(self) -> torch.device:
+        first = next(self.parameters(), None)
+        return first.device if first is not None else self.group_offsets.device
+
+    def _resolve_backend(self) -> None:
+        if isinstance(self.requested_backend, Backend):  # the caller's own ops, used as given
+            self._backend, self.backend_skipped = self.requested_backend, {}
+        else:
+            name, skipped = select_backend(self.requested_backend, self._device())
+            self._backend = get_backend(name)
+            self.backend_skipped: dict[str, str] = skipped
+        self.executor, self.executor_skipped = select_executor(self.requested_executor, self.specialists, self._device(), self._backend)
+        self._grouped = None
+        if self.executor == "grouped_parallel":
+            self._grouped = GroupedLinearStack(self.specialists, self._backend.segment_linear, parallel=True)
+        elif self.executor == "grouped":
+            stackable = linear_stack_reason(self.specialists, self._backend) is None
+            self._grouped = (GroupedLinearStack(self.specialists, self._backend.segment_linear) if stackable
+                             else VmapExperts(self.specialists))
+        self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
+        self._tables = {}
+        if self.num_classes is not None:
+            self.class_tables(self.num_classes)  # built eagerly so compiled code finds them ready
+
+    def _apply(self, fn, *args, **kwargs):
+        # Moving the module (.to/.cuda/.cpu) can change which backends can run.
+        out = super()._apply(fn, *args, **kwargs)
+        self._resolve_backend()
+        return out
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, classes={self.num_classes}, threshold={self._threshold}, "
+            f"top_k={self._top_k}, backend={self.backend!r}, executor={self.executor!r}"
+        )
+
+    # ------------------------------------------------------------------ forward
+
+    def _check_input(self, x) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+        if x.dim() < 2:
+            raise ValueError(f"x must have shape [B, ...] with at least 2 dimensions, got {tuple(x.shape)}")
+        if x.device != self._device():
+            raise ValueError(f"x is on {x.device} but the module is on {self._device()}; move one of them")
+        param = next(self.switch.parameters(), None)
+        if (param is not None and param.is_floating_point() and x.dtype != param.dtype
+                and not torch.is_autocast_enabled(x.device.type)):
+            raise TypeError(f"x is {x.dtype} but the switch's parameters are {param.dtype}; "
+                            f"convert one of them (x.to({param.dtype}) or mnn.to({x.dtype}))")
+
+    def _check_logits(self, z, x: Tensor) -> int:
+        batch = x.shape[0]
+        if not isinstance(z, Tensor) or z.dim() != 2 or z.shape[0] != batch:
+            shape = tuple(z.shape) if isinstance(z, Tensor) else type(z).__name__
+            hint = ""
+            if isinstance(z, Tensor) and z.dim() == 1:
+                # Convolutions accept an unbatched [C, H, W] image and return [classes].
+                hint = f"; x of shape {tuple(x.shape)} looks unbatched: pass a batch, e.g. x.unsqueeze(0)"
+            raise ValueError(f"switch must return logits of shape [B={batch}, C], got {shape}{hint}")
+        num_classes = z.shape[1]
+        if self.num_classes is not None and num_classes != self.num_classes:
+            hint = ""
+            if self._default_groups:
+                hint = (f": without groups= each of the {self.num_experts} specialists covers one class, so C must "
+                        f"equal the number of specialists; pass groups= (one list of class ids per specialist)")
+            raise ValueError(f"switch returned C={num_classes} logits but the module expects C={self.num_classes}{hint}")
+        if self._max_class >= num_classes:
+            raise ValueError(f"groups name class {self._max_class} but the switch returns only C={num_classes} classes")
+        return num_classes
+
+    def class_tables(self, num_classes: int) -> ClassTables:
+        """The contribution index tables for ``C = num_classes`` on the module's device (cached)."""
+        key = (num_classes, self.group_offsets.device)
+        if key not in self._tables:
+            self._tables[key] = class_tables(self.groups, num_classes, self.group_offsets.device)
+        return self._tables[key]
+
+    def forward(self, x: Tensor, return_routing: bool = False):
+        """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
+        log_probs, scores = self.switch_scores(x)
+        routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
+        logv = self.contributions(stages.gather_rows(x, routing.perm, self._backend), routing, log_probs.shape[1])
+        out = stages.combine_log_probs(log_probs, logv, routing, self._backend)
+        return (out, routing) if return_routing else out
+
+    def switch_scores(self, x: Tensor) -> stages.SwitchScores:
+        """Checks ``x: Tensor[B, ...]``, runs the switch: ``(log_probs: Tensor[B, C], scores: Tensor[B, E])`` float32."""
+        self._check_input(x)
+        z = self.switch(x)
+        num_classes = self._check_logits(z, x)
+        if is_identity(self.groups, num_classes):
+            return stages.switch_scores(z, self._backend)
+        return stages.switch_scores(z, self._backend, self.group_offsets, self.group_classes)
+
+    def contributions(self, xg: Tensor, routing: Routing, num_classes: int) -> Tensor:
+        """``log v: Tensor[N, C] float32`` in buffer order: the specialists on their rows of ``xg``."""
+        sizes = routing.counts.tolist()
+        for n in sizes:
+            torch._check(n >= 0)  # the data-dependent counts are sizes
+        outputs = stages.run_specialists(self.specialists, xg, routing.counts, sizes, grouped=self._grouped,
+                                         streams=self._streams)
+        if outputs is None:  # a grouped executor with no rows to run
+            outputs = [None] * self.num_experts
+        stages.check_specialist_output(outputs, xg, sizes, self.groups, num_classes)
+        return specialist_contributions(outputs, routing.counts, self.groups, self.class_tables(num_classes))

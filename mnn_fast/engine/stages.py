@@ -1,0 +1,139 @@
+"""The engine's forward as public stages; ``MetaNeuralNetwork.forward`` is these six calls in order.
+
+switch_scores -> route_batch -> gather_rows -> run_specialists -> specialist_contributions
+(:mod:`.contributions`) -> combine_log_probs. Each stage takes the :class:`~.backends.Backend` whose
+ops it runs, so the sweep, benchmarks and tests drive the same code the module does.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, NamedTuple, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .backends import Backend
+from .executors import as_fresh_aligned, recording_grad, run_on_streams
+from .routing import Routing
+
+__all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "run_specialists", "combine_log_probs",
+           "check_specialist_output"]
+
+
+class SwitchScores(NamedTuple):
+    """``log_probs: Tensor[B, C] float32`` (``log_softmax`` of the switch), ``scores: Tensor[B, E] float32``
+    (group probability sums; the probabilities themselves for one-class-per-expert groups)."""
+
+    log_probs: Tensor
+    scores: Tensor
+
+
+def switch_scores(logits: Tensor, ops: Backend, group_offsets: Tensor | None = None,
+                  group_classes: Tensor | None = None) -> SwitchScores:
+    """From the switch's ``logits: Tensor[B, C]`` (any float dtype, used as float32).
+
+    ``group_offsets: Tensor[E+1]`` / ``group_classes: Tensor[M]`` int64 (CSR groups) give each expert's
+    score as its classes' probabilities summed in listed order; ``None`` = one expert per class.
+    """
+    z = logits.float()
+    logp = torch.log_softmax(z, dim=1)
+    probs = torch.softmax(z, dim=1)
+    if group_offsets is None:
+        return SwitchScores(logp, probs)
+    return SwitchScores(logp, ops.group_scores(probs, group_offsets, group_classes))
+
+
+def route_batch(scores: Tensor, ops: Backend, threshold: float | None, top_k: int | None,
+                switch_fn: Callable[[Tensor], Tensor] | None = None) -> Routing:
+    """The :class:`Routing` of ``scores: Tensor[B, E] float32`` (SPEC sections 2-3).
+
+    ``threshold=None`` = no threshold (top-k alone); ``switch_fn(scores) -> Tensor[B, E] bool``
+    replaces the rule when given.
+    """
+    if switch_fn is not None:
+        mask = switch_fn(scores)
+        if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
+            got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"switch_fn must return a bool tensor of shape {tuple(scores.shape)}, got {got}")
+        # 1.0 > 0.5 exactly where the mask is set: the threshold kernel routes the mask as is.
+        return ops.route(mask.float(), 0.5, 0)
+    return ops.route(scores, -math.inf if threshold is None else threshold, top_k or 0)
+
+
+def gather_rows(x: Tensor, perm: Tensor, ops: Backend) -> Tensor:
+    """``x[perm]``: ``Tensor[N, ...]`` from ``x: Tensor[B, ...]`` and ``perm: Tensor[N] int64``, one
+    contiguous buffer (expert ``e``'s rows are ``offsets[e]:offsets[e+1]``)."""
+    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: B may be 0
+    return ops.gather(flat.contiguous(), perm).view(-1, *x.shape[1:])
+
+
+def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor, sizes: Sequence[int], *,
+                    grouped=None, streams: list | None = None) -> list[Tensor | None] | Tensor:
+    """The specialists' logits on their rows of ``xg: Tensor[N, ...]``.
+
+    ``counts: Tensor[E] int64`` and ``sizes`` (the same counts as Python ints, ``counts.tolist()``
+    taken once: under ``torch.compile`` each ``tolist`` makes new symbols). Returns per expert
+    ``Tensor[n_e, C or 1]`` (``None`` for an expert with no rows, which is not called, as in the
+    paper's loop), or one ``Tensor[N, C or 1]`` in buffer order when ``grouped`` (a grouped executor,
+    :mod:`.executors`) ran them. Grouped executors serve inference: with autograd recording the
+    experts run one by one, so training never re-stacks weights every step.
+    """
+    if grouped is not None and not recording_grad(specialists):
+        return grouped(xg, counts)
+    chunks = torch.split(xg, list(sizes))
+    if torch.compiler.is_compiling():
+        # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm, for
+        # one) branch on "is the batch empty?", which cannot be traced. Each expert runs on its
+        # rows plus one padding row, a batch provably non-empty, whose output is dropped.
+        return [expert(torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])).narrow(0, 0, n)
+                for expert, n, rows in zip(specialists, sizes, chunks)]
+    # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
+    # alignment (a segment of one buffer may start anywhere), or BLAS may round differently.
+    chunks = [as_fresh_aligned(rows) for rows in chunks]
+    if streams is not None:
+        return run_on_streams(specialists, chunks, streams)
+    return [_call_expert(expert, rows) if n else None for expert, n, rows in zip(specialists, sizes, chunks)]
+
+
+def _call_expert(expert: nn.Module, rows: Tensor) -> Tensor:
+    try:
+        return expert(rows)
+    except ValueError as exc:
+        # An expert may get a single row; in training mode BatchNorm refuses that.
+        if expert.training and rows.shape[0] == 1 and "more than 1 value per channel" in str(exc):
+            raise ValueError(f"{exc}. A specialist received one row while in training mode; call mnn.eval() "
+                             "for inference") from exc
+        raise
+
+
+def check_specialist_output(outputs, xg: Tensor, sizes: Sequence[int], groups: Sequence[Sequence[int]],
+                            num_classes: int) -> None:
+    """``ValueError`` naming the specialist whose output is not ``Tensor[n_e, C]`` (or ``[n_e, 1]`` for
+    a one-class group); ``outputs``, ``xg`` and ``sizes`` as :func:`run_specialists` takes and returns them."""
+    if isinstance(outputs, Tensor):
+        _check_one(outputs, "the grouped specialists", xg.shape[0], num_classes)
+        if outputs.shape[1] == 1 and any(len(g) != 1 for g in groups):
+            raise ValueError("the grouped specialists return one logit (binary) but some groups have several classes")
+        return
+    for e, (y, n) in enumerate(zip(outputs, sizes)):
+        if y is None:
+            continue
+        _check_one(y, f"specialists[{e}]", n, num_classes)
+        if y.shape[1] == 1 and len(groups[e]) != 1:
+            raise ValueError(f"specialists[{e}] returns one logit (binary) but its group has {len(groups[e])} classes")
+
+
+def _check_one(y, who: str, n, num_classes: int) -> None:
+    width = y.shape[1] if isinstance(y, Tensor) and y.dim() == 2 else -1
+    if not isinstance(y, Tensor) or y.dim() != 2 or y.shape[0] != n or width not in (num_classes, 1):
+        shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+        raise ValueError(f"{who} must return logits of shape [n, C={num_classes}] (or [n, 1]), got {shape}")
+
+
+def combine_log_probs(log_probs: Tensor, logv: Tensor, routing: Routing, ops: Backend) -> Tensor:
+    """``Tensor[B, C] float32``: ``log_softmax(logP[i] + sum of i's rows of logv in increasing expert order)``.
+
+    ``log_probs: Tensor[B, C]`` from :func:`switch_scores`, ``logv: Tensor[N, C]`` in buffer order.
+    """
+    acc = ops.combine(log_probs, logv, routing.perm, routing.sample_offsets, routing.sample_rows)
+    return torch.log_softmax(acc, dim=1)
