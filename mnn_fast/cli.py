@@ -21,15 +21,19 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 
 def _config(args):
+    """The checked :class:`TrainConfig` of the training arguments (one-line errors naming the field)."""
     from .train import TrainConfig
 
-    groups = json.loads(args.groups) if getattr(args, "groups", None) else None
+    try:
+        groups = json.loads(args.groups) if getattr(args, "groups", None) else None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"groups: not valid JSON ({exc}); expected e.g. \"[[0,1],[2]]\"") from None
     return TrainConfig(
         dataset=args.dataset, data_path=args.data_path, model=args.model, switch_epochs=args.switch_epochs,
         specialist_epochs=args.specialist_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
         pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
-    )
+    ).check()
 
 
 def cmd_train(args) -> None:
@@ -41,9 +45,8 @@ def cmd_train(args) -> None:
 
 def cmd_eval(args) -> None:
     from .train import accuracy, load_mnn, _data, TrainConfig
-    from . import io
 
-    cfg = TrainConfig(**io.load_json(Path(args.run_dir) / "config.json"))
+    cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
     splits = _data(cfg, None)
     mnn = load_mnn(args.run_dir, args.test_threshold, splits=splits)
     print(f"switch alone: {accuracy(mnn.switch, splits.test_x, splits.test_y):.4f}")
@@ -51,19 +54,21 @@ def cmd_eval(args) -> None:
 
 
 def cmd_sweep(args) -> None:
-    from . import io
     from .sweep import plot_heatmap, plot_lines, sweep_test_thresholds, write_csv
     from .train import TrainConfig, _data, accuracy, load_mnn, train
 
     out = Path(args.out)
-    base = TrainConfig(**io.load_json(Path(args.run_dir) / "config.json")) if (Path(args.run_dir) / "config.json").exists() and not args.dataset_thresholds else _config(args)
+    saved = Path(args.run_dir) / "config.json"
+    base = TrainConfig.load(saved) if saved.exists() and not args.dataset_thresholds else _config(args)
     splits = _data(base, None)
     rows = []
     dataset_thresholds = args.dataset_thresholds or [base.dataset_threshold]
     for d in dataset_thresholds:
-        cfg = TrainConfig(**{**base.identity(), "dataset_threshold": d, "cache_dir": base.cache_dir})
+        cfg = TrainConfig.from_dict({**base.identity(), "dataset_threshold": d, "cache_dir": base.cache_dir},
+                                    "--dataset-thresholds")
         run_dir = Path(args.run_dir) / f"dataset_threshold_{d:.2f}" if args.dataset_thresholds else Path(args.run_dir)
-        train(cfg, run_dir, splits=splits)
+        # Trains what is missing; a file that is there but fails verification is refused, not redone.
+        train(cfg, run_dir, splits=splits, repair=False)
         mnn = load_mnn(run_dir, splits=splits)
         for row in sweep_test_thresholds(mnn, splits.test_x, splits.test_y, args.test_thresholds):
             rows.append({"dataset_threshold": d, **row})
@@ -97,7 +102,9 @@ def cmd_bench(args) -> None:
         print(f"{case[0]:>6} {case[1]:>5} {case[2]:>5} {row['naive_s']*1e3:>9.3f} "
               + " ".join(f"{row[i + '_s']*1e3:>9.3f} {row[i + '_speedup']:>7.1f}x" for i in impls))
     if args.json:
-        Path(args.json).write_text(json.dumps(rows, indent=1))
+        from .io import atomic_write
+
+        atomic_write(args.json, json.dumps(rows, indent=1).encode())
         print(f"written: {args.json}")
 
 
@@ -163,11 +170,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
+    """Runs one sub-command; bad input, unusable files and a busy run directory print one line
+    (``mnn-fast COMMAND: error: ...``) and return 2 instead of a traceback."""
+    from .io import BusyError
+
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except ValueError as exc:
-        print(f"mnn-fast {args.command}: error: {exc}", file=sys.stderr)
+    except (ValueError, TypeError, OSError, BusyError) as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"mnn-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

@@ -6,7 +6,6 @@ random grouping of the same sizes; report test accuracy and multiply-adds per gr
 """
 from __future__ import annotations
 
-import csv
 import dataclasses
 import json
 import shutil
@@ -64,7 +63,7 @@ def plot_similarity(path, panels: list[tuple[str, Tensor, list[list[int]]]], cla
         ax.set_title(title, fontsize=9)
         fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.save_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -77,27 +76,20 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=CSV_FIELDS)
-        w.writeheader()
-        for r in rows:
-            w.writerow({**{k: r.get(k, "") for k in CSV_FIELDS},
-                        "groups": "" if r["groups"] is None else json.dumps(r["groups"])})
+    io.save_csv(path, [{**{k: r.get(k, "") for k in CSV_FIELDS},
+                        "groups": "" if r["groups"] is None else json.dumps(r["groups"])} for r in rows], CSV_FIELDS)
 
 
 def _mnn_row(name, cfg: TrainConfig, base, splits: Splits, run_dir: Path, test_threshold: float,
              base_macs: int, shape) -> dict:
     """Train specialists (``cfg.groups``) around ``base`` as the switch; accuracy and mean MACs."""
     from .sweep import sweep_test_thresholds
-    from .train import RunDir, load_mnn, train
+    from .train import load_mnn, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # this report's own scratch directory; a stale one would refuse the config
-    run = RunDir(run_dir)
-    run.root.mkdir(parents=True)
-    # A run directory that already holds its switch resumes from it: both MNNs share the report's base.
-    io.save_state(run.switch, base)
-    train(cfg, run_dir, splits=splits)
+    # Both MNNs share the report's base as their switch (written and recorded as the run's switch).
+    train(cfg, run_dir, splits=splits, switch=base)
     mnn = load_mnn(run_dir, test_threshold, splits=splits)
     (res,) = sweep_test_thresholds(mnn, splits.test_x, splits.test_y, [test_threshold])
     # Every specialist is a copy of the base: a sample costs the switch plus one base per active expert.

@@ -6,16 +6,16 @@ routing's sample view is that threshold's sample view), and one combine call sum
 """
 from __future__ import annotations
 
-import csv
 import math
-from pathlib import Path
 
 import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .module import MetaNeuralNetwork
-from .routing import check_threshold
+from .io import save_csv, save_figure
+from .engine import stages
+from .engine.module import MetaNeuralNetwork
+from .engine.routing import check_threshold
 
 __all__ = ["sweep_test_thresholds", "log_softmax_argmax", "write_csv", "plot_heatmap", "plot_lines", "DEFAULT_TEST_THRESHOLDS"]
 
@@ -39,13 +39,12 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     thr = torch.tensor(thresholds, dtype=torch.float32)
     correct = torch.zeros(len(thresholds), dtype=torch.long)
     routed = torch.zeros(len(thresholds), dtype=torch.long)
-    ops, top_k = mnn._backend, mnn.top_k or 0
+    ops = mnn.ops
     for start in tqdm(range(0, len(x), batch_size), desc="sweep", leave=False, disable=len(x) <= batch_size):
         xb, yb = x[start : start + batch_size], y[start : start + batch_size]
-        logp, scores, num_classes = mnn._switch_scores(xb)
-        widest = ops.route(scores, min(thresholds), top_k)
-        xg = mnn._gather(xb, widest.perm)
-        logv = mnn._run_specialists(xg, widest, num_classes)
+        logp, scores = mnn.switch_scores(xb)
+        widest = stages.route_batch(scores, ops, min(thresholds), mnn.top_k)
+        logv = mnn.contributions(stages.gather_rows(xb, widest.perm, ops), widest, logp.shape[1])
         pred, kept = _predictions_per_threshold(ops, logp, logv, scores, widest, thr.to(logp.device))
         correct += (pred == yb.to(pred.device)).sum(1).cpu()
         routed += kept.sum(1).cpu()
@@ -134,12 +133,8 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
 
 
 def write_csv(path, rows: list[dict]) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    """``rows`` (dicts with the same keys) as CSV, written atomically with the user's umask."""
+    save_csv(path, rows, list(rows[0]))
 
 
 def _pyplot():
@@ -168,7 +163,7 @@ def plot_heatmap(path, rows: list[dict], switch_accuracy: float, title: str = ""
     ax.set_title(title or f"MNN accuracy (switch alone: {switch_accuracy:.4f})")
     fig.colorbar(im, ax=ax, label="test accuracy")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig, dpi=120)
     plt.close(fig)
 
 
@@ -186,5 +181,5 @@ def plot_lines(path, rows: list[dict], switch_accuracy: float, title: str = "") 
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(path, fig, dpi=120)
     plt.close(fig)

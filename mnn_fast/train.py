@@ -4,31 +4,42 @@
 2. Write its softmax over the training set to ``train_probs.safetensors``.
 3-4. Specialist ``e`` starts from the switch's weights and trains on the samples whose score for ``e``
    exceeds the dataset threshold; each is an independent job writing its own file, skipped on resume.
-Every file is written to a temporary name and renamed, so a crash never leaves a partial file.
+Every file is written to a temporary name and renamed, so a crash never leaves a partial file; every
+file is recorded in the run's manifest (``mnn_fast.rundir``) and verified before it is reused on
+resume or loaded by :func:`load_mnn`. A file that fails verification is retrained (logged) on resume,
+and refused by :func:`load_mnn`.
 """
 from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from . import fields as F
 from . import io
-from .data import Splits, batches, load_dataset, validation_split
-from .models import build_model, load_pretrained_resnet
+from .data import DATASET_NAMES, Splits, batches, load_dataset, validation_split
+from .models import MODEL_NAMES, build_model, load_pretrained_resnet
 from .module import MetaNeuralNetwork
-from .routing import check_threshold, normalize_groups, route
+from .routing import normalize_groups, route
+from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
 __all__ = ["TrainConfig", "train", "fit", "minimise", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "RunDir"]
+
+log = logging.getLogger("mnn_fast.train")
 
 
 @dataclass
 class TrainConfig:
-    """Everything that determines a run; stored as ``config.json`` and checked again on resume."""
+    """Everything that determines a run; stored as ``config.json`` and checked again on resume.
+
+    :meth:`check` validates every field (type and range) and normalises numbers and groups, so a
+    config built from CLI arguments and one read back from ``config.json`` compare and hash alike.
+    """
 
     dataset: str = "digits"
     data_path: str | None = None
@@ -50,33 +61,50 @@ class TrainConfig:
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
-        check_threshold(self.dataset_threshold)
-        if self.normalization not in ("auto", "cifar", "imagenet"):
-            raise ValueError(f"normalization must be 'auto', 'cifar' or 'imagenet', got {self.normalization!r}")
-        if self.optimizer not in ("adam", "sgd"):
-            raise ValueError(f"optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
-        for name in ("switch_epochs", "specialist_epochs", "batch_size"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < (1 if name == "batch_size" else 0):
-                raise ValueError(f"{name} must be a non-negative int (batch_size positive), got {value!r}")
+        """Validates and normalises every field in place; ``TypeError``/``ValueError`` naming the field."""
+        self.dataset = F.check_choice("dataset", self.dataset, DATASET_NAMES)
+        self.data_path = F.check_optional_str("data_path", self.data_path)
+        if self.dataset == "cifar10" and self.data_path is None:
+            raise ValueError("data_path: dataset 'cifar10' needs data_path, a directory holding CIFAR-10")
+        self.model = F.check_choice("model", self.model, MODEL_NAMES)
+        self.switch_epochs = F.check_int("switch_epochs", self.switch_epochs, 0)
+        self.specialist_epochs = F.check_int("specialist_epochs", self.specialist_epochs, 0)
+        self.batch_size = F.check_int("batch_size", self.batch_size, 1)
+        self.lr = F.check_real("lr", self.lr, 0.0, lo_open=True)
+        self.optimizer = F.check_choice("optimizer", self.optimizer, ("adam", "sgd"))
+        self.dataset_threshold = F.check_real("dataset_threshold", self.dataset_threshold, 0.0, 1.0)
+        if self.groups is not None:
+            self.groups = [list(g) for g in normalize_groups(self.groups)]
+        self.val_fraction = F.check_real("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.seed = F.check_int("seed", self.seed, 0, 2**32 - 1)  # numpy's seeding range
+        self.augment = F.check_bool("augment", self.augment)
+        self.pretrained = F.check_optional_str("pretrained", self.pretrained)
+        self.normalization = F.check_choice("normalization", self.normalization, ("auto", "cifar", "imagenet"))
+        self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
         return self
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        """A checked config from ``values`` (e.g. ``config.json``); fields missing take their defaults
+        (fields added since the file was written), unknown ones are refused. Errors start with ``where``."""
+        F.check_keys(where, values, [f.name for f in dataclasses.fields(cls)])
+        try:
+            return cls(**values).check()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        """The checked config stored at ``path`` (a run's ``config.json``)."""
+        return cls.from_dict(io.load_json(path), str(path))
 
     def identity(self) -> dict:
         """The fields a resumed run must share with the original (paths to caches excluded)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")}
 
-
-class RunDir:
-    """Paths inside a run directory."""
-
-    def __init__(self, root):
-        self.root = Path(root)
-        self.config = self.root / "config.json"
-        self.switch = self.root / "switch.safetensors"
-        self.probs = self.root / "train_probs.safetensors"
-
-    def specialist(self, e: int) -> Path:
-        return self.root / "specialists" / f"expert_{e:04d}.safetensors"
+    def config_sha256(self) -> str:
+        """Hex sha256 of :meth:`identity`: what every file of the run records."""
+        return io.config_sha256(self.identity())
 
 
 def _optimizer(cfg: TrainConfig, model: nn.Module):
@@ -128,19 +156,32 @@ def predict_probs(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
     return torch.cat(parts) if parts else x.new_zeros(0, 0)
 
 
-def write_probs(path, probs: Tensor, labels: Tensor) -> None:
-    """The switch's training-set probabilities ``Tensor[n, C] float32`` and labels, as safetensors."""
-    io.save_tensors(path, {"probs": probs.float(), "labels": labels.long()}, {"kind": "mnn_fast.train_probs"})
+def write_probs(path, probs: Tensor, labels: Tensor, metadata: dict[str, str] | None = None) -> str:
+    """The switch's training-set probabilities ``Tensor[n, C] float32`` and labels, as safetensors;
+    returns the file's sha256."""
+    meta = {**(metadata or {}), "kind": "mnn_fast.train_probs"}
+    return io.save_tensors(path, {"probs": probs.float(), "labels": labels.long()}, meta)
 
 
 def read_probs(path) -> tuple[Tensor, Tensor]:
-    """``(probs: Tensor[n, C] float32, labels: Tensor[n] int64)`` from :func:`write_probs`."""
-    tensors, meta = io.load_tensors(path)
+    """``(probs: Tensor[n, C] float32, labels: Tensor[n] int64)`` from :func:`write_probs`.
+
+    ``ValueError`` naming ``path`` for a foreign file, wrong shapes or dtypes, or probabilities that
+    are not finite numbers in [0, 1] (a specialist's training set would silently be empty).
+    """
+    return _checked_probs(path, *io.load_tensors(path))
+
+
+def _checked_probs(path, tensors: dict, meta: dict) -> tuple[Tensor, Tensor]:
     probs, labels = tensors.get("probs"), tensors.get("labels")
     if meta.get("kind") != "mnn_fast.train_probs" or probs is None or labels is None:
         raise ValueError(f"{path}: not a probability file written by mnn_fast (kind={meta.get('kind')!r})")
-    if probs.dim() != 2 or probs.dtype != torch.float32 or labels.shape != probs.shape[:1]:
-        raise ValueError(f"{path}: expected probs [n, C] float32 and labels [n], got {tuple(probs.shape)} and {tuple(labels.shape)}")
+    if (probs.dim() != 2 or probs.dtype != torch.float32 or labels.dtype != torch.int64
+            or labels.shape != probs.shape[:1]):
+        raise ValueError(f"{path}: expected probs [n, C] float32 and labels [n] int64, got {tuple(probs.shape)} "
+                         f"{probs.dtype} and {tuple(labels.shape)} {labels.dtype}")
+    if not bool(((probs >= 0) & (probs <= 1)).all()):  # NaN fails both comparisons
+        raise ValueError(f"{path}: probabilities must be finite numbers in [0, 1]; found NaN or out-of-range values")
     return probs, labels
 
 
@@ -170,49 +211,129 @@ def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
         return build_model(cfg.model, splits.num_classes, splits.input_shape)
 
 
-def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None) -> RunDir:
-    """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices."""
-    cfg.check()
-    run = RunDir(run_dir)
-    if run.config.exists():
-        saved = TrainConfig(**io.load_json(run.config)).identity()  # fields added since: their defaults
-        if saved != cfg.identity():
-            diff = sorted(k for k in set(saved) | set(cfg.identity()) if saved.get(k) != cfg.identity().get(k))
-            raise ValueError(f"run_dir {run.root} holds a different run (fields differ: {diff}); use a new directory")
-    else:
-        io.save_json(run.config, cfg.identity())
-    splits = _data(cfg, splits)
-    train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
+def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None, *,
+          switch: nn.Module | None = None, repair: bool = True) -> RunDir:
+    """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices.
 
-    switch = _new_model(cfg, splits)
-    if run.switch.exists():
-        io.load_state(switch, run.switch)
+    A whole run holds the directory's lock exclusively (a second run is refused at once with
+    :class:`io.BusyError`); runs given ``experts`` (job arrays) share it with each other. On resume a
+    file is reused only if it verifies (readable, this config, this switch, as the manifest records);
+    otherwise it is retrained or recomputed with a warning on the ``mnn_fast.train`` logger, or, with
+    ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
+    instead of training one (same architecture as ``cfg.model``).
+    """
+    cfg.check()
+    if experts is not None:
+        experts = [F.check_int(f"experts[{i}]", e, 0) for i, e in enumerate(experts)]
+    run = RunDir(run_dir)
+    run.root.mkdir(parents=True, exist_ok=True)
+    config_sha = cfg.config_sha256()
+    with run.lock(shared=experts is not None):
+        with run.writing():
+            _start_run(run, cfg)
+        splits = _data(cfg, splits)
+        # Class indices are checked against the data before any training is spent.
+        groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
+        train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
+        with run.writing():
+            model, switch_sha = _ensure_switch(run, cfg, splits, (train_x, train_y, val_x, val_y), switch, repair)
+            probs = _ensure_probs(run, model, config_sha, switch_sha, train_x, train_y, splits.num_classes, repair)
+
+        subsets = specialist_subsets(probs, groups, cfg.dataset_threshold)
+        todo = range(len(subsets)) if experts is None else experts
+        for e in tqdm(todo, desc="specialists"):
+            if not 0 <= e < len(subsets):
+                raise ValueError(f"experts: index {e} out of range for {len(subsets)} specialists")
+            path = run.specialist(e)
+            try:
+                tensors = run.verify(path, config_sha, switch_sha)[0]
+                io.load_state_tensors(copy.deepcopy(model), tensors, str(path))
+                continue  # finished in an earlier (possibly interrupted) run
+            except ValueError as exc:
+                _repair_or_refuse(path, exc, repair, f"retraining expert {e}")
+            specialist = copy.deepcopy(model)  # SPEC 7.4: start from the switch's weights
+            idx = subsets[e]
+            fit(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e, f"expert {e}")
+            sha = io.save_state(path, specialist, {"kind": "mnn_fast.specialist", CONFIG_KEY: config_sha,
+                                                   SWITCH_KEY: switch_sha, "train_samples": str(len(idx))})
+            run.record(path, specialist.state_dict(), sha)
+    return run
+
+
+def _repair_or_refuse(path, exc: ValueError, repair: bool, action: str) -> None:
+    """A file that exists but fails verification: refused (``repair=False``) or logged and redone."""
+    if not path.exists():
+        return  # nothing there yet: plain first-time work
+    if not repair:
+        raise exc
+    log.warning("%s; %s", exc, action)
+
+
+def _start_run(run: RunDir, cfg: TrainConfig) -> None:
+    """Writes ``config.json`` and the manifest of a new run, or checks an existing run's against ``cfg``."""
+    identity = cfg.identity()
+    if run.config.exists():
+        saved = TrainConfig.load(run.config).identity()
+        if saved != identity:
+            diff = sorted(k for k in set(saved) | set(identity) if saved.get(k) != identity.get(k))
+            raise ValueError(f"run_dir {run.root} holds a different run (fields differ: {diff}); use a new directory")
+    manifest = run.read_manifest(required=False)
+    if manifest is None:
+        # A new run, or one from before manifests: its files fail verification and are redone.
+        run.start_manifest(identity)
+    elif run.config.exists():
+        run.check_config(identity)  # config.json edited after training
+    elif manifest["config_sha256"] != cfg.config_sha256():
+        raise ValueError(f"run_dir {run.root} holds a different run ({run.manifest.name} records another config); "
+                         "use a new directory")
+    if not run.config.exists():
+        io.save_json(run.config, identity)
+
+
+def _ensure_switch(run: RunDir, cfg: TrainConfig, splits: Splits, data, given: nn.Module | None, repair: bool):
+    """``(switch in eval mode, sha256 of its file)``: the verified file, else trained (or ``given``) and written."""
+    train_x, train_y, val_x, val_y = data
+    config_sha = cfg.config_sha256()
+    model = _new_model(cfg, splits)
+    try:
+        tensors, _, sha = run.verify(run.switch, config_sha)
+        io.load_state_tensors(model, tensors, str(run.switch))
+    except ValueError as exc:
+        _repair_or_refuse(run.switch, exc, repair, "retraining the switch")
+    else:
+        if given is not None and any(not torch.equal(v, tensors[k]) for k, v in given.state_dict().items()):
+            raise ValueError(f"{run.switch}: differs from the switch passed to train(); use a new directory")
+        return model.eval(), sha
+    if given is not None:
+        io.load_state_tensors(model, {k: v.detach().cpu() for k, v in given.state_dict().items()}, "switch")
     else:
         if cfg.pretrained:
-            load_pretrained_resnet(switch, cfg.pretrained)
-        fit(switch, train_x, train_y, cfg.switch_epochs, cfg, cfg.seed, "switch")
-        io.save_state(run.switch, switch, {"val_accuracy": f"{accuracy(switch, val_x, val_y):.6f}"})
-    switch.eval()
+            load_pretrained_resnet(model, cfg.pretrained)
+        fit(model, train_x, train_y, cfg.switch_epochs, cfg, cfg.seed, "switch")
+    model.eval()
+    sha = io.save_state(run.switch, model, {"kind": "mnn_fast.switch", CONFIG_KEY: config_sha,
+                                            "val_accuracy": f"{accuracy(model, val_x, val_y):.6f}"})
+    return model, run.record(run.switch, model.state_dict(), sha)
 
-    if not run.probs.exists():
-        write_probs(run.probs, predict_probs(switch, train_x), train_y)
-    probs, labels = read_probs(run.probs)
-    if not torch.equal(labels, train_y):
-        raise ValueError(f"{run.probs}: labels do not match this dataset split; the run directory is stale")
 
-    groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
-    subsets = specialist_subsets(probs, groups, cfg.dataset_threshold)
-    todo = range(len(subsets)) if experts is None else experts
-    for e in tqdm(todo, desc="specialists"):
-        if not 0 <= e < len(subsets):
-            raise ValueError(f"experts: index {e} out of range for {len(subsets)} specialists")
-        if run.specialist(e).exists():
-            continue  # finished in an earlier (possibly interrupted) run
-        specialist = copy.deepcopy(switch)  # SPEC 7.4: start from the switch's weights
-        idx = subsets[e]
-        fit(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e, f"expert {e}")
-        io.save_state(run.specialist(e), specialist, {"train_samples": str(len(idx))})
-    return run
+def _ensure_probs(run: RunDir, switch: nn.Module, config_sha: str, switch_sha: str, train_x: Tensor,
+                  train_y: Tensor, num_classes: int, repair: bool) -> Tensor:
+    """``Tensor[n, C] float32``: the verified probability file's, else recomputed from ``switch`` and written."""
+    try:
+        probs, labels = _checked_probs(run.probs, *run.verify(run.probs, config_sha, switch_sha)[:2])
+        if probs.shape != (len(train_y), num_classes) or not torch.equal(labels, train_y):
+            raise ValueError(f"{run.probs}: shape {tuple(probs.shape)} or labels do not match this dataset split "
+                             f"(expected [{len(train_y)}, {num_classes}])")
+        return probs
+    except ValueError as exc:
+        _repair_or_refuse(run.probs, exc, repair, "recomputing the probabilities")
+    probs = predict_probs(switch, train_x)
+    if not bool(torch.isfinite(probs).all()):
+        raise ValueError(f"{run.switch}: the switch gives non-finite probabilities on the training set (did its "
+                         "training diverge? try a lower lr); refusing to select specialist training sets from them")
+    sha = write_probs(run.probs, probs, train_y, {CONFIG_KEY: config_sha, SWITCH_KEY: switch_sha})
+    run.record(run.probs, {"probs": probs, "labels": train_y}, sha)
+    return probs
 
 
 @torch.no_grad()
@@ -225,15 +346,27 @@ def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> f
 
 
 def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None, **kwargs) -> MetaNeuralNetwork:
-    """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished)."""
+    """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished).
+
+    Everything is verified first: ``config.json`` is valid and is the config the manifest records,
+    and every file is this run's (config and switch hashes), unchanged since it was recorded, with
+    exactly the tensors, shapes and dtypes of the architecture. Otherwise ``ValueError`` naming the file.
+    """
     run = RunDir(run_dir)
-    cfg = TrainConfig(**io.load_json(run.config))
+    cfg = TrainConfig.load(run.config)
+    run.check_config(cfg.identity())
     splits = _data(cfg, splits)
-    switch = io.load_state(_new_model(cfg, splits), run.switch).eval()
-    num_experts = len(cfg.groups) if cfg.groups else splits.num_classes
+    config_sha = cfg.config_sha256()
+    groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
+    num_experts = len(groups) if groups else splits.num_classes
     missing = [e for e in range(num_experts) if not run.specialist(e).exists()]
     if missing:
         raise ValueError(f"run_dir {run.root}: specialists {missing[:10]} are not trained yet")
-    specialists = [io.load_state(_new_model(cfg, splits), run.specialist(e)).eval() for e in range(num_experts)]
+    tensors, _, switch_sha = run.verify(run.switch, config_sha)
+    switch = io.load_state_tensors(_new_model(cfg, splits), tensors, str(run.switch)).eval()
+    specialists = []
+    for e in range(num_experts):
+        tensors = run.verify(run.specialist(e), config_sha, switch_sha)[0]
+        specialists.append(io.load_state_tensors(_new_model(cfg, splits), tensors, str(run.specialist(e))).eval())
     return MetaNeuralNetwork(switch, specialists, groups=cfg.groups, threshold=test_threshold,
                              num_classes=splits.num_classes, **kwargs)

@@ -10,8 +10,9 @@ import torch
 from mnn_fast import io
 from mnn_fast import train as train_mod
 from mnn_fast.data import load_dataset
-from mnn_fast.reference import active_mask_torch, _score_loop
-from mnn_fast.module import MetaNeuralNetwork
+from mnn_fast.reference import group_score_loop
+from mnn_fast import MetaNeuralNetwork
+from mnn_fast.engine.backends import get_backend
 from mnn_fast.sweep import log_softmax_argmax, sweep_test_thresholds
 from mnn_fast.train import RunDir, TrainConfig, accuracy, load_mnn, read_probs, specialist_subsets, train, write_probs
 
@@ -48,7 +49,7 @@ def test_subsets_follow_the_spec_definition(groups):
     subsets = specialist_subsets(probs, groups, 0.17)
     groups = groups or [[c] for c in range(7)]
     for e, g in enumerate(groups):
-        score = _score_loop(probs, g)  # SPEC 1: the group's probabilities summed in listed order
+        score = group_score_loop(probs, g)  # SPEC 1: the group's probabilities summed in listed order
         assert torch.equal(subsets[e], (score > 0.17).nonzero().squeeze(1))
 
 
@@ -159,17 +160,17 @@ def test_sweep_refuses_a_switch_fn_module():
 
 
 # A combine that enforces the CUDA kernel's contract: one sample_rows entry per logv row.
-def test_sweep_respects_the_combine_contract(monkeypatch):
+def test_sweep_respects_the_combine_contract():
     torch.manual_seed(0)
-    mnn = MetaNeuralNetwork(torch.nn.Linear(5, 4), [torch.nn.Linear(5, 4) for _ in range(4)]).eval()
-    ops = mnn._backend
+    ops = get_backend("cpp")
     inner = ops.combine
 
     def strict(logp, logv, perm, sample_offsets, sample_rows):
         assert sample_rows.numel() == logv.shape[0] == perm.numel()
         return inner(logp, logv, perm, sample_offsets, sample_rows)
 
-    monkeypatch.setattr(mnn, "_backend", dataclasses.replace(ops, combine=strict))
+    mnn = MetaNeuralNetwork(torch.nn.Linear(5, 4), [torch.nn.Linear(5, 4) for _ in range(4)],
+                            backend=dataclasses.replace(ops, combine=strict)).eval()
     x = torch.randn(60, 5)
     rows = sweep_test_thresholds(mnn, x, torch.zeros(60, dtype=torch.long), [0.0, 0.2, 0.3])
     assert rows[0]["experts_per_sample"] == 4.0
