@@ -1,4 +1,4 @@
-"""Eager vs ``torch.compile(fullgraph=True)`` per executor, same module, same inputs, one run.
+"""Eager vs ``mnn_fast.compile(fullgraph=True)`` per executor, same module, same inputs, one run.
 
 The vmap form of the grouped executor is excluded: its bucketing sorts data-dependent counts in
 Python, so it runs eagerly (a graph break) and cannot be ``fullgraph``.
@@ -10,9 +10,11 @@ import time
 import pytest
 import torch
 
+import mnn_fast
+
 from conftest import is_quick
 from mnn_fast.benchmark import end_to_end_workload
-from mnn_fast.module import MetaNeuralNetwork
+from mnn_fast.engine.module import MetaNeuralNetwork
 
 TABLE = "compile"
 FULL = [("mlp", 10, 256, "sequential"), ("mlp", 10, 256, "grouped"), ("mlp", 100, 4096, "sequential"),
@@ -52,7 +54,7 @@ def test_compile_speed(benchmark, results, case):
     w = end_to_end_workload(model, experts, batch)
     mnn = MetaNeuralNetwork(w["switch"], w["specialists"], threshold=w["threshold"], executor=executor)
     assert mnn.executor == executor
-    compiled = torch.compile(mnn, fullgraph=True)
+    compiled = mnn_fast.compile(mnn, fullgraph=True)
     x = w["x"]
     start = time.perf_counter()
     got = compiled(x)

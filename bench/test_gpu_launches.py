@@ -16,7 +16,7 @@ import torch
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-from mnn_fast.backends import backend_status, get_backend
+from mnn_fast.engine.backends import backend_status, get_backend
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 TABLE = "gpu_launches"

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import is_quick
-from mnn_fast.backends import backend_status
+from mnn_fast.engine.backends import backend_status
 from mnn_fast.benchmark import copy_core, engine_core, make_workload, naive_core
 
 FULL = [(b, e, w) for b in (256, 4096, 65536) for e in (10, 100, 1000) for w in (64, 3072)]

@@ -12,9 +12,9 @@ import time
 import torch
 
 from conftest import is_quick
-from mnn_fast.models import build_model
-from mnn_fast.module import MetaNeuralNetwork
-from mnn_fast.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
+from mnn_fast.training.models import build_model
+from mnn_fast.engine.module import MetaNeuralNetwork
+from mnn_fast.training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
 
 TABLE = "threshold_sweep"
 # (model, input shape, batch, quick batch): the digits MLP is where per-threshold bookkeeping is

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from .backends import get_backend
+from .engine.backends import get_backend
 
 THRESHOLD = 0.25
 
@@ -89,8 +89,8 @@ def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample:
     """
     from torch import nn
 
-    from .heads import find_classifier
-    from .models import build_model
+    from .groups.heads import find_classifier
+    from .training.models import build_model
 
     torch.manual_seed(seed)
     if model == "mlp":
@@ -146,12 +146,13 @@ def peak_rss_growth(fn) -> int:
 def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_parallel")) -> dict:
     """Name -> zero-argument callable, all on ``w``'s inputs: the naive loop, the engine per executor,
     dense (every expert on every sample) and the compute floor (switch + experts on pre-gathered rows)."""
-    from .module import MetaNeuralNetwork
-    from .reference import expert_log_contribution, naive_forward
+    from .engine.module import MetaNeuralNetwork
+    from .engine.contributions import expert_log_contribution
+    from .reference import naive_forward
 
     switch, specialists, x, t = w["switch"], w["specialists"], w["x"], w["threshold"]
     impls = {"naive": lambda: naive_forward(switch, specialists, x, threshold=t)}
-    from .executors import linear_stack_reason
+    from .engine.executors import linear_stack_reason
 
     for name in executors:
         if name == "grouped_parallel" and linear_stack_reason(specialists) is not None:

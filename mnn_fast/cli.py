@@ -1,4 +1,4 @@
-"""The ``mnn-fast`` command: train, sweep, eval, bench, groups and demo.
+"""The ``mnn-fast`` command: train, sweep, eval, bench, groups and demo. Every sub-command's parser is here.
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
@@ -22,7 +22,7 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
 
 def _config(args):
     """The checked :class:`TrainConfig` of the training arguments (one-line errors naming the field)."""
-    from .train import TrainConfig
+    from .training.config import TrainConfig
 
     try:
         groups = json.loads(args.groups) if getattr(args, "groups", None) else None
@@ -37,30 +37,35 @@ def _config(args):
 
 
 def cmd_train(args) -> None:
-    from .train import train
+    from .training.pipeline import train
 
     run = train(_config(args), args.run_dir, experts=args.expert)
     print(f"run directory: {run.root}")
 
 
 def cmd_eval(args) -> None:
-    from .train import accuracy, load_mnn, _data, TrainConfig
+    from .training.config import TrainConfig
+    from .training.loop import accuracy
+    from .training.pipeline import data_splits, load_mnn
 
     cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
-    splits = _data(cfg, None)
+    splits = data_splits(cfg)
     mnn = load_mnn(args.run_dir, args.test_threshold, splits=splits)
     print(f"switch alone: {accuracy(mnn.switch, splits.test_x, splits.test_y):.4f}")
     print(f"MNN at test threshold {args.test_threshold}: {accuracy(mnn, splits.test_x, splits.test_y):.4f}")
 
 
 def cmd_sweep(args) -> None:
-    from .sweep import plot_heatmap, plot_lines, sweep_test_thresholds, write_csv
-    from .train import TrainConfig, _data, accuracy, load_mnn, train
+    from .reporting import plot_heatmap, plot_lines, write_csv
+    from .training.config import TrainConfig
+    from .training.loop import accuracy
+    from .training.pipeline import data_splits, load_mnn, train
+    from .training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
 
     out = Path(args.out)
     saved = Path(args.run_dir) / "config.json"
     base = TrainConfig.load(saved) if saved.exists() and not args.dataset_thresholds else _config(args)
-    splits = _data(base, None)
+    splits = data_splits(base)
     rows = []
     dataset_thresholds = args.dataset_thresholds or [base.dataset_threshold]
     for d in dataset_thresholds:
@@ -70,7 +75,7 @@ def cmd_sweep(args) -> None:
         # Trains what is missing; a file that is there but fails verification is refused, not redone.
         train(cfg, run_dir, splits=splits, repair=False)
         mnn = load_mnn(run_dir, splits=splits)
-        for row in sweep_test_thresholds(mnn, splits.test_x, splits.test_y, args.test_thresholds):
+        for row in sweep_test_thresholds(mnn, splits.test_x, splits.test_y, args.test_thresholds or DEFAULT_TEST_THRESHOLDS):
             rows.append({"dataset_threshold": d, **row})
     switch_acc = accuracy(mnn.switch, splits.test_x, splits.test_y)
     write_csv(out / "sweep.csv", rows)
@@ -84,7 +89,7 @@ def cmd_sweep(args) -> None:
 
 
 def cmd_bench(args) -> None:
-    from .backends import backend_status
+    from .engine.backends import backend_status
     from .benchmark import best_time, engine_core, make_workload, naive_core
 
     cases = [(256, 100, 64), (4096, 100, 64), (4096, 1000, 64), (4096, 10, 3072)] if args.quick else [
@@ -111,7 +116,45 @@ def cmd_bench(args) -> None:
 def cmd_demo(args) -> None:
     from .demo import main
 
-    main(["--out", args.out, "--seed", str(args.seed)])
+    main(args.out, seed=args.seed)
+
+
+def _add_groups_parser(subparsers) -> argparse.ArgumentParser:
+    from .groups.heads import DEFAULT_HEAD_HIDDEN
+
+    p = subparsers.add_parser("groups", help="label groups from confusions: auxiliary heads vs controls",
+                              description="Do label groups learned from confusions help? Heads on groups vs controls.")
+    p.add_argument("--dataset", default="digits", help="digits, mnist5k or cifar10 (needs --data-path)")
+    p.add_argument("--data-path", default=None, help="CIFAR-10 directory")
+    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
+    p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
+    p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) for the base (no training unless --base-epochs)")
+    p.add_argument("--num-groups", type=int, default=3)
+    p.add_argument("--k", type=int, default=2, help="top-k predictions counted as confusions / co-detections")
+    p.add_argument("--epochs", type=int, default=10, help="epochs for the heads (and the base, unless --base-epochs)")
+    p.add_argument("--base-epochs", type=int, default=None, help="epochs for the base (default: --epochs; 0 with --pretrained)")
+    p.add_argument("--head-hidden", type=int, default=DEFAULT_HEAD_HIDDEN, help="hidden units per group head")
+    p.add_argument("--head-depth", type=int, default=1, help="hidden layers per group head")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--with-mnn", action="store_true", help="also train MNNs with group and per-class specialists (slower)")
+    p.add_argument("--dataset-threshold", type=float, default=0.1, help="MNN: specialist training-set threshold")
+    p.add_argument("--test-threshold", type=float, default=0.25, help="MNN: test threshold")
+    p.add_argument("--out", default="groups_out")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=cmd_groups)
+    return p
+
+
+def cmd_groups(args) -> None:
+    from .groups.report import run_groups_report
+
+    run_groups_report(args.dataset, args.data_path, args.model, args.pretrained, args.num_groups, args.out,
+                      k=args.k, epochs=args.epochs, base_epochs=args.base_epochs, head_hidden=args.head_hidden,
+                      head_depth=args.head_depth, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
+                      with_mnn=args.with_mnn, dataset_threshold=args.dataset_threshold,
+                      test_threshold=args.test_threshold, seed=args.seed, cache_dir=args.cache_dir)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -144,7 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     training_args(p)
     p.add_argument("--dataset-thresholds", type=float, nargs="*", default=None, help="train one set of specialists per value (grid)")
-    p.add_argument("--test-thresholds", type=float, nargs="*", default=[round(0.05 * i, 2) for i in range(21)])
+    p.add_argument("--test-thresholds", type=float, nargs="*", default=None, help="default: 0.00, 0.05, ..., 1.00")
     p.add_argument("--out", default="sweep_out")
     p.set_defaults(func=cmd_sweep)
 
@@ -158,9 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, help="also write the rows to this JSON file")
     p.set_defaults(func=cmd_bench)
 
-    from .groups_report import add_groups_parser
-
-    add_groups_parser(sub)
+    _add_groups_parser(sub)
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")

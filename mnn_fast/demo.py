@@ -1,14 +1,13 @@
 """``mnn-fast demo`` (= ``make demo``): the whole pipeline on scikit-learn's embedded digits.
 
 Trains an MLP switch and, for each of a few dataset thresholds, ten specialists started from the
-switch's weights (``mnn_fast.train``); sweeps 21 test thresholds without re-running the networks
-(``mnn_fast.sweep``); prints switch-only vs best MNN accuracy and the engine's images/s against the
+switch's weights (``mnn_fast.training``); sweeps 21 test thresholds without re-running the networks
+(``mnn_fast.training.sweep``); prints switch-only vs best MNN accuracy and the engine's images/s against the
 paper's naive loop on the same inputs; writes ``sweep.csv``, the heatmap, the line figure and
 ``demo.json`` into ``--out``.
 """
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -17,10 +16,13 @@ import torch
 
 from . import io
 from .benchmark import best_time
-from .data import load_dataset
 from .reference import naive_forward
-from .sweep import DEFAULT_TEST_THRESHOLDS, plot_heatmap, plot_lines, sweep_test_thresholds, write_csv
-from .train import TrainConfig, accuracy, load_mnn, train
+from .reporting import plot_heatmap, plot_lines, write_csv
+from .training.config import TrainConfig
+from .training.data import load_dataset
+from .training.loop import accuracy
+from .training.pipeline import load_mnn, train
+from .training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
 
 DATASET_THRESHOLDS = (0.05, 0.1, 0.2, 0.3)
 
@@ -78,13 +80,10 @@ def run(out, dataset_thresholds=DATASET_THRESHOLDS, seed: int = 0, timing_batch_
     return result
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="mnn-fast demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def main(out="runs/demo", seed: int = 0) -> dict:
+    """:func:`run`, then the summary table on stdout (what ``make demo`` prints); returns run's dict."""
     start = time.perf_counter()
-    r = run(args.out, seed=args.seed)
+    r = run(out, seed=seed)
     speedup = r["engine_images_per_s"] / r["naive_images_per_s"]
     print(f"\nload_digits test set ({len(DEFAULT_TEST_THRESHOLDS)} test thresholds x {len(DATASET_THRESHOLDS)} dataset thresholds)")
     print("| what | value |\n| --- | --- |")
@@ -96,9 +95,6 @@ def main(argv=None) -> None:
     print(f"| naive loop images/s | {r['naive_images_per_s']:.0f} |")
     print(f"| engine speed-up over naive | {speedup:.2f}x |")
     print(f"| 21-threshold sweep / one pass | {r['sweep_vs_one_pass']:.2f}x |")
-    print(f"\nwritten: {args.out}/sweep.csv, sweep_heatmap.png, sweep_lines.png, demo.json "
+    print(f"\nwritten: {out}/sweep.csv, sweep_heatmap.png, sweep_lines.png, demo.json "
           f"({time.perf_counter() - start:.0f} s)")
-
-
-if __name__ == "__main__":
-    main()
+    return r

@@ -7,9 +7,7 @@ summaries for manifests, strict state loading (names, shapes and dtypes) and adv
 """
 from __future__ import annotations
 
-import csv
 import hashlib
-import io as _stdio
 import json
 import os
 import tempfile
@@ -19,8 +17,8 @@ from pathlib import Path
 from torch import Tensor, nn
 
 __all__ = ["atomic_write", "save_tensors", "load_tensors", "read_tensors", "save_json", "load_json", "save_state", "load_state",
-           "load_state_tensors", "state_mismatch", "sha256_file", "config_sha256", "tensor_summary", "save_csv",
-           "save_figure", "remove_temporaries", "FileLock", "BusyError"]
+           "load_state_tensors", "state_mismatch", "sha256_file", "config_sha256", "tensor_summary",
+           "remove_temporaries", "FileLock", "BusyError"]
 
 _umask_lock = threading.Lock()
 
@@ -143,22 +141,6 @@ def load_json(path) -> dict:
     if not isinstance(obj, dict):
         raise ValueError(f"{path}: expected a JSON object, got {type(obj).__name__}")
     return obj
-
-
-def save_csv(path, rows: list[dict], fieldnames) -> None:
-    """``rows`` as CSV with a header, written atomically."""
-    buf = _stdio.StringIO(newline="")
-    writer = csv.DictWriter(buf, fieldnames=list(fieldnames))
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write(path, buf.getvalue().encode())
-
-
-def save_figure(path, fig, dpi: int = 120) -> None:
-    """A matplotlib figure as PNG, rendered in memory and written atomically."""
-    buf = _stdio.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi)
-    atomic_write(path, buf.getvalue())
 
 
 # ------------------------------------------------------------------- integrity: hashes and states

@@ -31,3 +31,10 @@ def assert_routing_equal(got, want) -> None:
         a, b = getattr(got, name), getattr(want, name)
         assert a.dtype == torch.long, f"{name} dtype {a.dtype}"
         assert torch.equal(a.cpu(), b.cpu()), f"{name} differs"
+
+
+def assert_partition(groups, num_classes, num_groups):
+    assert len(groups) == num_groups
+    assert all(g == sorted(g) and g for g in groups)
+    assert [g[0] for g in groups] == sorted(g[0] for g in groups)
+    assert sorted(c for g in groups for c in g) == list(range(num_classes))

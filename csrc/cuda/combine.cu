@@ -87,7 +87,7 @@ at::Tensor combine_cuda(const at::Tensor& logp_in, const at::Tensor& logv_in, co
                         const at::Tensor& sample_offsets_in, const at::Tensor& sample_rows_in) {
   constexpr const char* op = "combine";
   check_2d(op, "logp", logp_in, at::kFloat);
-  TORCH_CHECK(logp_in.is_cuda(), op, ": logp must be a CUDA tensor for the CUDA kernel, got ", describe(logp_in));
+  TORCH_CHECK_VALUE(logp_in.is_cuda(), op, ": logp must be a CUDA tensor for the CUDA kernel, got ", describe(logp_in));
   const at::Device device = logp_in.device();
   check_2d(op, "logv", logv_in, at::kFloat);
   check_on(op, "logv", logv_in, device);
@@ -100,14 +100,14 @@ at::Tensor combine_cuda(const at::Tensor& logp_in, const at::Tensor& logv_in, co
   const int64_t B = logp_in.size(0);
   const int64_t C = logp_in.size(1);
   const int64_t N = logv_in.size(0);
-  TORCH_CHECK(logv_in.size(1) == C, op, ": logv must have C = ", C, " columns like logp, got ", describe(logv_in));
-  TORCH_CHECK(sample_offsets_in.size(0) == B + 1, op, ": sample_offsets must have B + 1 = ", B + 1,
-              " entries, got ", describe(sample_offsets_in));
-  TORCH_CHECK(sample_rows_in.size(0) == N, op, ": sample_rows must have N = ", N, " entries (the rows of logv), got ",
-              describe(sample_rows_in));
-  TORCH_CHECK(perm.size(0) == N, op, ": perm must have N = ", N, " entries (the rows of logv), got ", describe(perm));
-  TORCH_CHECK(C <= std::numeric_limits<int32_t>::max() - kThreads, op, ": logp must have fewer than 2^31 - ", kThreads,
-              " columns, got ", describe(logp_in));
+  TORCH_CHECK_VALUE(logv_in.size(1) == C, op, ": logv must have C = ", C, " columns like logp, got ", describe(logv_in));
+  TORCH_CHECK_VALUE(sample_offsets_in.size(0) == B + 1, op, ": sample_offsets must have B + 1 = ", B + 1,
+                    " entries, got ", describe(sample_offsets_in));
+  TORCH_CHECK_VALUE(sample_rows_in.size(0) == N, op, ": sample_rows must have N = ", N, " entries (the rows of logv), got ",
+                    describe(sample_rows_in));
+  TORCH_CHECK_VALUE(perm.size(0) == N, op, ": perm must have N = ", N, " entries (the rows of logv), got ", describe(perm));
+  TORCH_CHECK_VALUE(C <= std::numeric_limits<int32_t>::max() - kThreads, op, ": logp must have fewer than 2^31 - ", kThreads,
+                    " columns, got ", describe(logp_in));
 
   const c10::cuda::CUDAGuard guard(device);
   const at::Tensor logp = logp_in.contiguous();

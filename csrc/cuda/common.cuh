@@ -64,21 +64,25 @@ inline std::string describe(const at::Tensor& t) {
   return os.str();
 }
 
+// Exception types as on the CPU kernels (csrc/cpu/common.h): a wrong dtype raises TypeError in Python,
+// a wrong shape, device or value ValueError. Index values are not checked here: that would need a
+// device-to-host copy (a sync); an out-of-range index hits a device assert instead.
+
 // Every tensor of a CUDA kernel lives on `device` (the first tensor argument's device).
 inline void check_on(const char* op, const char* name, const at::Tensor& t, const at::Device& device) {
-  TORCH_CHECK(t.device() == device, op, ": ", name, " must be a CUDA tensor on ", device, " (the device of the ",
+  TORCH_CHECK_VALUE(t.device() == device, op, ": ", name, " must be a CUDA tensor on ", device, " (the device of the ",
               "first argument), got ", describe(t));
 }
 
 inline void check_2d(const char* op, const char* name, const at::Tensor& t, at::ScalarType dtype) {
-  TORCH_CHECK(t.dim() == 2 && t.scalar_type() == dtype, op, ": ", name, " must be a 2-D ", dtype, " tensor, got ",
-              describe(t));
+  TORCH_CHECK_VALUE(t.dim() == 2, op, ": ", name, " must be a 2-D ", dtype, " tensor, got ", describe(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == dtype, op, ": ", name, " must be a 2-D ", dtype, " tensor, got ", describe(t));
 }
 
 // The index tensors of the routing (offsets, perm, rows) are all 1-D int64.
 inline void check_index_1d(const char* op, const char* name, const at::Tensor& t) {
-  TORCH_CHECK(t.dim() == 1 && t.scalar_type() == at::kLong, op, ": ", name, " must be a 1-D int64 tensor, got ",
-              describe(t));
+  TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be a 1-D int64 tensor, got ", describe(t));
+  TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be a 1-D int64 tensor, got ", describe(t));
 }
 
 inline int sm_count(c10::DeviceIndex device) {

@@ -72,9 +72,10 @@ void launch_gather(const at::Tensor& x, const at::Tensor& perm, at::Tensor& out,
 
 at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& perm_in) {
   constexpr const char* op = "gather";
-  TORCH_CHECK(x_in.dim() == 2 && at::isFloatingType(x_in.scalar_type()), op,
-              ": x must be a 2-D floating-point tensor, got ", describe(x_in));
-  TORCH_CHECK(x_in.is_cuda(), op, ": x must be a CUDA tensor for the CUDA kernel, got ", describe(x_in));
+  TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D floating-point tensor, got ", describe(x_in));
+  TORCH_CHECK_TYPE(at::isFloatingType(x_in.scalar_type()), op, ": x must be a 2-D floating-point tensor, got ",
+                   describe(x_in));
+  TORCH_CHECK_VALUE(x_in.is_cuda(), op, ": x must be a CUDA tensor for the CUDA kernel, got ", describe(x_in));
   check_index_1d(op, "perm", perm_in);
   check_on(op, "perm", perm_in, x_in.device());
   const c10::cuda::CUDAGuard guard(x_in.device());
@@ -86,7 +87,7 @@ at::Tensor gather_cuda(const at::Tensor& x_in, const at::Tensor& perm_in) {
   at::Tensor out = at::empty({N, D}, x.options());
   const int64_t row_bytes = D * static_cast<int64_t>(x.element_size());
   if (N == 0 || row_bytes == 0) return out;
-  TORCH_CHECK(x.size(0) > 0, op, ": perm has ", N, " entries but x has no rows: ", describe(x));
+  TORCH_CHECK_VALUE(x.size(0) > 0, op, ": perm has ", N, " entries but x has no rows: ", describe(x));
 
   const c10::DeviceIndex dev = x.device().index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();

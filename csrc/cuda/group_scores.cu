@@ -62,8 +62,8 @@ namespace {
 at::Tensor index_on(const char* name, const at::Tensor& t, const at::Device& device) {
   constexpr const char* op = "group_scores";
   check_index_1d(op, name, t);
-  TORCH_CHECK(t.device() == device || t.device().is_cpu(), op, ": ", name, " must be on ", device,
-              " (the device of probs) or on the CPU, got ", describe(t));
+  TORCH_CHECK_VALUE(t.device() == device || t.device().is_cpu(), op, ": ", name, " must be on ", device,
+                    " (the device of probs) or on the CPU, got ", describe(t));
   return t.to(device).contiguous();
 }
 
@@ -71,11 +71,11 @@ at::Tensor group_scores_cuda(const at::Tensor& probs_in, const at::Tensor& group
                              const at::Tensor& group_classes_in) {
   constexpr const char* op = "group_scores";
   check_2d(op, "probs", probs_in, at::kFloat);
-  TORCH_CHECK(probs_in.is_cuda(), op, ": probs must be a CUDA tensor for the CUDA kernel, got ", describe(probs_in));
+  TORCH_CHECK_VALUE(probs_in.is_cuda(), op, ": probs must be a CUDA tensor for the CUDA kernel, got ", describe(probs_in));
   const c10::cuda::CUDAGuard guard(probs_in.device());
   const at::Device device = probs_in.device();
-  TORCH_CHECK(group_offsets_in.dim() == 1 && group_offsets_in.size(0) >= 1, op,
-              ": group_offsets must be a 1-D int64 tensor of E + 1 >= 1 entries, got ", describe(group_offsets_in));
+  TORCH_CHECK_VALUE(group_offsets_in.dim() == 1 && group_offsets_in.size(0) >= 1, op,
+                    ": group_offsets must be a 1-D int64 tensor of E + 1 >= 1 entries, got ", describe(group_offsets_in));
   const at::Tensor group_offsets = index_on("group_offsets", group_offsets_in, device);
   const at::Tensor group_classes = index_on("group_classes", group_classes_in, device);
   const at::Tensor probs = probs_in.contiguous();
@@ -87,8 +87,8 @@ at::Tensor group_scores_cuda(const at::Tensor& probs_in, const at::Tensor& group
   at::Tensor scores = at::empty({B, E}, probs.options());
   const int64_t total = B * E;
   if (total == 0) return scores;
-  TORCH_CHECK(M >= 1, op, ": group_classes must be non-empty when there are groups (E = ", E, "), got ",
-              describe(group_classes));
+  TORCH_CHECK_VALUE(M >= 1, op, ": group_classes must be non-empty when there are groups (E = ", E, "), got ",
+                    describe(group_classes));
 
   const c10::DeviceIndex dev = device.index();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(dev).stream();

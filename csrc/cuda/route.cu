@@ -244,19 +244,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
                                                                                   double threshold, int64_t top_k) {
   constexpr const char* op = "route";
   check_2d(op, "scores", scores_in, at::kFloat);
-  TORCH_CHECK(scores_in.is_cuda(), op, ": scores must be a CUDA tensor for the CUDA kernel, got ",
-              describe(scores_in));
+  TORCH_CHECK_VALUE(scores_in.is_cuda(), op, ": scores must be a CUDA tensor for the CUDA kernel, got ",
+                    describe(scores_in));
   const c10::cuda::CUDAGuard guard(scores_in.device());
   const int64_t B = scores_in.size(0);
   const int64_t E = scores_in.size(1);
-  TORCH_CHECK(E >= 1, op, ": scores must have E >= 1 expert columns, got ", describe(scores_in));
+  TORCH_CHECK_VALUE(E >= 1, op, ": scores must have E >= 1 expert columns, got ", describe(scores_in));
   // Expert ids, sample ids and slot ids are int32 on the device; e + 31 must not overflow.
-  TORCH_CHECK(E <= std::numeric_limits<int32_t>::max() - 64, op,
-              ": scores must have fewer than 2^31 - 64 expert columns, got ", describe(scores_in));
-  TORCH_CHECK(B <= std::numeric_limits<int32_t>::max(), op, ": scores must have fewer than 2^31 rows, got ",
-              describe(scores_in));
-  TORCH_CHECK(top_k >= 0 && top_k <= E, op, ": top_k must be 0 (no top-k) or in [1, E] with E = ", E, ", got ",
-              top_k);
+  TORCH_CHECK_VALUE(E <= std::numeric_limits<int32_t>::max() - 64, op,
+                    ": scores must have fewer than 2^31 - 64 expert columns, got ", describe(scores_in));
+  TORCH_CHECK_VALUE(B <= std::numeric_limits<int32_t>::max(), op, ": scores must have fewer than 2^31 rows, got ",
+                    describe(scores_in));
+  TORCH_CHECK_VALUE(top_k >= 0 && top_k <= E, op, ": top_k must be 0 (no top-k) or in [1, E] with E = ", E, ", got ",
+                    top_k);
 
   const at::Tensor scores = scores_in.contiguous();
   const auto long_opts = scores.options().dtype(at::kLong);
@@ -297,8 +297,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cud
   // stream). It cannot be skipped even when top_k > 0 and threshold == -inf: a NaN score is never
   // active, so N = B * top_k - #(NaN scores among the top-k) is still data-dependent.
   const int64_t N = sample_offsets.select(0, B).item<int64_t>();
-  TORCH_CHECK(N <= std::numeric_limits<int32_t>::max(), op, ": the routing has N = ", N,
-              " rows; the CUDA kernel supports at most 2^31 - 1 (cub radix sort limit)");
+  TORCH_CHECK_VALUE(N <= std::numeric_limits<int32_t>::max(), op, ": the routing has N = ", N,
+                    " rows; the CUDA kernel supports at most 2^31 - 1 (cub radix sort limit)");
 
   if (N == 0) {
     return {at::zeros({E}, long_opts), at::zeros({E + 1}, long_opts), at::empty({0}, long_opts), sample_offsets,

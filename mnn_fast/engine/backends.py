@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from . import ops
+from . import checks, ops
 from .routing import Routing
 from .torch_ops import combine_torch, gather_torch, group_scores_torch, route_torch, segment_linear_torch
 
@@ -43,6 +43,25 @@ class Backend:
 
 def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
     return route_torch(scores, None if threshold == -math.inf else threshold, top_k or None)
+
+
+def _checked(check: Callable, fn: Callable) -> Callable:
+    """``fn`` after ``check`` of the same arguments: the op contract for backends written in Python."""
+    def run(*args):
+        # Traced code has symbolic sizes that these checks cannot compare; the fake kernels check shapes.
+        if not torch.compiler.is_compiling():
+            check(*args)
+        return fn(*args)
+
+    return run
+
+
+def _with_checks(backend: Backend) -> Backend:
+    # The C++ and CUDA kernels check their inputs themselves; torch and Triton get the same
+    # checks here, so one bad input raises one exception type whichever backend runs it.
+    return Backend(backend.name, _checked(checks.check_group_scores, backend.group_scores),
+                   _checked(checks.check_route, backend.route), _checked(checks.check_gather, backend.gather),
+                   _checked(checks.check_combine, backend.combine), backend.segment_linear)
 
 
 def _ops_backend(name: str, prefix: str, segment_linear=None) -> Backend:
@@ -115,12 +134,13 @@ def select_backend(requested: str, device: torch.device | str) -> tuple[str, dic
 def get_backend(name: str) -> Backend:
     """The :class:`Backend` named ``name`` (check availability with :func:`select_backend` first)."""
     if name == "torch":
-        return Backend("torch", group_scores_torch, _torch_route, gather_torch, combine_torch, segment_linear_torch)
+        return _with_checks(Backend("torch", group_scores_torch, _torch_route, gather_torch, combine_torch,
+                                    segment_linear_torch))
     if name == "cpp":
         return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear)
     if name == "cuda":
         return _ops_backend(name, "")
     if name == "triton":
         importlib.import_module("mnn_fast.kernels")
-        return _ops_backend(name, "triton_")
+        return _with_checks(_ops_backend(name, "triton_"))
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")

@@ -78,7 +78,7 @@ class MetaNeuralNetwork(nn.Module):
         if switch_fn is not None and not callable(switch_fn):
             raise TypeError(f"switch_fn must be callable, got {type(switch_fn).__name__}")
         if not isinstance(backend, Backend) and backend != "auto" and backend not in BACKEND_NAMES:
-            raise ValueError(f"backend must be 'auto', one of {BACKEND_NAMES} or a Backend, got {backend!r}")
+            raise ValueError(f"backend must be 'auto' or one of {BACKEND_NAMES} (or a Backend record), got {backend!r}")
         self.switch = switch
         self.specialists = nn.ModuleList(specialists)
         self.groups = normalize_groups(groups, len(specialists), num_classes)

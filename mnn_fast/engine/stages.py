@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from .backends import Backend
-from .executors import as_fresh_aligned, recording_grad, run_on_streams
+from .alignment import as_fresh_aligned
+from .executors import recording_grad, run_on_streams
 from .routing import Routing
 
 __all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "run_specialists", "combine_log_probs",

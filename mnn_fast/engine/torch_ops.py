@@ -11,6 +11,7 @@ import math
 import torch
 from torch import Tensor
 
+from .alignment import as_fresh_aligned
 from .routing import Routing
 
 __all__ = ["topk_mask", "active_mask_torch", "group_scores_torch", "route_torch", "gather_torch", "combine_torch",
@@ -107,8 +108,8 @@ def segment_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, offsets
     out = x.new_empty(x.shape[0], weight.shape[1])
     for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         if b > a:
-            rows = x[a:b].clone()
-            out[a:b] = torch.addmm(bias[e], rows, weight[e].t()) if bias is not None else rows @ weight[e].t()
+            rows, w_t = x[a:b].clone(), as_fresh_aligned(weight[e]).t()
+            out[a:b] = torch.addmm(bias[e], rows, w_t) if bias is not None else rows @ w_t
     return out
 
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from conftest import CPU_BACKENDS
 from mnn_fast import MetaNeuralNetwork
-from mnn_fast.engine.executors import FRESH_ALIGNMENT, aligned_stack
+from mnn_fast.engine.alignment import FRESH_ALIGNMENT, aligned_stack
 from mnn_fast.reference import naive_forward
 
 WIDTHS = range(1, 71)  # odd and even, below and above one cache line of float32s
@@ -193,7 +193,9 @@ def test_equivalence_suite_under_another_cpu_capability(capability):
     assert probe.stdout.strip() == capability.upper(), f"torch ignored ATEN_CPU_CAPABILITY: {probe.stdout}"
     tests = [str(here / "test_exactness.py"), str(here / "test_module.py")]
     run = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
-                          "-k", "bitwise or naive or alignment", *tests],
+                          # Triton only routes (the same integer work on any SIMD path) and is slow
+                          # under its interpreter: the child covers the C++ and torch backends.
+                          "-k", "(bitwise or naive or alignment) and not triton", *tests],
                          env=env, cwd=here.parents[1], capture_output=True, text=True, timeout=1200)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
     assert " passed" in run.stdout and " failed" not in run.stdout

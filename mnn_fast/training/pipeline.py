@@ -12,148 +12,25 @@ and refused by :func:`load_mnn`.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import logging
-from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from .. import io
 from . import fields as F
-from . import io
-from .data import DATASET_NAMES, Splits, batches, load_dataset, validation_split
-from .models import MODEL_NAMES, build_model, load_pretrained_resnet
-from .module import MetaNeuralNetwork
-from .routing import normalize_groups, route
+from ..engine.module import MetaNeuralNetwork
+from ..engine.routing import normalize_groups, route
+from .config import TrainConfig
+from .data import Splits, load_dataset, validation_split
+from .loop import accuracy, fit, predict_probs
+from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["TrainConfig", "train", "fit", "minimise", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "RunDir"]
+__all__ = ["train", "data_splits", "specialist_subsets", "write_probs", "read_probs", "load_mnn"]
 
-log = logging.getLogger("mnn_fast.train")
-
-
-@dataclass
-class TrainConfig:
-    """Everything that determines a run; stored as ``config.json`` and checked again on resume.
-
-    :meth:`check` validates every field (type and range) and normalises numbers and groups, so a
-    config built from CLI arguments and one read back from ``config.json`` compare and hash alike.
-    """
-
-    dataset: str = "digits"
-    data_path: str | None = None
-    model: str = "small_cnn"
-    switch_epochs: int = 10
-    specialist_epochs: int = 5
-    batch_size: int = 64
-    lr: float = 1e-3
-    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9, weight decay 5e-4: the CIFAR recipe)
-    dataset_threshold: float = 0.1
-    groups: list | None = None
-    val_fraction: float = 0.1
-    seed: int = 0
-    augment: bool = False
-    pretrained: str | None = None  # a CIFAR ResNet checkpoint to start the switch from
-    # "auto": ImageNet statistics when starting from a pretrained CIFAR ResNet (what it was trained
-    # with), CIFAR's otherwise; only CIFAR-10 is normalised (digits/mnist5k stay in [0, 1]).
-    normalization: str = "auto"
-    cache_dir: str | None = field(default=None, metadata={"resume_free": True})
-
-    def check(self) -> "TrainConfig":
-        """Validates and normalises every field in place; ``TypeError``/``ValueError`` naming the field."""
-        self.dataset = F.check_choice("dataset", self.dataset, DATASET_NAMES)
-        self.data_path = F.check_optional_str("data_path", self.data_path)
-        if self.dataset == "cifar10" and self.data_path is None:
-            raise ValueError("data_path: dataset 'cifar10' needs data_path, a directory holding CIFAR-10")
-        self.model = F.check_choice("model", self.model, MODEL_NAMES)
-        self.switch_epochs = F.check_int("switch_epochs", self.switch_epochs, 0)
-        self.specialist_epochs = F.check_int("specialist_epochs", self.specialist_epochs, 0)
-        self.batch_size = F.check_int("batch_size", self.batch_size, 1)
-        self.lr = F.check_real("lr", self.lr, 0.0, lo_open=True)
-        self.optimizer = F.check_choice("optimizer", self.optimizer, ("adam", "sgd"))
-        self.dataset_threshold = F.check_real("dataset_threshold", self.dataset_threshold, 0.0, 1.0)
-        if self.groups is not None:
-            self.groups = [list(g) for g in normalize_groups(self.groups)]
-        self.val_fraction = F.check_real("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
-        self.seed = F.check_int("seed", self.seed, 0, 2**32 - 1)  # numpy's seeding range
-        self.augment = F.check_bool("augment", self.augment)
-        self.pretrained = F.check_optional_str("pretrained", self.pretrained)
-        self.normalization = F.check_choice("normalization", self.normalization, ("auto", "cifar", "imagenet"))
-        self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
-        return self
-
-    @classmethod
-    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
-        """A checked config from ``values`` (e.g. ``config.json``); fields missing take their defaults
-        (fields added since the file was written), unknown ones are refused. Errors start with ``where``."""
-        F.check_keys(where, values, [f.name for f in dataclasses.fields(cls)])
-        try:
-            return cls(**values).check()
-        except (TypeError, ValueError) as exc:
-            raise type(exc)(f"{where}: {exc}") from None
-
-    @classmethod
-    def load(cls, path) -> "TrainConfig":
-        """The checked config stored at ``path`` (a run's ``config.json``)."""
-        return cls.from_dict(io.load_json(path), str(path))
-
-    def identity(self) -> dict:
-        """The fields a resumed run must share with the original (paths to caches excluded)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")}
-
-    def config_sha256(self) -> str:
-        """Hex sha256 of :meth:`identity`: what every file of the run records."""
-        return io.config_sha256(self.identity())
-
-
-def _optimizer(cfg: TrainConfig, model: nn.Module):
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=5e-4)
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
-
-
-def minimise(logits_fn, opt, x: Tensor, y: Tensor, epochs: int, batch_size: int, seed: int, desc: str, *,
-             augment: bool = False, min_batch: int = 1) -> None:
-    """Cross-entropy of ``logits_fn(x[b])`` against ``y[b]`` minimised with ``opt`` under cosine decay.
-
-    ``epochs`` passes over ``(x: Tensor[n, ...], y: Tensor[n] int64)`` in mini-batches shuffled from
-    ``seed``; batches smaller than ``min_batch`` are skipped. One tqdm bar over all steps.
-    """
-    steps = epochs * ((len(x) + batch_size - 1) // batch_size)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(steps, 1))
-    with tqdm(total=steps, desc=desc, leave=False, disable=steps == 0) as bar:
-        for epoch in range(epochs):
-            for xb, yb in batches(x, y, batch_size, shuffle=True, seed=seed * 1000 + epoch, augment=augment):
-                if len(xb) < min_batch:
-                    continue
-                opt.zero_grad()
-                loss = nn.functional.cross_entropy(logits_fn(xb), yb)
-                loss.backward()
-                opt.step()
-                sched.step()
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss.item():.3f}")
-
-
-def fit(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
-    """Trains ``model`` on ``(x: Tensor[n, ...] float32, y: Tensor[n] int64)``; deterministic given ``seed``."""
-    torch.manual_seed(seed)
-    opt = _optimizer(cfg, model)
-    model.train()
-    # BatchNorm cannot train on a single sample.
-    has_batchnorm = any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
-    minimise(model, opt, x, y, epochs, cfg.batch_size, seed, desc, augment=cfg.augment,
-             min_batch=2 if has_batchnorm else 1)
-    return model.eval()
-
-
-@torch.no_grad()
-def predict_probs(model: nn.Module, x: Tensor, batch_size: int = 512) -> Tensor:
-    """``Tensor[n, C] float32`` softmax of ``model`` over ``x`` in evaluation mode."""
-    model.eval()
-    parts = [torch.softmax(model(x[i : i + batch_size]).float(), 1) for i in range(0, len(x), batch_size)]
-    return torch.cat(parts) if parts else x.new_zeros(0, 0)
+log = logging.getLogger("mnn_fast.training")
 
 
 def write_probs(path, probs: Tensor, labels: Tensor, metadata: dict[str, str] | None = None) -> str:
@@ -196,7 +73,7 @@ def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[
     return [r.perm[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
 
-def _data(cfg: TrainConfig, splits: Splits | None) -> Splits:
+def data_splits(cfg: TrainConfig, splits: Splits | None = None) -> Splits:
     if splits is not None:
         return splits
     norm = cfg.normalization if cfg.normalization != "auto" else ("imagenet" if cfg.pretrained else "cifar")
@@ -231,7 +108,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     with run.lock(shared=experts is not None):
         with run.writing():
             _start_run(run, cfg)
-        splits = _data(cfg, splits)
+        splits = data_splits(cfg, splits)
         # Class indices are checked against the data before any training is spent.
         groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
         train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
@@ -336,15 +213,6 @@ def _ensure_probs(run: RunDir, switch: nn.Module, config_sha: str, switch_sha: s
     return probs
 
 
-@torch.no_grad()
-def accuracy(model: nn.Module, x: Tensor, y: Tensor, batch_size: int = 512) -> float:
-    model.eval()
-    if len(x) == 0:
-        return float("nan")
-    correct = sum(int((model(x[i : i + batch_size]).argmax(1) == y[i : i + batch_size]).sum()) for i in range(0, len(x), batch_size))
-    return correct / len(x)
-
-
 def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None, **kwargs) -> MetaNeuralNetwork:
     """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished).
 
@@ -355,7 +223,7 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
     run = RunDir(run_dir)
     cfg = TrainConfig.load(run.config)
     run.check_config(cfg.identity())
-    splits = _data(cfg, splits)
+    splits = data_splits(cfg, splits)
     config_sha = cfg.config_sha256()
     groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
     num_experts = len(groups) if groups else splits.num_classes

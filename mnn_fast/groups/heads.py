@@ -13,8 +13,8 @@ import numbers
 import torch
 from torch import Tensor, nn
 
-from .routing import normalize_groups
-from .train import minimise
+from ..engine.routing import normalize_groups
+from ..training.loop import minimise
 
 __all__ = ["AuxHeadNet", "train_heads", "base_features", "count_macs", "head_overhead", "find_classifier", "DEFAULT_HEAD_HIDDEN"]
 

@@ -11,9 +11,9 @@ import pytest
 import torch
 from PIL import Image
 
-from mnn_fast import data
+from mnn_fast.training import data
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 CIFAR_DIR = SHARED / "data" / "cifar10"
 needs_cifar = pytest.mark.skipif(not (CIFAR_DIR / "train.tar.gz").is_file(),
                                  reason=f"CIFAR-10 tarballs not found at {CIFAR_DIR} (CI-only data)")

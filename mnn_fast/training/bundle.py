@@ -14,10 +14,10 @@ from pathlib import Path
 import torch
 
 from . import fields as F
-from . import io
+from .. import io
 from .models import MODEL_NAMES, build_model
-from .module import MetaNeuralNetwork
-from .routing import check_threshold, check_top_k, normalize_groups
+from ..engine.module import MetaNeuralNetwork
+from ..engine.routing import check_threshold, check_top_k, normalize_groups
 
 __all__ = ["save_bundle", "load_bundle"]
 

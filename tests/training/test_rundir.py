@@ -15,14 +15,14 @@ import pytest
 import torch
 
 from mnn_fast import cli, io
-from mnn_fast.bundle import load_bundle, save_bundle
-from mnn_fast.data import load_dataset
-from mnn_fast.models import build_model
-from mnn_fast.module import MetaNeuralNetwork
-from mnn_fast.sweep import plot_heatmap, plot_lines, write_csv
-from mnn_fast.train import RunDir, TrainConfig, load_mnn, read_probs, train, write_probs
+from mnn_fast.training.bundle import load_bundle, save_bundle
+from mnn_fast.training.data import load_dataset
+from mnn_fast.training.models import build_model
+from mnn_fast.engine.module import MetaNeuralNetwork
+from mnn_fast.reporting import write_csv
+from mnn_fast.training import RunDir, TrainConfig, load_mnn, read_probs, train, write_probs
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TINY = ["--dataset", "digits", "--model", "mlp", "--switch-epochs", "1", "--specialist-epochs", "1"]
 
 
@@ -356,20 +356,3 @@ def test_files_follow_the_umask(digits, tmp_path, umask, mode):
         os.umask(old)
     for p in [tmp_path / "f.bin", tmp_path / "sweep.csv", run.config, run.switch, run.probs, run.manifest, run.specialist(0)]:
         assert p.stat().st_mode & 0o777 == mode, p
-
-
-def test_csv_and_figures_are_written_atomically(monkeypatch, tmp_path):
-    from mnn_fast.groups_report import _write_csv, plot_similarity
-
-    written = []
-    inner = io.atomic_write
-    monkeypatch.setattr(io, "atomic_write", lambda path, data: (written.append(Path(path).name), inner(path, data)))
-    rows = [{"dataset_threshold": 0.1, "test_threshold": t, "accuracy": 0.9, "experts_per_sample": 1.0} for t in (0.1, 0.2)]
-    write_csv(tmp_path / "sweep.csv", rows)
-    plot_lines(tmp_path / "lines.png", rows, 0.8)
-    plot_heatmap(tmp_path / "heat.png", rows, 0.8)
-    plot_similarity(tmp_path / "sim.png", [("S", torch.eye(3), [[0, 1], [2]])])
-    _write_csv(tmp_path / "groups.csv", [{"row": "base", "groups": None}])
-    assert written == ["sweep.csv", "lines.png", "heat.png", "sim.png", "groups.csv"]
-    assert (tmp_path / "lines.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert (tmp_path / "sweep.csv").read_text().splitlines()[0] == "dataset_threshold,test_threshold,accuracy,experts_per_sample"

@@ -15,15 +15,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from . import io
-from .data import Splits, validation_split
-from .groups import codetection_matrix, confusion_matrix, order_by_groups, similarity, spectral_groups
+from .. import io, reporting
+from ..training.config import TrainConfig
+from ..training.data import Splits, validation_split
+from ..training.loop import accuracy, fit, predict_probs
+from ..training.models import build_model, load_pretrained_resnet
+from ..training.pipeline import data_splits
+from .confusion import codetection_matrix, confusion_matrix, similarity, spectral_groups
 from .heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, base_features, count_macs, train_heads
-from .models import build_model, load_pretrained_resnet
-from .train import TrainConfig, _data, accuracy, fit, predict_probs
 
-__all__ = ["run_groups_report", "random_groups_like", "plot_similarity", "markdown_table", "cmd_groups",
-           "add_groups_parser"]
+__all__ = ["run_groups_report", "random_groups_like", "CSV_FIELDS"]
 
 CSV_FIELDS = ("row", "test_accuracy", "macs", "overhead_pct", "num_groups", "experts_per_sample", "groups")
 
@@ -41,50 +42,16 @@ def random_groups_like(groups, num_classes: int, seed: int) -> list[list[int]]:
     return sorted(out, key=lambda g: g[0])
 
 
-def plot_similarity(path, panels: list[tuple[str, Tensor, list[list[int]]]], class_names=None) -> None:
-    """One heatmap per ``(title, S: Tensor[C, C], groups)``: rows and columns in group order, white
-    lines at group boundaries, so a good grouping shows as bright diagonal blocks."""
-    from .sweep import _pyplot
-
-    plt = _pyplot()
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
-    for ax, (title, S, groups) in zip(axes[0], panels):
-        order = order_by_groups(groups)
-        m = S.double()[order][:, order].numpy()
-        im = ax.imshow(m, cmap="viridis", interpolation="nearest")
-        names = [str(class_names[c]) if class_names else str(c) for c in order]
-        ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
-        ax.set_yticks(range(len(order)), names, fontsize=7)
-        edge = -0.5
-        for g in groups[:-1]:
-            edge += len(g)
-            ax.axhline(edge, color="white", lw=1.5)
-            ax.axvline(edge, color="white", lw=1.5)
-        ax.set_title(title, fontsize=9)
-        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
-    fig.tight_layout()
-    io.save_figure(path, fig, dpi=120)
-    plt.close(fig)
-
-
-def markdown_table(rows: list[dict]) -> str:
-    lines = ["| row | groups | test accuracy | multiply-adds | overhead |", "|---|---|---:|---:|---:|"]
-    for r in rows:
-        groups = "" if r["groups"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
-        lines.append(f"| {r['row']} | {groups} | {r['test_accuracy']:.4f} | {r['macs']:,.0f} | {r['overhead_pct']:+.2f}% |")
-    return "\n".join(lines)
-
-
 def _write_csv(path: Path, rows: list[dict]) -> None:
-    io.save_csv(path, [{**{k: r.get(k, "") for k in CSV_FIELDS},
+    reporting.save_csv(path, [{**{k: r.get(k, "") for k in CSV_FIELDS},
                         "groups": "" if r["groups"] is None else json.dumps(r["groups"])} for r in rows], CSV_FIELDS)
 
 
 def _mnn_row(name, cfg: TrainConfig, base, splits: Splits, run_dir: Path, test_threshold: float,
              base_macs: int, shape) -> dict:
     """Train specialists (``cfg.groups``) around ``base`` as the switch; accuracy and mean MACs."""
-    from .sweep import sweep_test_thresholds
-    from .train import load_mnn, train
+    from ..training.sweep import sweep_test_thresholds
+    from ..training.pipeline import load_mnn, train
 
     if run_dir.exists():
         shutil.rmtree(run_dir)  # this report's own scratch directory; a stale one would refuse the config
@@ -128,7 +95,7 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
         base_epochs = 0 if pretrained else epochs
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    splits = _data(cfg, splits)
+    splits = data_splits(cfg, splits)
     num_classes, shape = splits.num_classes, (1, *splits.input_shape)
     train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, seed)
 
@@ -175,53 +142,16 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
               "val_accuracy": accuracy(base, val_x, val_y),
               "similarity": {kind: s.tolist() for kind, s in S.items()}}
     _write_csv(out / "groups.csv", rows)
-    io.save_json(out / "groups.json", result)
+    io.save_json(out / "groups.json", result)  # the JSON keeps what the CSV flattens
     names = list(splits.classes) or None
-    plot_similarity(out / "similarity.png",
+    reporting.plot_similarity(out / "similarity.png",
                     [(f"S = A^T A, top-{k} confusions, ordered by confusion groups", S["confusion"], groups["confusion"]),
                      (f"S = A^T A, top-{k} co-detections, ordered by co-detection groups", S["codetection"],
                       groups["codetection"])], names)
-    result["table"] = markdown_table(rows)
+    result["table"] = reporting.groups_markdown_table(rows)
     if verbose:
         print(f"{dataset} / {model}: base validation accuracy {result['val_accuracy']:.4f}, "
               f"{num_groups} groups from top-{k} predictions on {len(val_y)} held-out samples\n")
         print(result["table"])
         print(f"\nwritten: {out / 'groups.csv'}, {out / 'groups.json'}, {out / 'similarity.png'}")
     return result
-
-
-# ------------------------------------------------------------------------------------------ CLI
-
-def add_groups_parser(subparsers):
-    """Adds the ``groups`` sub-command to an ``argparse`` subparsers object; returns its parser."""
-    p = subparsers.add_parser("groups", help="label groups from confusions: auxiliary heads vs controls",
-                              description=__doc__.splitlines()[0])
-    p.add_argument("--dataset", default="digits", help="digits, mnist5k or cifar10 (needs --data-path)")
-    p.add_argument("--data-path", default=None, help="CIFAR-10 directory")
-    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
-    p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
-    p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) for the base (no training unless --base-epochs)")
-    p.add_argument("--num-groups", type=int, default=3)
-    p.add_argument("--k", type=int, default=2, help="top-k predictions counted as confusions / co-detections")
-    p.add_argument("--epochs", type=int, default=10, help="epochs for the heads (and the base, unless --base-epochs)")
-    p.add_argument("--base-epochs", type=int, default=None, help="epochs for the base (default: --epochs; 0 with --pretrained)")
-    p.add_argument("--head-hidden", type=int, default=DEFAULT_HEAD_HIDDEN, help="hidden units per group head")
-    p.add_argument("--head-depth", type=int, default=1, help="hidden layers per group head")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
-    p.add_argument("--with-mnn", action="store_true", help="also train MNNs with group and per-class specialists (slower)")
-    p.add_argument("--dataset-threshold", type=float, default=0.1, help="MNN: specialist training-set threshold")
-    p.add_argument("--test-threshold", type=float, default=0.25, help="MNN: test threshold")
-    p.add_argument("--out", default="groups_out")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_groups)
-    return p
-
-
-def cmd_groups(args) -> None:
-    run_groups_report(args.dataset, args.data_path, args.model, args.pretrained, args.num_groups, args.out,
-                      k=args.k, epochs=args.epochs, base_epochs=args.base_epochs, head_hidden=args.head_hidden,
-                      head_depth=args.head_depth, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
-                      with_mnn=args.with_mnn, dataset_threshold=args.dataset_threshold,
-                      test_threshold=args.test_threshold, seed=args.seed, cache_dir=args.cache_dir)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from mnn_fast import MetaNeuralNetwork
-from mnn_fast.bundle import load_bundle, save_bundle
-from mnn_fast.models import build_model
+from mnn_fast.training.bundle import load_bundle, save_bundle
+from mnn_fast.training.models import build_model
 
 
 @pytest.fixture

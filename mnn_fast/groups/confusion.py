@@ -238,7 +238,7 @@ def learn_groups(model: nn.Module, x_val: Tensor, y_val: Tensor, num_groups: int
     and co-detection sees nothing, so the runner-up prediction carries the signal.
     Returns ``list[list[int]]``, or ``(groups, S: Tensor[C, C] float64)`` with ``return_similarity``.
     """
-    from .train import predict_probs
+    from ..training.loop import predict_probs
 
     if kind not in GROUP_KINDS:
         raise ValueError(f"kind must be one of {GROUP_KINDS}, got {kind!r}")

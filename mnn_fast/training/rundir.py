@@ -16,11 +16,11 @@ from pathlib import Path
 
 from torch import Tensor
 
-from . import io
+from .. import io
 
 __all__ = ["RunDir", "FORMAT", "CONFIG_KEY", "SWITCH_KEY"]
 
-log = logging.getLogger("mnn_fast.train")
+log = logging.getLogger("mnn_fast.training")
 
 FORMAT = "mnn_fast.run/1"
 CONFIG_KEY = "mnn_fast.config_sha256"  # safetensors metadata: the config the file was written under

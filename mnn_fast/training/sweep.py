@@ -12,12 +12,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from .io import save_csv, save_figure
-from .engine import stages
-from .engine.module import MetaNeuralNetwork
-from .engine.routing import check_threshold
+from ..engine import stages
+from ..engine.module import MetaNeuralNetwork
+from ..engine.routing import check_threshold
 
-__all__ = ["sweep_test_thresholds", "log_softmax_argmax", "write_csv", "plot_heatmap", "plot_lines", "DEFAULT_TEST_THRESHOLDS"]
+__all__ = ["sweep_test_thresholds", "log_softmax_argmax", "DEFAULT_TEST_THRESHOLDS"]
 
 DEFAULT_TEST_THRESHOLDS = [round(0.05 * i, 2) for i in range(21)]  # 0.00, 0.05, ..., 1.00
 
@@ -130,56 +129,3 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
     position = torch.cumsum(new.reshape(-1), 0).sub_(1).view(T, B)
     latest = torch.cummax(torch.where(new, position, -1), 0).values
     return pred_new[latest], kept
-
-
-def write_csv(path, rows: list[dict]) -> None:
-    """``rows`` (dicts with the same keys) as CSV, written atomically with the user's umask."""
-    save_csv(path, rows, list(rows[0]))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only; no display on servers and CI
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heatmap(path, rows: list[dict], switch_accuracy: float, title: str = "") -> None:
-    """Accuracy over dataset thresholds (rows) x test thresholds (columns), as the paper's Figures 2-3."""
-    plt = _pyplot()
-    ds = sorted({r["dataset_threshold"] for r in rows})
-    ts = sorted({r["test_threshold"] for r in rows})
-    grid = torch.full((len(ds), len(ts)), math.nan)
-    for r in rows:
-        grid[ds.index(r["dataset_threshold"]), ts.index(r["test_threshold"])] = r["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(ts), 1.5 + 0.45 * len(ds)))
-    im = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap="viridis")
-    ax.set_xticks(range(len(ts)), [f"{t:.2f}" for t in ts], rotation=90)
-    ax.set_yticks(range(len(ds)), [f"{d:.2f}" for d in ds])
-    ax.set_xlabel("test threshold")
-    ax.set_ylabel("dataset threshold")
-    ax.set_title(title or f"MNN accuracy (switch alone: {switch_accuracy:.4f})")
-    fig.colorbar(im, ax=ax, label="test accuracy")
-    fig.tight_layout()
-    save_figure(path, fig, dpi=120)
-    plt.close(fig)
-
-
-def plot_lines(path, rows: list[dict], switch_accuracy: float, title: str = "") -> None:
-    """Accuracy over test thresholds, one line per dataset threshold, switch-only baseline dashed (Figure 4)."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for d in sorted({r["dataset_threshold"] for r in rows}):
-        sel = sorted((r for r in rows if r["dataset_threshold"] == d), key=lambda r: r["test_threshold"])
-        ax.plot([r["test_threshold"] for r in sel], [r["accuracy"] for r in sel], marker="o", ms=3, label=f"dataset threshold {d:.2f}")
-    ax.axhline(switch_accuracy, color="k", ls="--", lw=1, label=f"switch alone ({switch_accuracy:.4f})")
-    ax.set_xlabel("test threshold")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(title or "MNN accuracy over the test threshold")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    save_figure(path, fig, dpi=120)
-    plt.close(fig)

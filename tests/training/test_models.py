@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from mnn_fast import data, models
+from mnn_fast.training import data, models
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
+SHARED = Path(__file__).resolve().parents[3] / "shared"
 WEIGHTS = SHARED / "data" / "weights"
 CIFAR_DIR = SHARED / "data" / "cifar10"
 CKPT = {"resnet20": WEIGHTS / "resnet20-12fca82f.th", "resnet56": WEIGHTS / "resnet56-4bfd9763.th"}

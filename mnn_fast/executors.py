@@ -1,1 +1,0 @@
-from .engine.executors import *  # noqa: F401,F403  (moved; old path kept while the layout changes)

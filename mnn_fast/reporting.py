@@ -1,0 +1,122 @@
+"""Reporting in one place: CSV files, markdown tables and matplotlib figures, all written atomically.
+
+Every writer renders to memory first and goes through :func:`mnn_fast.io.atomic_write` (the
+user's umask, never a half-written file). Figures use the Agg backend: files only, no display.
+"""
+from __future__ import annotations
+
+import csv
+import io as _stdio
+import math
+
+import torch
+from torch import Tensor
+
+from . import io
+
+__all__ = ["save_csv", "write_csv", "save_figure", "pyplot", "plot_heatmap", "plot_lines", "plot_similarity",
+           "groups_markdown_table"]
+
+
+def save_csv(path, rows: list[dict], fieldnames) -> None:
+    """``rows`` as CSV with a header, written atomically."""
+    buf = _stdio.StringIO(newline="")
+    writer = csv.DictWriter(buf, fieldnames=list(fieldnames))
+    writer.writeheader()
+    writer.writerows(rows)
+    io.atomic_write(path, buf.getvalue().encode())
+
+
+def write_csv(path, rows: list[dict]) -> None:
+    """``rows`` (dicts with the same keys) as CSV, written atomically with the user's umask."""
+    save_csv(path, rows, list(rows[0]))
+
+
+def save_figure(path, fig, dpi: int = 120) -> None:
+    """A matplotlib figure as PNG, rendered in memory and written atomically."""
+    buf = _stdio.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    io.atomic_write(path, buf.getvalue())
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the file-only Agg backend (no display on servers and CI)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_heatmap(path, rows: list[dict], switch_accuracy: float, title: str = "") -> None:
+    """Accuracy over dataset thresholds (rows) x test thresholds (columns), as the paper's Figures 2-3."""
+    plt = pyplot()
+    ds = sorted({r["dataset_threshold"] for r in rows})
+    ts = sorted({r["test_threshold"] for r in rows})
+    grid = torch.full((len(ds), len(ts)), math.nan)
+    for r in rows:
+        grid[ds.index(r["dataset_threshold"]), ts.index(r["test_threshold"])] = r["accuracy"]
+    fig, ax = plt.subplots(figsize=(1.0 + 0.45 * len(ts), 1.5 + 0.45 * len(ds)))
+    im = ax.imshow(grid.numpy(), aspect="auto", origin="lower", cmap="viridis")
+    ax.set_xticks(range(len(ts)), [f"{t:.2f}" for t in ts], rotation=90)
+    ax.set_yticks(range(len(ds)), [f"{d:.2f}" for d in ds])
+    ax.set_xlabel("test threshold")
+    ax.set_ylabel("dataset threshold")
+    ax.set_title(title or f"MNN accuracy (switch alone: {switch_accuracy:.4f})")
+    fig.colorbar(im, ax=ax, label="test accuracy")
+    fig.tight_layout()
+    save_figure(path, fig, dpi=120)
+    plt.close(fig)
+
+
+def plot_lines(path, rows: list[dict], switch_accuracy: float, title: str = "") -> None:
+    """Accuracy over test thresholds, one line per dataset threshold, switch-only baseline dashed (Figure 4)."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for d in sorted({r["dataset_threshold"] for r in rows}):
+        sel = sorted((r for r in rows if r["dataset_threshold"] == d), key=lambda r: r["test_threshold"])
+        ax.plot([r["test_threshold"] for r in sel], [r["accuracy"] for r in sel], marker="o", ms=3, label=f"dataset threshold {d:.2f}")
+    ax.axhline(switch_accuracy, color="k", ls="--", lw=1, label=f"switch alone ({switch_accuracy:.4f})")
+    ax.set_xlabel("test threshold")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title or "MNN accuracy over the test threshold")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=120)
+    plt.close(fig)
+
+
+def plot_similarity(path, panels: list[tuple[str, Tensor, list[list[int]]]], class_names=None) -> None:
+    """One heatmap per ``(title, S: Tensor[C, C], groups)``: rows and columns in group order, white
+    lines at group boundaries, so a good grouping shows as bright diagonal blocks."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
+    for ax, (title, S, groups) in zip(axes[0], panels):
+        order = [c for g in groups for c in sorted(g)]  # group after group, as the similarity is ordered
+        m = S.double()[order][:, order].numpy()
+        im = ax.imshow(m, cmap="viridis", interpolation="nearest")
+        names = [str(class_names[c]) if class_names else str(c) for c in order]
+        ax.set_xticks(range(len(order)), names, rotation=90, fontsize=7)
+        ax.set_yticks(range(len(order)), names, fontsize=7)
+        edge = -0.5
+        for g in groups[:-1]:
+            edge += len(g)
+            ax.axhline(edge, color="white", lw=1.5)
+            ax.axvline(edge, color="white", lw=1.5)
+        ax.set_title(title, fontsize=9)
+        fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=120)
+    plt.close(fig)
+
+
+def groups_markdown_table(rows: list[dict]) -> str:
+    """The label-groups report's rows (``row``, ``groups``, ``test_accuracy``, ``macs``, ``overhead_pct``)
+    as a markdown table."""
+    lines = ["| row | groups | test accuracy | multiply-adds | overhead |", "|---|---|---:|---:|---:|"]
+    for r in rows:
+        groups = "" if r["groups"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
+        lines.append(f"| {r['row']} | {groups} | {r['test_accuracy']:.4f} | {r['macs']:,.0f} | {r['overhead_pct']:+.2f}% |")
+    return "\n".join(lines)

@@ -1,0 +1,91 @@
+"""``TrainConfig``: everything that determines a training run, validated field by field.
+
+Stored as a run's ``config.json``; read back (eval, sweep, resume) through :meth:`TrainConfig.from_dict`,
+which refuses unknown keys, so a config from CLI arguments and one from the file hash alike.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+from .. import io
+from ..engine.routing import normalize_groups
+from . import fields as F
+from .data import DATASET_NAMES
+from .models import MODEL_NAMES
+
+__all__ = ["TrainConfig"]
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines a run; stored as ``config.json`` and checked again on resume.
+
+    :meth:`check` validates every field (type and range) and normalises numbers and groups, so a
+    config built from CLI arguments and one read back from ``config.json`` compare and hash alike.
+    """
+
+    dataset: str = "digits"
+    data_path: str | None = None
+    model: str = "small_cnn"
+    switch_epochs: int = 10
+    specialist_epochs: int = 5
+    batch_size: int = 64
+    lr: float = 1e-3
+    optimizer: str = "adam"  # "adam" or "sgd" (momentum 0.9, weight decay 5e-4: the CIFAR recipe)
+    dataset_threshold: float = 0.1
+    groups: list | None = None
+    val_fraction: float = 0.1
+    seed: int = 0
+    augment: bool = False
+    pretrained: str | None = None  # a CIFAR ResNet checkpoint to start the switch from
+    # "auto": ImageNet statistics when starting from a pretrained CIFAR ResNet (what it was trained
+    # with), CIFAR's otherwise; only CIFAR-10 is normalised (digits/mnist5k stay in [0, 1]).
+    normalization: str = "auto"
+    cache_dir: str | None = field(default=None, metadata={"resume_free": True})
+
+    def check(self) -> "TrainConfig":
+        """Validates and normalises every field in place; ``TypeError``/``ValueError`` naming the field."""
+        self.dataset = F.check_choice("dataset", self.dataset, DATASET_NAMES)
+        self.data_path = F.check_optional_str("data_path", self.data_path)
+        if self.dataset == "cifar10" and self.data_path is None:
+            raise ValueError("data_path: dataset 'cifar10' needs data_path, a directory holding CIFAR-10")
+        self.model = F.check_choice("model", self.model, MODEL_NAMES)
+        self.switch_epochs = F.check_int("switch_epochs", self.switch_epochs, 0)
+        self.specialist_epochs = F.check_int("specialist_epochs", self.specialist_epochs, 0)
+        self.batch_size = F.check_int("batch_size", self.batch_size, 1)
+        self.lr = F.check_real("lr", self.lr, 0.0, lo_open=True)
+        self.optimizer = F.check_choice("optimizer", self.optimizer, ("adam", "sgd"))
+        self.dataset_threshold = F.check_real("dataset_threshold", self.dataset_threshold, 0.0, 1.0)
+        if self.groups is not None:
+            self.groups = [list(g) for g in normalize_groups(self.groups)]
+        self.val_fraction = F.check_real("val_fraction", self.val_fraction, 0.0, 1.0, lo_open=True, hi_open=True)
+        self.seed = F.check_int("seed", self.seed, 0, 2**32 - 1)  # numpy's seeding range
+        self.augment = F.check_bool("augment", self.augment)
+        self.pretrained = F.check_optional_str("pretrained", self.pretrained)
+        self.normalization = F.check_choice("normalization", self.normalization, ("auto", "cifar", "imagenet"))
+        self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
+        return self
+
+    @classmethod
+    def from_dict(cls, values: dict, where: str = "config") -> "TrainConfig":
+        """A checked config from ``values`` (e.g. ``config.json``); fields missing take their defaults
+        (fields added since the file was written), unknown ones are refused. Errors start with ``where``."""
+        F.check_keys(where, values, [f.name for f in dataclasses.fields(cls)])
+        try:
+            return cls(**values).check()
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    @classmethod
+    def load(cls, path) -> "TrainConfig":
+        """The checked config stored at ``path`` (a run's ``config.json``)."""
+        return cls.from_dict(io.load_json(path), str(path))
+
+    def identity(self) -> dict:
+        """The fields a resumed run must share with the original (paths to caches excluded)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")}
+
+    def config_sha256(self) -> str:
+        """Hex sha256 of :meth:`identity`: what every file of the run records."""
+        return io.config_sha256(self.identity())

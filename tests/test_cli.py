@@ -1,0 +1,73 @@
+"""``mnn-fast``: every sub-command parses here; bad arguments are one line and exit 2, never a traceback."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from mnn_fast import cli
+
+TINY = ["--dataset", "digits", "--model", "mlp", "--switch-epochs", "1", "--specialist-epochs", "1"]
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "eval", "bench", "groups", "demo"])
+def test_every_sub_command_has_a_parser(command):
+    with pytest.raises(SystemExit) as exit_:
+        cli.build_parser().parse_args([command, "--help"])
+    assert exit_.value.code == 0
+
+
+@pytest.mark.parametrize("argv,message", [
+    ([], "required"),  # no sub-command
+    (["train"], "run_dir"),  # missing positional
+    (["train", "r", "--seed", "abc"], "invalid int value"),
+    (["train", "r", "--optimizer", "rmsprop"], "invalid choice"),
+])
+def test_argument_errors_exit_2_with_a_usage_line(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    assert exit_.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["train", "{run}", *TINY, "--groups", "[[0,"], "groups: not valid JSON"),
+    (["train", "{run}", *TINY, "--dataset-threshold", "1.5"], "dataset_threshold"),
+    (["eval", "{run}/missing"], "no such file"),
+])
+def test_value_errors_are_one_line_naming_the_field(argv, message, tmp_path, capsys):
+    assert cli.main([a.format(run=tmp_path / "run") for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"mnn-fast {argv[0]}: error:") and message in err
+    assert "Traceback" not in err
+
+
+def test_train_eval_and_sweep_end_to_end(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(run), *TINY]) == 0
+    assert sorted(p.name for p in (run / "specialists").iterdir()) == [f"expert_{e:04d}.safetensors" for e in range(10)]
+    capsys.readouterr()
+    assert cli.main(["eval", str(run), "--test-threshold", "1.0"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    switch, mnn = (float(line.rsplit(" ", 1)[1]) for line in lines)
+    assert switch == mnn  # test threshold 1 activates nothing: the MNN is the switch alone
+    out = tmp_path / "sweep"
+    assert cli.main(["sweep", str(run), *TINY, "--test-thresholds", "0.1", "1.0", "--out", str(out)]) == 0
+    with (out / "sweep.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert [float(r["test_threshold"]) for r in rows] == [0.1, 1.0]
+    assert round(float(rows[1]["accuracy"]), 4) == switch  # eval prints 4 decimals
+    assert float(rows[1]["experts_per_sample"]) == 0.0
+    assert (out / "sweep_lines.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bench_quick_writes_rows_for_each_case(tmp_path, capsys, monkeypatch):
+    from mnn_fast import benchmark
+
+    # Tiny shapes: the command's plumbing, not its timings, is what is tested here.
+    monkeypatch.setattr(benchmark, "best_time", lambda fn, w, *a, **k: (fn(w), 1e-3)[1])
+    path = tmp_path / "bench.json"
+    assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert len(rows) == 4 and all(r["naive_s"] == 1e-3 and r["cpp_speedup"] == 1.0 for r in rows)
