@@ -1,6 +1,12 @@
 """Input generators shared by the equivalence tests."""
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import torch
 
 
@@ -38,3 +44,14 @@ def assert_partition(groups, num_classes, num_groups):
     assert all(g == sorted(g) and g for g in groups)
     assert [g[0] for g in groups] == sorted(g[0] for g in groups)
     assert sorted(c for g in groups for c in g) == list(range(num_classes))
+
+
+def run_worker(script: Path, mark: str, cwd: Path):
+    """Runs ``script --worker`` without ``TRITON_INTERPRET`` (so Triton compiles for real, for a GPU
+    target) and returns the JSON it printed after ``mark``."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), "--worker"], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, f"{Path(script).name} worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(mark))
+    return json.loads(line[len(mark):])

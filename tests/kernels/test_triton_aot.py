@@ -166,14 +166,10 @@ def _worker() -> None:
 @pytest.fixture(scope="module")
 def aot_results():
     pytest.importorskip("triton")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    assert proc.returncode == 0, f"AOT worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK))
-    results = {(r["case"], r["cc"]): r for r in json.loads(line[len(_MARK):])}
+    from helpers import run_worker
+
+    raw = run_worker(Path(__file__), _MARK, ROOT)
+    results = {(r["case"], r["cc"]): r for r in raw}
     print()
     print(f"{'case':<24} {'kernel':<22} {'cc':>3} {'warps':>5} {'n_regs':>6} {'n_spills':>8}  constexprs")
     for (case, cc), r in sorted(results.items()):

@@ -119,14 +119,9 @@ def _worker() -> None:
 # --------------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def ttir():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run(
-        [sys.executable, str(Path(__file__).resolve()), "--worker"],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800,
-    )
-    assert proc.returncode == 0, f"TTIR worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
-    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK))
-    return json.loads(line[len(_MARK):])
+    from helpers import run_worker
+
+    return run_worker(Path(__file__), _MARK, ROOT)
 
 
 def _ops(text: str) -> list[str]:
