@@ -1,4 +1,4 @@
-"""The ``mnn-fast`` command: train, sweep, eval, bench, groups and demo. Every sub-command's parser is here.
+"""The ``mnn-fast`` command: train, sweep, eval, bench, groups, nsn and demo. Every sub-command's parser is here.
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
@@ -113,6 +113,14 @@ def cmd_bench(args) -> None:
         print(f"written: {args.json}")
 
 
+def cmd_nsn(args) -> None:
+    from .nsn.experiment import run_nsn_experiment
+
+    run_nsn_experiment(args.dataset, args.out, args.seeds, depth=args.depth, epochs=args.epochs, lr=args.lr,
+                       threads=args.threads)
+    print(f"\nwritten: {args.out}/nsn.csv, nsn.png, nsn.json")
+
+
 def cmd_demo(args) -> None:
     from .demo import main
 
@@ -202,6 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_bench)
 
     _add_groups_parser(sub)
+
+    p = sub.add_parser("nsn", help="networks with sub-networks: NSN vs separate models vs layers removed (CSV + figure)")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--out", default="nsn_out", help="where nsn.csv, nsn.png and nsn.json go")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--depth", type=int, default=2, help="hidden layers of the base (sub-models: depths 0..depth)")
+    p.add_argument("--epochs", type=int, default=150)
+    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads while training (small MLPs: 1 is fastest)")
+    p.set_defaults(func=cmd_nsn)
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
