@@ -108,27 +108,9 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
     base_macs = count_macs(base, shape)
     val_probs = predict_probs(base, val_x)
 
-    S = {"confusion": similarity(confusion_matrix(val_probs, val_y, k)),
-         "codetection": similarity(codetection_matrix(val_probs, k))}
-    groups = {"confusion": spectral_groups(S["confusion"], num_groups, seed),
-              "codetection": spectral_groups(S["codetection"], num_groups, seed)}
-    groups["random"] = random_groups_like(groups["confusion"], num_classes, seed)
-
-    rows = [{"row": "base", "groups": None, "test_accuracy": accuracy(base, splits.test_x, splits.test_y),
-             "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""}]
-    refit = AuxHeadNet(base, groups["confusion"], hidden=head_hidden, depth=head_depth)
-    feats = base_features(refit, train_x)  # one pass of the frozen base, shared by every row below
-    train_heads(refit, train_x, train_y, epochs, lr, batch_size, seed, classifier_only=True, features=feats)
-    rows.append({"row": "classifier_refit", "groups": None, "test_accuracy": accuracy(refit, splits.test_x, splits.test_y),
-                 "macs": base_macs, "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": ""})
-    for kind in ("confusion", "random", "codetection"):
-        net = AuxHeadNet(base, groups[kind], hidden=head_hidden, depth=head_depth)
-        train_heads(net, train_x, train_y, epochs, lr, batch_size, seed, features=feats)
-        macs = count_macs(net, shape)
-        rows.append({"row": f"heads_{kind}", "groups": groups[kind],
-                     "test_accuracy": accuracy(net, splits.test_x, splits.test_y), "macs": macs,
-                     "overhead_pct": 100.0 * (macs - base_macs) / base_macs, "num_groups": len(groups[kind]),
-                     "experts_per_sample": ""})
+    S, groups = _learn_groupings(val_probs, val_y, k, num_groups, num_classes, seed)
+    heads = dict(hidden=head_hidden, depth=head_depth, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    rows = _head_rows(base, groups, train_x, train_y, splits, base_macs, shape, heads)
     if with_mnn:
         for name, g in (("mnn_group_specialists", groups["confusion"]), ("mnn_class_specialists", None)):
             run_cfg = dataclasses.replace(cfg, groups=g)
@@ -141,17 +123,54 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
     result = {"config": config, "rows": rows, "groups": groups, "classes": list(splits.classes),
               "val_accuracy": accuracy(base, val_x, val_y),
               "similarity": {kind: s.tolist() for kind, s in S.items()}}
-    _write_csv(out / "groups.csv", rows)
-    io.save_json(out / "groups.json", result)  # the JSON keeps what the CSV flattens
-    names = list(splits.classes) or None
-    reporting.plot_similarity(out / "similarity.png",
-                    [(f"S = A^T A, top-{k} confusions, ordered by confusion groups", S["confusion"], groups["confusion"]),
-                     (f"S = A^T A, top-{k} co-detections, ordered by co-detection groups", S["codetection"],
-                      groups["codetection"])], names)
-    result["table"] = reporting.groups_markdown_table(rows)
+    _write(out, result, S, k, list(splits.classes) or None)
     if verbose:
         print(f"{dataset} / {model}: base validation accuracy {result['val_accuracy']:.4f}, "
               f"{num_groups} groups from top-{k} predictions on {len(val_y)} held-out samples\n")
         print(result["table"])
         print(f"\nwritten: {out / 'groups.csv'}, {out / 'groups.json'}, {out / 'similarity.png'}")
     return result
+
+
+def _learn_groupings(val_probs: Tensor, val_y: Tensor, k: int, num_groups: int, num_classes: int, seed: int):
+    """``(S, groups)``: similarities and groups from confusions and co-detections, plus a random
+    grouping with the confusion groups' sizes (the control)."""
+    S = {"confusion": similarity(confusion_matrix(val_probs, val_y, k)),
+         "codetection": similarity(codetection_matrix(val_probs, k))}
+    groups = {"confusion": spectral_groups(S["confusion"], num_groups, seed),
+              "codetection": spectral_groups(S["codetection"], num_groups, seed)}
+    groups["random"] = random_groups_like(groups["confusion"], num_classes, seed)
+    return S, groups
+
+
+def _head_rows(base, groups: dict, train_x: Tensor, train_y: Tensor, splits: Splits, base_macs: int, shape,
+               heads: dict) -> list[dict]:
+    """The base, the classifier-refit control and heads on each grouping, as report rows."""
+    def row(name, net, groups_of_row, macs):
+        return {"row": name, "groups": groups_of_row, "test_accuracy": accuracy(net, splits.test_x, splits.test_y),
+                "macs": macs, "overhead_pct": 100.0 * (macs - base_macs) / base_macs,
+                "num_groups": len(groups_of_row) if groups_of_row else "", "experts_per_sample": ""}
+
+    train = dict(epochs=heads["epochs"], lr=heads["lr"], batch_size=heads["batch_size"], seed=heads["seed"])
+    rows = [row("base", base, None, base_macs)]  # before any head trains
+    refit = AuxHeadNet(base, groups["confusion"], hidden=heads["hidden"], depth=heads["depth"])
+    feats = base_features(refit, train_x)  # one pass of the frozen base, shared by every row below
+    train_heads(refit, train_x, train_y, classifier_only=True, features=feats, **train)
+    rows.append(row("classifier_refit", refit, None, base_macs))
+    for kind in ("confusion", "random", "codetection"):
+        net = AuxHeadNet(base, groups[kind], hidden=heads["hidden"], depth=heads["depth"])
+        train_heads(net, train_x, train_y, features=feats, **train)
+        rows.append(row(f"heads_{kind}", net, groups[kind], count_macs(net, shape)))
+    return rows
+
+
+def _write(out: Path, result: dict, S: dict, k: int, class_names) -> None:
+    """``groups.csv``, ``groups.json`` (what the CSV flattens, too) and ``similarity.png``; adds the table."""
+    groups = result["groups"]
+    _write_csv(out / "groups.csv", result["rows"])
+    io.save_json(out / "groups.json", result)
+    reporting.plot_similarity(out / "similarity.png", [
+        (f"S = A^T A, top-{k} confusions, ordered by confusion groups", S["confusion"], groups["confusion"]),
+        (f"S = A^T A, top-{k} co-detections, ordered by co-detection groups", S["codetection"], groups["codetection"])],
+        class_names)
+    result["table"] = reporting.groups_markdown_table(result["rows"])
