@@ -1,4 +1,4 @@
-"""The ``mnn-fast`` command: train, sweep, eval, bench, groups, nsn and demo. Every sub-command's parser is here.
+"""The ``mnn-fast`` command: train, sweep, eval, bench, groups, nsn, nsn-sweep and demo. Every sub-command's parser is here.
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
@@ -33,6 +33,7 @@ def _config(args):
         specialist_epochs=args.specialist_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
         pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
+        specialist_nsn=args.specialist_nsn,
     ).check()
 
 
@@ -121,6 +122,14 @@ def cmd_nsn(args) -> None:
     print(f"\nwritten: {args.out}/nsn.csv, nsn.png, nsn.json")
 
 
+def cmd_nsn_sweep(args) -> None:
+    from .nsn.sweep import run_depth_sweep
+
+    run_depth_sweep(args.dataset, args.out, seed=args.seed, switch_epochs=args.switch_epochs,
+                    specialist_epochs=args.specialist_epochs, cutoffs=args.cutoffs)
+    print(f"\nwritten: {args.out}/nsn_sweep.csv, nsn_sweep.png, nsn_sweep.json")
+
+
 def cmd_demo(args) -> None:
     from .demo import main
 
@@ -171,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     def training_args(p):
         _add_data_args(p)
-        p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
+        p.add_argument("--model", default="small_cnn", help="mlp, nsn_mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
         p.add_argument("--switch-epochs", type=int, default=10)
         p.add_argument("--specialist-epochs", type=int, default=5)
         p.add_argument("--batch-size", type=int, default=64)
@@ -182,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
         p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) to start the switch from")
+        p.add_argument("--specialist-nsn", action="store_true",
+                       help="train specialists as networks with sub-networks (needs --model nsn_mlp)")
         p.add_argument("--normalization", choices=["auto", "cifar", "imagenet"], default="auto",
                        help="CIFAR-10 input statistics; auto = imagenet with --pretrained (what those weights expect)")
 
@@ -220,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=0.3)
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while training (small MLPs: 1 is fastest)")
     p.set_defaults(func=cmd_nsn)
+
+    p = sub.add_parser("nsn-sweep", help="detachable MNN: accuracy vs multiply-adds over depth x test threshold")
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--out", default="nsn_sweep_out", help="runs/ (resumable), nsn_sweep.csv, .png and .json go here")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--switch-epochs", type=int, default=15)
+    p.add_argument("--specialist-epochs", type=int, default=10)
+    p.add_argument("--cutoffs", type=float, nargs="+", default=[0.9, 0.6],
+                   help="per-sample budget rule: top score >= cutoffs[0] -> depth 0, >= cutoffs[1] -> depth 1, else full")
+    p.set_defaults(func=cmd_nsn_sweep)
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")

@@ -17,7 +17,8 @@ from .alignment import FRESH_ALIGNMENT, aligned_stack
 from .backends import Backend
 
 __all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
-           "GroupedLinearStack", "VmapExperts", "run_on_streams", "new_stream_pool", "bucket_experts"]
+           "GroupedLinearStack", "GroupedLinearRuns", "layout_runs", "VmapExperts", "run_on_streams",
+           "new_stream_pool", "bucket_experts"]
 
 EXECUTOR_NAMES = ("auto", "sequential", "grouped", "grouped_parallel", "streams")
 
@@ -41,9 +42,10 @@ def _describe(layer: nn.Module) -> tuple:
     return (type(layer).__name__, repr(layer))
 
 
-def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend) -> str | None:
+def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend, runs: bool = False) -> str | None:
     """``None`` when every expert is the same stack of Linear and row-wise layers and ``ops`` (the
-    module's backend) has a ``segment_linear``, else why not."""
+    module's backend) has a ``segment_linear``, else why not. ``runs=True``: the stacks may differ
+    (:class:`GroupedLinearRuns` groups each run of identical ones) but must end in one output width."""
     if ops.segment_linear is None:
         return f"backend {ops.name!r} has no segment_linear kernel (CPU only: cpp, torch)"
     layouts = []
@@ -60,9 +62,26 @@ def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend) -> str | Non
                 # The grouped copy would be aligned, this parameter is not: BLAS could round differently.
                 return f"specialists[{e}].{name} does not start on a {FRESH_ALIGNMENT}-byte boundary"
         layouts.append([_describe(layer) for layer in layers])
+    if runs:
+        widths = {[d for d in layout if d[0] == "Linear"][-1][2] for layout in layouts}
+        return None if len(widths) == 1 else f"specialists end in different output widths {sorted(widths)}"
     if any(layout != layouts[0] for layout in layouts):
         return "specialists differ in layers or sizes"
     return None
+
+
+def layout_runs(experts: Sequence[nn.Module]) -> list[tuple[int, int]]:
+    """``[(first, end), ...]``: maximal runs of consecutive experts with identical layer layouts."""
+    runs: list[tuple[int, int]] = []
+    previous = None
+    for e, expert in enumerate(experts):
+        layout = [_describe(layer) for layer in _layers(expert)]
+        if runs and layout == previous:
+            runs[-1] = (runs[-1][0], e + 1)
+        else:
+            runs.append((e, e + 1))
+        previous = layout
+    return runs
 
 
 def same_architecture_reason(experts: Sequence[nn.Module]) -> str | None:
@@ -87,6 +106,9 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
     skipped: dict[str, str] = {}
     device = torch.device(device).type
     stack_reason = linear_stack_reason(experts, ops)
+    if stack_reason is not None:
+        # Runs of identical Linear stacks (e.g. NSN specialists at mixed depths) group too.
+        stack_reason = linear_stack_reason(experts, ops, runs=True)
     arch_reason = same_architecture_reason(experts)
     if device != "cuda":
         skipped["streams"] = f"CUDA streams need a CUDA device; the module is on {device}"
@@ -183,6 +205,28 @@ class GroupedLinearStack:
             else:
                 h = layer(h)
         return h
+
+
+class GroupedLinearRuns:
+    """Linear stacks that differ between runs of consecutive experts (identical within a run): one
+    :class:`GroupedLinearStack` per run, each on its run's contiguous rows of the expert-major buffer.
+
+    Bitwise the sequential executor, as each run is. It reads the counts on the host to cut the buffer,
+    so under ``torch.compile`` it runs eagerly (a graph break, like the vmap form).
+    """
+
+    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False):
+        self.runs = layout_runs(experts)
+        self.stacks = [GroupedLinearStack(experts[a:b], segment_linear, parallel) for a, b in self.runs]
+
+    @torch.compiler.disable
+    def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
+        """``xg: Tensor[N, ...]`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
+        bounds = [0]
+        for n in counts.tolist():
+            bounds.append(bounds[-1] + n)
+        parts = [stack(xg[bounds[a]:bounds[b]], counts[a:b]) for (a, b), stack in zip(self.runs, self.stacks)]
+        return torch.cat(parts)
 
 
 def bucket_experts(counts: list[int]) -> list[list[int]]:

@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from . import stages
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
 from .contributions import ClassTables, class_tables, specialist_contributions
-from .executors import EXECUTOR_NAMES, GroupedLinearStack, VmapExperts, linear_stack_reason, new_stream_pool, select_executor
+from .executors import (EXECUTOR_NAMES, GroupedLinearRuns, GroupedLinearStack, VmapExperts, linear_stack_reason,
+                        new_stream_pool, select_executor)
 from .routing import Routing, check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
 __all__ = ["MetaNeuralNetwork"]
@@ -31,13 +32,13 @@ class MetaNeuralNetwork(nn.Module):
         threshold: activate expert ``e`` for sample ``i`` when its group probability is ``> threshold``
             (``[0, 1]``; ``None`` only together with ``top_k``). Can be changed after training.
         top_k: keep only the ``top_k`` highest-scoring experts per sample (ties: lower index).
-        num_classes: ``C``; inferred from the switch's output when not given.
+        num_classes: ``C``; when not given, each batch uses the switch's own output width.
         switch_fn: optional ``callable(scores: Tensor[B, E] float32) -> Tensor[B, E] bool`` replacing
             the threshold/top-k rule.
         backend: ``"auto"`` (fastest available: cuda > triton > torch on GPU, cpp > torch on CPU), one
             of ``"torch"``, ``"cpp"``, ``"cuda"``, ``"triton"``, or a
             :class:`~mnn_fast.engine.backends.Backend` record of the caller's own ops.
-        executor: how the specialists run (:mod:`mnn_fast.executors`): ``"sequential"`` (one call
+        executor: how the specialists run (:mod:`mnn_fast.engine.executors`): ``"sequential"`` (one call
             per active expert), ``"grouped"`` (one batched computation over stacked weights),
             ``"grouped_parallel"`` (Linear stacks, experts spread over the cores; not bitwise),
             ``"streams"`` (CUDA streams; sequential elsewhere; grouped ones run inference only, with
@@ -149,12 +150,14 @@ class MetaNeuralNetwork(nn.Module):
             self.backend_skipped: dict[str, str] = skipped
         self.executor, self.executor_skipped = select_executor(self.requested_executor, self.specialists, self._device(), self._backend)
         self._grouped = None
-        if self.executor == "grouped_parallel":
-            self._grouped = GroupedLinearStack(self.specialists, self._backend.segment_linear, parallel=True)
-        elif self.executor == "grouped":
-            stackable = linear_stack_reason(self.specialists, self._backend) is None
-            self._grouped = (GroupedLinearStack(self.specialists, self._backend.segment_linear) if stackable
-                             else VmapExperts(self.specialists))
+        if self.executor in ("grouped", "grouped_parallel"):
+            segment_linear, parallel = self._backend.segment_linear, self.executor == "grouped_parallel"
+            if linear_stack_reason(self.specialists, self._backend) is None:
+                self._grouped = GroupedLinearStack(self.specialists, segment_linear, parallel)
+            elif linear_stack_reason(self.specialists, self._backend, runs=True) is None:
+                self._grouped = GroupedLinearRuns(self.specialists, segment_linear, parallel)
+            else:
+                self._grouped = VmapExperts(self.specialists)
         self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
         self._tables = {}
         if self.num_classes is not None:

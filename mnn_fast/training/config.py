@@ -42,6 +42,9 @@ class TrainConfig:
     # "auto": ImageNet statistics when starting from a pretrained CIFAR ResNet (what it was trained
     # with), CIFAR's otherwise; only CIFAR-10 is normalised (digits/mnist5k stay in [0, 1]).
     normalization: str = "auto"
+    # Train specialists as networks with sub-networks (paired gradients, mnn_fast.nsn): needs model
+    # "nsn_mlp"; the trained specialists can then run at any depth (mnn_fast.nsn.detachable_mnn).
+    specialist_nsn: bool = False
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
@@ -65,6 +68,9 @@ class TrainConfig:
         self.pretrained = F.check_optional_str("pretrained", self.pretrained)
         self.normalization = F.check_choice("normalization", self.normalization, ("auto", "cifar", "imagenet"))
         self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
+        self.specialist_nsn = F.check_bool("specialist_nsn", self.specialist_nsn)
+        if self.specialist_nsn and self.model != "nsn_mlp":
+            raise ValueError(f"specialist_nsn: NSN specialists need model 'nsn_mlp' (a detachable base), got {self.model!r}")
         return self
 
     @classmethod

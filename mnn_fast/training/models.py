@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from .data import IMAGENET_MEAN, IMAGENET_STD
 
-MODEL_NAMES = ("mlp", "small_cnn", "resnet20", "resnet56", "mobilenet_v2")
+MODEL_NAMES = ("mlp", "nsn_mlp", "small_cnn", "resnet20", "resnet56", "mobilenet_v2")
 # The pretrained ResNet files were trained on inputs normalised with ImageNet's statistics, not
 # CIFAR's (the reference trainer.py); re-normalise to these to evaluate them at their best.
 PRETRAINED_RESNET_MEAN = IMAGENET_MEAN
@@ -35,6 +35,10 @@ def build_model(name: str, num_classes: int, input_shape) -> nn.Module:
         raise ValueError(f"input_shape: expected positive sizes, got {input_shape!r}")
     if name == "mlp":
         return MLP(math.prod(shape), num_classes)
+    if name == "nsn_mlp":  # a detachable base: two hidden layers of the input's width (mnn_fast.nsn)
+        from ..nsn.model import DetachableMLP
+
+        return DetachableMLP(math.prod(shape), num_classes, depth=2, dropout=0.2)
     if len(shape) != 3:
         raise ValueError(f"input_shape: {name} needs (C, H, W), got {input_shape!r}")
     if name == "small_cnn":

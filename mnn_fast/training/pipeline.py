@@ -24,7 +24,7 @@ from ..engine.module import MetaNeuralNetwork
 from ..engine.routing import normalize_groups, route
 from .config import TrainConfig
 from .data import Splits, load_dataset, validation_split
-from .loop import accuracy, fit, predict_probs
+from .loop import accuracy, fit, make_optimizer, predict_probs
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
@@ -130,7 +130,11 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
                 _repair_or_refuse(path, exc, repair, f"retraining expert {e}")
             specialist = copy.deepcopy(model)  # SPEC 7.4: start from the switch's weights
             idx = subsets[e]
-            fit(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e, f"expert {e}")
+            if cfg.specialist_nsn:
+                fit_paired(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e,
+                           f"expert {e} (nsn)")
+            else:
+                fit(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e, f"expert {e}")
             sha = io.save_state(path, specialist, {"kind": "mnn_fast.specialist", CONFIG_KEY: config_sha,
                                                    SWITCH_KEY: switch_sha, "train_samples": str(len(idx))})
             run.record(path, specialist.state_dict(), sha)
@@ -238,3 +242,22 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
         specialists.append(io.load_state_tensors(_new_model(cfg, splits), tensors, str(run.specialist(e))).eval())
     return MetaNeuralNetwork(switch, specialists, groups=cfg.groups, threshold=test_threshold,
                              num_classes=splits.num_classes, **kwargs)
+
+
+def fit_paired(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
+    """:func:`~mnn_fast.training.loop.fit` for a detachable specialist: every sub-model's loss each batch,
+    gradients paired as the NSN paper does (:func:`mnn_fast.nsn.paired_gradients`), the config's optimizer."""
+    from ..nsn.train import paired_gradients
+
+    torch.manual_seed(seed)
+    opt = make_optimizer(cfg, model)
+    model.train()
+    gen = torch.Generator().manual_seed(seed)
+    for _ in tqdm(range(epochs), desc=desc, leave=False):
+        order = torch.randperm(len(x), generator=gen)
+        for start in range(0, len(x), cfg.batch_size):
+            idx = order[start: start + cfg.batch_size]
+            paired_gradients(model, x[idx], y[idx])
+            opt.step()
+    return model.eval()
+

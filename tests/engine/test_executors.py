@@ -13,7 +13,7 @@ from torch import nn
 
 from models import cnn_mnn, mlp, mlp_mnn
 from mnn_fast import MetaNeuralNetwork
-from mnn_fast.engine.executors import VmapExperts, bucket_experts
+from mnn_fast.engine.executors import GroupedLinearRuns, VmapExperts, bucket_experts
 from mnn_fast.engine.ops import segment_linear_param_grads
 from mnn_fast.reference import naive_forward
 
@@ -106,10 +106,14 @@ def test_auto_groups_linear_stacks_and_explains_the_rest():
     assert "Conv2d" in auto.executor_skipped["grouped"]
     streams = MetaNeuralNetwork(switch, specialists, executor="streams")
     assert streams.executor == "sequential" and "CUDA" in streams.executor_skipped["streams"]
+    # Different Linear stacks group run by run (issue 15: NSN specialists at mixed depths) ...
     mixed = [mlp(24, 4), mlp(24, 4, hidden=16), mlp(24, 4), mlp(24, 4)]
-    assert "differ" in MetaNeuralNetwork(switch, mixed).executor_skipped["grouped"]
+    assert isinstance(MetaNeuralNetwork(switch, mixed)._grouped, GroupedLinearRuns)
+    # ... while experts of different architectures that are not all Linear stacks cannot group.
+    mixed_arch = [cnns[0], cnns[1], nn.Sequential(nn.Flatten(), nn.Linear(192, 3))]
+    assert "Conv2d" in MetaNeuralNetwork(cnn_switch, mixed_arch).executor_skipped["grouped"]
     with pytest.raises(ValueError, match="one architecture"):
-        MetaNeuralNetwork(switch, mixed, executor="grouped")
+        MetaNeuralNetwork(cnn_switch, mixed_arch, executor="grouped")
     odd = [nn.Sequential(nn.Linear(24, 33), nn.ReLU(), nn.Linear(33, 4)) for _ in range(4)]
     assert MetaNeuralNetwork(switch, odd).executor == "grouped"  # any sizes: no alignment rule
     with pytest.raises(ValueError, match="executor"):
@@ -182,3 +186,38 @@ def test_segment_linear_refuses_bad_offsets():
         segment_linear(x, w, None, torch.tensor([0, 5]))
     with pytest.raises(TypeError, match="dtype"):
         segment_linear(x.double(), w, None, torch.tensor([0, 2, 5]))
+
+
+# Runs of identical stacks (NSN specialists at three depths, depth-major): one grouped stack per run.
+@pytest.mark.parametrize("parallel", [False, True])
+def test_grouped_runs_of_different_stacks_match_sequential(parallel):
+    torch.manual_seed(5)
+    hidden = [[], [9], [9, 9]]  # three layouts, two experts each, in consecutive runs
+    specialists = []
+    for widths in hidden:
+        for _ in range(2):
+            layers, d = [], 24
+            for w in widths:
+                layers += [nn.Linear(d, w), nn.ReLU()]
+                d = w
+            specialists.append(nn.Sequential(*layers, nn.Linear(d, 6)))
+    switch = mlp(24, 6)
+    groups = [[e] for e in range(6)]
+    x = torch.randn(150, 24)
+    executor = "grouped_parallel" if parallel else "auto"
+    grouped = MetaNeuralNetwork(switch, specialists, groups=groups, threshold=0.05, executor=executor)
+    assert grouped.executor == executor.replace("auto", "grouped")
+    assert isinstance(grouped._grouped, GroupedLinearRuns) and len(grouped._grouped.runs) == 3
+    with torch.no_grad():
+        got = grouped(x)
+        want = naive_forward(switch, specialists, x, groups=groups, threshold=0.05)
+    if parallel:
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    else:
+        assert torch.equal(got, want)
+
+
+def test_runs_must_end_in_one_output_width():
+    specialists = [nn.Linear(4, 3), nn.Linear(4, 1)]
+    mnn = MetaNeuralNetwork(nn.Linear(4, 3), specialists, groups=[[0, 1], [2]], num_classes=3)
+    assert mnn.executor == "sequential" and "output widths" in mnn.executor_skipped["grouped"]
