@@ -15,7 +15,8 @@ from torch import Tensor
 from . import io
 
 __all__ = ["save_csv", "write_csv", "save_figure", "pyplot", "plot_heatmap", "plot_lines", "plot_similarity",
-           "groups_markdown_table"]
+           "plot_accuracy_by_depth", "plot_accuracy_vs_macs", "groups_markdown_table", "nsn_markdown_table",
+           "depth_sweep_markdown_table"]
 
 
 def save_csv(path, rows: list[dict], fieldnames) -> None:
@@ -119,4 +120,67 @@ def groups_markdown_table(rows: list[dict]) -> str:
     for r in rows:
         groups = "" if r["groups"] is None else " ".join("{" + ",".join(map(str, g)) + "}" for g in r["groups"])
         lines.append(f"| {r['row']} | {groups} | {r['test_accuracy']:.4f} | {r['macs']:,.0f} | {r['overhead_pct']:+.2f}% |")
+    return "\n".join(lines)
+
+def _finish(path, fig, ax, xlabel: str, ylabel: str, title: str, legend_size: int = 8) -> None:
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.legend(fontsize=legend_size)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=120)
+    pyplot().close(fig)
+
+
+def plot_accuracy_by_depth(path, summary: list[dict], title: str, models=("nsn", "separate", "removed")) -> None:
+    """Mean test accuracy ± std against multiply-adds (log scale), one line per model (``mnn-fast nsn``)."""
+    fig, ax = pyplot().subplots(figsize=(6.5, 4))
+    for model, marker in zip(models, "osx"):
+        sel = sorted((s for s in summary if s["model"] == model), key=lambda s: s["macs"])
+        ax.errorbar([s["macs"] for s in sel], [s["mean"] for s in sel], yerr=[s["std"] for s in sel], marker=marker,
+                    capsize=3, label=model)
+    ax.set_xscale("log")
+    _finish(path, fig, ax, "multiply-adds per sample (weights)", "test accuracy", title)
+
+
+def plot_accuracy_vs_macs(path, rows: list[dict], title: str) -> None:
+    """``mnn-fast nsn-sweep``: a line over test thresholds per (kind, depth), the switch and budget as points."""
+    fig, ax = pyplot().subplots(figsize=(7, 4.2))
+    for kind, depth in sorted({(r["kind"], r["depth"]) for r in rows if r["kind"] in ("nsn", "plain")}):
+        sel = sorted((r for r in rows if r["kind"] == kind and r["depth"] == depth), key=lambda r: r["macs"])
+        ax.plot([r["macs"] for r in sel], [r["accuracy"] for r in sel], marker="o" if kind == "nsn" else "s", ms=3,
+                ls="-" if kind == "nsn" else "--", label=f"{kind} depth {depth} (over test thresholds)")
+    for r in rows:
+        if r["kind"] == "switch" or r["kind"].startswith("budget"):
+            ax.scatter([r["macs"]], [r["accuracy"]], marker="*" if r["kind"] == "switch" else "D", s=80, zorder=3,
+                       label="switch alone" if r["kind"] == "switch" else r["kind"])
+    _finish(path, fig, ax, "mean multiply-adds per sample", "test accuracy", title, legend_size=7)
+
+
+def nsn_markdown_table(summary: list[dict], models=("nsn", "separate", "removed")) -> str:
+    """``mnn-fast nsn``'s summary (``model``, ``layers_removed``, ``mean``, ``std``, ``macs``) as a
+    markdown table: one row per number of layers removed, one column per model."""
+    removed = sorted({s["layers_removed"] for s in summary})
+    lines = ["| layers removed | multiply-adds | " + " | ".join(models) + " |", "|---|---:|" + "---:|" * len(models)]
+    for r in removed:
+        cells = []
+        for model in models:
+            (s,) = [s for s in summary if s["model"] == model and s["layers_removed"] == r] or [None]
+            cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "-")
+        macs = next(s["macs"] for s in summary if s["layers_removed"] == r)
+        lines.append(f"| {r} | {macs:,} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def depth_sweep_markdown_table(rows: list[dict], threshold: float) -> str:
+    """``mnn-fast nsn-sweep``'s rows at test ``threshold`` (plus the switch and budget rows) as markdown."""
+    lines = [f"| configuration | test threshold | accuracy | specialists / sample | multiply-adds / sample |",
+             "|---|---:|---:|---:|---:|"]
+    for r in rows:
+        if r["kind"] in ("switch",) or r["kind"].startswith("budget") or r["test_threshold"] == threshold:
+            name = {"switch": "switch alone", "plain": f"plain MNN (depth {r['depth']})",
+                    "nsn": f"NSN specialists at depth {r['depth']}"}.get(r["kind"], r["kind"])
+            t = f"{r['test_threshold']}" if r["test_threshold"] != "" else "-"
+            lines.append(f"| {name} | {t} | {r['accuracy']:.4f} | {r['experts_per_sample']:.2f} | {r['macs']:,.0f} |")
     return "\n".join(lines)

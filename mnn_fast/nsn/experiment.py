@@ -50,7 +50,7 @@ def run_nsn_experiment(dataset: str = "digits", out="nsn_out", seeds=(0, 1, 2), 
     summary = summary_rows(rows, features, splits.num_classes, depth)
     config = dict(dataset=dataset, seeds=seeds, depth=depth, epochs=epochs, lr=lr, batch_size=batch_size,
                   dropout=dropout, weight_decay=weight_decay, threads=threads)
-    result = {"config": config, "rows": rows, "summary": summary, "table": markdown(summary)}
+    result = {"config": config, "rows": rows, "summary": summary, "table": reporting.nsn_markdown_table(summary, MODELS)}
     _write(out, result, dataset)
     if verbose:
         print(f"{dataset}: test accuracy, mean ± std over seeds {seeds} (validation-chosen epoch)\n")
@@ -100,37 +100,11 @@ def summary_rows(rows: list[dict], features: int, classes: int, depth: int) -> l
     return out
 
 
-def markdown(summary: list[dict]) -> str:
-    removed = sorted({s["layers_removed"] for s in summary})
-    lines = ["| layers removed | multiply-adds | " + " | ".join(MODELS) + " |", "|---|---:|" + "---:|" * len(MODELS)]
-    for r in removed:
-        cells = []
-        for model in MODELS:
-            (s,) = [s for s in summary if s["model"] == model and s["layers_removed"] == r] or [None]
-            cells.append(f"{s['mean']:.4f} ± {s['std']:.4f}" if s else "-")
-        macs = next(s["macs"] for s in summary if s["layers_removed"] == r)
-        lines.append(f"| {r} | {macs:,} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
 def _write(out, result: dict, dataset: str) -> None:
     from pathlib import Path
 
     out = Path(out)
     reporting.save_csv(out / "nsn.csv", result["rows"], CSV_FIELDS)
     io.save_json(out / "nsn.json", {k: v for k, v in result.items() if k != "rows"})
-    plt = reporting.pyplot()
-    fig, ax = plt.subplots(figsize=(6.5, 4))
-    for model, marker in zip(MODELS, "osx"):
-        sel = sorted((s for s in result["summary"] if s["model"] == model), key=lambda s: s["macs"])
-        ax.errorbar([s["macs"] for s in sel], [s["mean"] for s in sel], yerr=[s["std"] for s in sel], marker=marker,
-                    capsize=3, label=model)
-    ax.set_xscale("log")
-    ax.set_xlabel("multiply-adds per sample (weights)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{dataset}: sub-networks by depth (mean ± std over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    reporting.save_figure(out / "nsn.png", fig)
-    plt.close(fig)
+    reporting.plot_accuracy_by_depth(out / "nsn.png", result["summary"], f"{dataset}: sub-networks by depth "
+                                     "(mean ± std over seeds)", MODELS)

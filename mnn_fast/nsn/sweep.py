@@ -51,7 +51,7 @@ def run_depth_sweep(dataset: str = "digits", out="nsn_sweep_out", *, seed: int =
                        lambda eps: expected_macs(switch_macs, eps, features, classes, depth))
         rows.append(_budget_row(switch, specialists, ConfidenceDepth(cutoffs), budget_threshold, x, y, switch_macs,
                                 features, classes))
-    table = _markdown(rows, budget_threshold)
+    table = reporting.depth_sweep_markdown_table(rows, budget_threshold)
     result = {"config": {**common, "thresholds": list(thresholds), "cutoffs": list(cutoffs),
                          "budget_threshold": budget_threshold}, "rows": rows, "table": table}
     _write(out, result, dataset)
@@ -77,37 +77,7 @@ def _budget_row(switch, specialists, rule: ConfidenceDepth, threshold: float, x,
             "macs": switch_macs + spent / len(y)}
 
 
-def _markdown(rows: list[dict], threshold: float) -> str:
-    lines = [f"| configuration | test threshold | accuracy | specialists / sample | multiply-adds / sample |",
-             "|---|---:|---:|---:|---:|"]
-    for r in rows:
-        if r["kind"] in ("switch",) or r["kind"].startswith("budget") or r["test_threshold"] == threshold:
-            name = {"switch": "switch alone", "plain": f"plain MNN (depth {r['depth']})",
-                    "nsn": f"NSN specialists at depth {r['depth']}"}.get(r["kind"], r["kind"])
-            t = f"{r['test_threshold']}" if r["test_threshold"] != "" else "-"
-            lines.append(f"| {name} | {t} | {r['accuracy']:.4f} | {r['experts_per_sample']:.2f} | {r['macs']:,.0f} |")
-    return "\n".join(lines)
-
-
 def _write(out: Path, result: dict, dataset: str) -> None:
     reporting.save_csv(out / "nsn_sweep.csv", result["rows"], CSV_FIELDS)
     io.save_json(out / "nsn_sweep.json", result)
-    plt = reporting.pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    rows = result["rows"]
-    for kind, depth in sorted({(r["kind"], r["depth"]) for r in rows if r["kind"] in ("nsn", "plain")}):
-        sel = sorted((r for r in rows if r["kind"] == kind and r["depth"] == depth), key=lambda r: r["macs"])
-        ax.plot([r["macs"] for r in sel], [r["accuracy"] for r in sel], marker="o" if kind == "nsn" else "s", ms=3,
-                ls="-" if kind == "nsn" else "--", label=f"{kind} depth {depth} (over test thresholds)")
-    for r in rows:
-        if r["kind"] == "switch" or r["kind"].startswith("budget"):
-            ax.scatter([r["macs"]], [r["accuracy"]], marker="*" if r["kind"] == "switch" else "D", s=80, zorder=3,
-                       label=r["kind"] if r["kind"] != "switch" else "switch alone")
-    ax.set_xlabel("mean multiply-adds per sample")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"{dataset}: detachable MNN, accuracy vs compute")
-    ax.legend(fontsize=7)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    reporting.save_figure(out / "nsn_sweep.png", fig)
-    plt.close(fig)
+    reporting.plot_accuracy_vs_macs(out / "nsn_sweep.png", result["rows"], f"{dataset}: detachable MNN, accuracy vs compute")

@@ -17,7 +17,7 @@ needs_weights = pytest.mark.skipif(not WEIGHTS.is_dir(), reason=f"pretrained wei
 needs_cifar = pytest.mark.skipif(not (CIFAR_DIR / "test.tar.gz").is_file(),
                                  reason=f"CIFAR-10 tarballs not found at {CIFAR_DIR} (CI-only data)")
 
-SHAPES = {"mlp": [(1, 8, 8), (784,)], "small_cnn": [(1, 8, 8), (1, 28, 28)],
+SHAPES = {"mlp": [(1, 8, 8), (784,)], "nsn_mlp": [(1, 8, 8), (13,)], "small_cnn": [(1, 8, 8), (1, 28, 28)],
           "resnet20": [(3, 32, 32)], "resnet56": [(3, 32, 32)], "mobilenet_v2": [(3, 32, 32)]}
 
 
