@@ -33,14 +33,14 @@ def _config(args):
         specialist_epochs=args.specialist_epochs, batch_size=args.batch_size, lr=args.lr, optimizer=args.optimizer,
         dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
         pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
-        specialist_nsn=args.specialist_nsn,
+        specialist_nsn=args.specialist_nsn, specialist_threads=args.specialist_threads,
     ).check()
 
 
 def cmd_train(args) -> None:
     from .training.pipeline import train
 
-    run = train(_config(args), args.run_dir, experts=args.expert)
+    run = train(_config(args), args.run_dir, experts=args.expert, workers=args.workers)
     print(f"run directory: {run.root}")
 
 
@@ -191,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--seed", type=int, default=0)
         p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
         p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) to start the switch from")
+        p.add_argument("--specialist-threads", type=int, default=1,
+                       help="intra-op threads per training specialist (part of the config: it fixes the bits)")
         p.add_argument("--specialist-nsn", action="store_true",
                        help="train specialists as networks with sub-networks (needs --model nsn_mlp)")
         p.add_argument("--normalization", choices=["auto", "cifar", "imagenet"], default="auto",
@@ -200,6 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     training_args(p)
     p.add_argument("--expert", type=int, action="append", help="train only this specialist (repeatable; for job arrays)")
+    p.add_argument("--workers", type=int, default=1,
+                   help="train the specialists in this many worker processes (files byte-identical to --workers 1)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="accuracy over dataset x test thresholds: CSV and PNG figures")

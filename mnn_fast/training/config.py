@@ -45,6 +45,10 @@ class TrainConfig:
     # Train specialists as networks with sub-networks (paired gradients, mnn_fast.nsn): needs model
     # "nsn_mlp"; the trained specialists can then run at any depth (mnn_fast.nsn.detachable_mnn).
     specialist_nsn: bool = False
+    # Intra-op threads while a specialist trains: part of the config because a GEMM's bits depend on
+    # them, so checkpoints are byte-identical however many --workers run them. Small models on 2 busy
+    # cores trained 4-17x faster with 1 thread than with 2.
+    specialist_threads: int = 1
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
@@ -69,6 +73,7 @@ class TrainConfig:
         self.normalization = F.check_choice("normalization", self.normalization, ("auto", "cifar", "imagenet"))
         self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
         self.specialist_nsn = F.check_bool("specialist_nsn", self.specialist_nsn)
+        self.specialist_threads = F.check_int("specialist_threads", self.specialist_threads, 1, 1024)
         if self.specialist_nsn and self.model != "nsn_mlp":
             raise ValueError(f"specialist_nsn: NSN specialists need model 'nsn_mlp' (a detachable base), got {self.model!r}")
         return self

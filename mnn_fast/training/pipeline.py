@@ -12,6 +12,7 @@ and refused by :func:`load_mnn`.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 
 import torch
@@ -89,7 +90,7 @@ def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
 
 
 def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None, *,
-          switch: nn.Module | None = None, repair: bool = True) -> RunDir:
+          switch: nn.Module | None = None, repair: bool = True, workers: int = 1) -> RunDir:
     """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices.
 
     A whole run holds the directory's lock exclusively (a second run is refused at once with
@@ -97,9 +98,13 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     file is reused only if it verifies (readable, this config, this switch, as the manifest records);
     otherwise it is retrained or recomputed with a warning on the ``mnn_fast.train`` logger, or, with
     ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
-    instead of training one (same architecture as ``cfg.model``).
+    instead of training one (same architecture as ``cfg.model``). ``workers > 1``: the specialists
+    train in that many worker processes (:mod:`mnn_fast.launch.local`); files are byte-identical to a
+    serial run's, since each specialist trains with ``cfg.specialist_threads`` threads from its own seed.
     """
     cfg.check()
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
     if experts is not None:
         experts = [F.check_int(f"experts[{i}]", e, 0) for i, e in enumerate(experts)]
     run = RunDir(run_dir)
@@ -118,7 +123,8 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
 
         subsets = specialist_subsets(probs, groups, cfg.dataset_threshold)
         todo = range(len(subsets)) if experts is None else experts
-        for e in tqdm(todo, desc="specialists"):
+        jobs = []
+        for e in todo:
             if not 0 <= e < len(subsets):
                 raise ValueError(f"experts: index {e} out of range for {len(subsets)} specialists")
             path = run.specialist(e)
@@ -128,17 +134,59 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
                 continue  # finished in an earlier (possibly interrupted) run
             except ValueError as exc:
                 _repair_or_refuse(path, exc, repair, f"retraining expert {e}")
-            specialist = copy.deepcopy(model)  # SPEC 7.4: start from the switch's weights
             idx = subsets[e]
-            if cfg.specialist_nsn:
-                fit_paired(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e,
-                           f"expert {e} (nsn)")
-            else:
-                fit(specialist, train_x[idx], train_y[idx], cfg.specialist_epochs, cfg, cfg.seed + 1 + e, f"expert {e}")
-            sha = io.save_state(path, specialist, {"kind": "mnn_fast.specialist", CONFIG_KEY: config_sha,
-                                                   SWITCH_KEY: switch_sha, "train_samples": str(len(idx))})
-            run.record(path, specialist.state_dict(), sha)
+            # SPEC 7.4: every specialist starts from the switch's weights.
+            jobs.append(SpecialistJob(e, dataclasses.asdict(cfg), model.state_dict(), splits.num_classes,
+                                      tuple(splits.input_shape), train_x[idx], train_y[idx]))
+
+        def write(job: SpecialistJob, state: dict) -> None:
+            path = run.specialist(job.expert)
+            sha = io.save_tensors(path, state, {"kind": "mnn_fast.specialist", CONFIG_KEY: config_sha,
+                                                SWITCH_KEY: switch_sha, "train_samples": str(len(job.y))})
+            run.record(path, state, sha)
+
+        if workers == 1:
+            for job in tqdm(jobs, desc="specialists"):
+                write(job, train_specialist(job))
+        else:
+            from ..launch.local import run_jobs
+
+            run_jobs(train_specialist, jobs, workers, write, desc="specialists")
     return run
+
+
+@dataclasses.dataclass
+class SpecialistJob:
+    """Everything one specialist's training needs, picklable for a worker process: the config (as a
+    dict), the switch's state to start from, the model's shape and its training subset."""
+
+    expert: int
+    config: dict
+    start: dict
+    num_classes: int
+    input_shape: tuple
+    x: Tensor
+    y: Tensor
+
+
+def train_specialist(job: SpecialistJob) -> dict:
+    """The trained specialist's ``state_dict`` (detached CPU tensors); the one function serial runs and
+    worker processes both call, with ``specialist_threads`` intra-op threads, so their bits agree."""
+    cfg = TrainConfig.from_dict(job.config, "specialist job")
+    before = torch.get_num_threads()
+    torch.set_num_threads(cfg.specialist_threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            model = build_model(cfg.model, job.num_classes, job.input_shape)
+            model.load_state_dict(job.start)
+            seed, desc = cfg.seed + 1 + job.expert, f"expert {job.expert}"
+            if cfg.specialist_nsn:
+                fit_paired(model, job.x, job.y, cfg.specialist_epochs, cfg, seed, desc + " (nsn)")
+            else:
+                fit(model, job.x, job.y, cfg.specialist_epochs, cfg, seed, desc)
+        return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    finally:
+        torch.set_num_threads(before)
 
 
 def _repair_or_refuse(path, exc: ValueError, repair: bool, action: str) -> None:

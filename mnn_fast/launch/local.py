@@ -1,0 +1,69 @@
+"""Independent jobs in worker processes on this machine: the embedded launcher behind ``--workers N``.
+
+Jobs run in ``spawn``-ed processes (no state inherited from the parent); each result comes back to
+the parent, which alone writes files, so workers need no shared filesystem and no locks. A worker
+that dies takes its pool down: the unfinished jobs run again in a new pool, up to ``retries`` times;
+finished results are never redone.
+"""
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
+from typing import Any, Callable, Sequence
+
+from tqdm import tqdm
+
+__all__ = ["run_jobs", "CRASH_ONCE_ENV"]
+
+# Fault injection for tests: a path; the first job to start while it does not exist creates it and
+# kills its own worker, as an out-of-memory kill would. Never set outside tests.
+CRASH_ONCE_ENV = "MNN_FAST_CRASH_ONCE"
+
+
+def _call(fn: Callable, job: Any) -> Any:
+    marker = os.environ.get(CRASH_ONCE_ENV)
+    if marker:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            pass
+        else:
+            os.close(fd)
+            os._exit(1)
+    return fn(job)
+
+
+def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_result: Callable[[Any, Any], None], *,
+             retries: int = 2, desc: str = "jobs") -> None:
+    """``on_result(job, fn(job))`` in this process for every job, ``fn`` run in ``workers`` processes.
+
+    ``fn`` must be a module-level function (it is pickled). Results arrive in completion order; a
+    raised exception in ``fn`` is raised here (it is a bug or bad input, not a lost worker).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive int, got {workers!r}")
+    pending = list(jobs)
+    context = multiprocessing.get_context("spawn")
+    with tqdm(total=len(pending), desc=desc) as bar:
+        for attempt in range(retries + 1):
+            if not pending:
+                return
+            lost = []
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
+                futures = {pool.submit(_call, fn, job): job for job in pending}
+                while futures:
+                    done, _ = wait(futures, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        job = futures.pop(future)
+                        try:
+                            result = future.result()
+                        except BrokenProcessPool:
+                            lost.append(job)  # its worker (or a sibling) died: run it again
+                            continue
+                        on_result(job, result)
+                        bar.update(1)
+            pending = lost
+        if pending:
+            raise RuntimeError(f"{len(pending)} job(s) lost their worker process {retries + 1} times; giving up")
