@@ -51,7 +51,7 @@ def _build_ext():
 
 
 setup(
-    packages=["mnn_fast", "mnn_fast.engine", "mnn_fast.training", "mnn_fast.groups", "mnn_fast.nsn",
+    packages=["mnn_fast", "mnn_fast.engine", "mnn_fast.training", "mnn_fast.groups", "mnn_fast.nsn", "mnn_fast.launch",
               "mnn_fast.kernels"],
     package_dir={"mnn_fast": "mnn_fast", "mnn_fast.kernels": "kernels"},
     ext_modules=_extensions(),
