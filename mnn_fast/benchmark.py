@@ -152,13 +152,11 @@ def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_paral
 
     switch, specialists, x, t = w["switch"], w["specialists"], w["x"], w["threshold"]
     impls = {"naive": lambda: naive_forward(switch, specialists, x, threshold=t)}
-    from .engine.backends import get_backend
-    from .engine.executors import linear_stack_reason
-
     for name in executors:
-        if name == "grouped_parallel" and linear_stack_reason(specialists, get_backend("cpp")) is not None:
+        try:
+            mnn = MetaNeuralNetwork(switch, specialists, threshold=t, executor=name)
+        except ValueError:  # grouped_parallel needs Linear stacks and the C++ segment_linear
             continue
-        mnn = MetaNeuralNetwork(switch, specialists, threshold=t, executor=name)
         impls[f"engine_{name}"] = lambda mnn=mnn: mnn(x)
     engine = MetaNeuralNetwork(switch, specialists, threshold=t, executor="sequential")
     with torch.no_grad():

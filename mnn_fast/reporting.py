@@ -92,10 +92,12 @@ def plot_lines(path, rows: list[dict], switch_accuracy: float, title: str = "") 
 def plot_similarity(path, panels: list[tuple[str, Tensor, list[list[int]]]], class_names=None) -> None:
     """One heatmap per ``(title, S: Tensor[C, C], groups)``: rows and columns in group order, white
     lines at group boundaries, so a good grouping shows as bright diagonal blocks."""
+    from .groups.confusion import order_by_groups  # late: groups' report imports this module
+
     plt = pyplot()
     fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.6), squeeze=False)
     for ax, (title, S, groups) in zip(axes[0], panels):
-        order = [c for g in groups for c in sorted(g)]  # group after group, as the similarity is ordered
+        order = order_by_groups(groups)
         m = S.double()[order][:, order].numpy()
         im = ax.imshow(m, cmap="viridis", interpolation="nearest")
         names = [str(class_names[c]) if class_names else str(c) for c in order]

@@ -35,13 +35,15 @@ def compile_settings():
 class CompiledModule(nn.Module):
     """``torch.compile(module, **kwargs)``, called inside :func:`compile_settings`.
 
-    ``.module`` is the original module (its parameters are shared), ``.compiled`` the optimised one.
+    ``.module`` is the original module (its parameters are shared), ``.compiled`` the optimised one;
+    only ``.module`` is a registered submodule, so ``state_dict()`` holds each tensor once.
     """
 
     def __init__(self, module: nn.Module, **kwargs):
         super().__init__()
         self.module = module
-        self.compiled = torch.compile(module, **kwargs)
+        # Not registered: it wraps the same module, whose tensors would otherwise appear twice.
+        object.__setattr__(self, "compiled", torch.compile(module, **kwargs))
 
     def forward(self, *args, **kwargs):
         with compile_settings():

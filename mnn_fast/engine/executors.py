@@ -48,6 +48,9 @@ def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend, runs: bool =
     (:class:`GroupedLinearRuns` groups each run of identical ones) but must end in one output width."""
     if ops.segment_linear is None:
         return f"backend {ops.name!r} has no segment_linear kernel (CPU only: cpp, torch)"
+    devices = {p.device.type for expert in experts for p in expert.parameters()}
+    if devices - {"cpu"}:
+        return f"segment_linear runs on CPU only; the specialists are on {sorted(devices)}"
     layouts = []
     for e, expert in enumerate(experts):
         layers = _layers(expert)

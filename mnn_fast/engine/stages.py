@@ -89,8 +89,10 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor
         return [expert(torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])).narrow(0, 0, n)
                 for expert, n, rows in zip(specialists, sizes, chunks)]
     # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
-    # alignment (a segment of one buffer may start anywhere), or BLAS may round differently.
-    chunks = [as_fresh_aligned(rows) for rows in chunks]
+    # alignment (a segment of one buffer may start anywhere), or BLAS may round differently. CPU
+    # only: that is where the bitwise promise is made, and on a GPU it would be a copy per expert.
+    if xg.device.type == "cpu":
+        chunks = [as_fresh_aligned(rows) for rows in chunks]
     if streams is not None:
         return run_on_streams(specialists, chunks, streams)
     return [_call_expert(expert, rows) if n else None for expert, n, rows in zip(specialists, sizes, chunks)]

@@ -27,7 +27,7 @@ DEFAULT_HEAD_HIDDEN = 256
 
 def find_classifier(base: nn.Module) -> tuple[str, nn.Linear]:
     """``(name, layer)`` of the last ``nn.Linear`` registered in ``base``: the classifier of every
-    :func:`~mnn_fast.models.build_model` architecture (``MLP``'s last layer, ``SmallCNN``'s head,
+    :func:`~mnn_fast.training.models.build_model` architecture (``MLP``'s last layer, ``SmallCNN``'s head,
     ``CifarResNet.linear``, MobileNetV2's ``classifier[1]``)."""
     found = None
     for name, module in base.named_modules():

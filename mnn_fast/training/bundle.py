@@ -1,6 +1,6 @@
 """A trained MNN as one directory: ``weights.safetensors``, ``config.json`` and ``manifest.json``.
 
-The config names the architectures (``mnn_fast.models`` names), the classes, groups, test threshold
+The config names the architectures (``mnn_fast.training.models`` names), the classes, groups, test threshold
 and top-k; the weights file holds ``switch.<param>`` and ``specialists.<e>.<param>`` tensors and the
 config's sha256 in its metadata; the manifest records the config (and its sha256) and the weights
 file's sha256 and tensors (dtype, shape). Loading never unpickles and checks all of it: a config
@@ -31,7 +31,7 @@ def save_bundle(path, mnn: MetaNeuralNetwork, switch_arch: str, specialist_arch:
         if arch not in MODEL_NAMES:
             raise ValueError(f"{name} must be one of {MODEL_NAMES}, got {arch!r}")
     if mnn.num_classes is None:
-        raise ValueError("mnn.num_classes is unknown; build the module with num_classes= or run one batch first")
+        raise ValueError("mnn.num_classes is unknown; build the module with num_classes=")
     path = Path(path)
     config = _check_config({
         "format": FORMAT,

@@ -5,7 +5,7 @@
 3-4. Specialist ``e`` starts from the switch's weights and trains on the samples whose score for ``e``
    exceeds the dataset threshold; each is an independent job writing its own file, skipped on resume.
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file; every
-file is recorded in the run's manifest (``mnn_fast.rundir``) and verified before it is reused on
+file is recorded in the run's manifest (``mnn_fast.training.rundir``) and verified before it is reused on
 resume or loaded by :func:`load_mnn`. A file that fails verification is retrained (logged) on resume,
 and refused by :func:`load_mnn`.
 """
@@ -96,7 +96,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     A whole run holds the directory's lock exclusively (a second run is refused at once with
     :class:`io.BusyError`); runs given ``experts`` (job arrays) share it with each other. On resume a
     file is reused only if it verifies (readable, this config, this switch, as the manifest records);
-    otherwise it is retrained or recomputed with a warning on the ``mnn_fast.train`` logger, or, with
+    otherwise it is retrained or recomputed with a warning on the ``mnn_fast.training`` logger, or, with
     ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
     instead of training one (same architecture as ``cfg.model``). ``workers > 1``: the specialists
     train in that many worker processes (:mod:`mnn_fast.launch.local`); files are byte-identical to a

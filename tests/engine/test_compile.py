@@ -69,3 +69,10 @@ def test_compiled_calls_restore_the_settings_afterwards():
     assert _global_settings() == before
     with compile_settings():
         assert _global_settings() == (COMPILE_SETTINGS["dynamo"], COMPILE_SETTINGS["inductor"])
+
+
+def test_compiled_module_state_holds_each_tensor_once():
+    switch, specialists = mlp_mnn(4, seed=1)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    compiled = mnn_fast.compile(mnn)
+    assert list(compiled.state_dict()) == [f"module.{k}" for k in mnn.state_dict()]

@@ -221,3 +221,15 @@ def test_runs_must_end_in_one_output_width():
     specialists = [nn.Linear(4, 3), nn.Linear(4, 1)]
     mnn = MetaNeuralNetwork(nn.Linear(4, 3), specialists, groups=[[0, 1], [2]], num_classes=3)
     assert mnn.executor == "sequential" and "output widths" in mnn.executor_skipped["grouped"]
+
+
+def test_grouped_linear_needs_cpu_specialists_even_on_the_torch_backend():
+    from mnn_fast.engine.backends import get_backend
+    from mnn_fast.engine.executors import linear_stack_reason
+
+    class OnMeta(nn.Linear):  # parameters on the meta device stand in for a GPU here
+        def __init__(self):
+            super().__init__(4, 3, device="meta")
+
+    assert "CPU only" in linear_stack_reason([OnMeta(), OnMeta()], get_backend("torch"))
+    assert linear_stack_reason([nn.Linear(4, 3), nn.Linear(4, 3)], get_backend("torch")) is None
