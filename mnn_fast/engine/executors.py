@@ -183,13 +183,16 @@ class GroupedLinearStack:
         self.segment_linear = segment_linear
         self.parallel = parallel
         self.layers = _layers(self.experts[0])
-        self._linear_at = [i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear)]
+        # Per Linear position, that layer of every expert: flattened once, not on every call (the
+        # module rebuilds its executor when it moves, and the stack cache follows the parameters).
+        flat = [_layers(expert) for expert in self.experts]
+        self._linears = [[layers[i] for layers in flat] for i, layer in enumerate(self.layers)
+                         if isinstance(layer, nn.Linear)]
         self._cache = _StackCache()
 
     def _stacked(self) -> list[Tensor]:
         per_layer = []
-        for i in self._linear_at:
-            linears = [_layers(expert)[i] for expert in self.experts]
+        for linears in self._linears:
             per_layer.append([lin.weight for lin in linears])
             if linears[0].bias is not None:
                 per_layer.append([lin.bias for lin in linears])
