@@ -26,7 +26,11 @@ def _extensions():
 
     rel = lambda paths: sorted(os.path.relpath(p, ROOT) for p in paths)  # noqa: E731
     sources = rel(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")) + glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))
-    cxx = ["-O3", "-std=c++20", "-fopenmp"]
+    # -ffp-contract=off: the row arithmetic (csrc/rowmath.h) must round every + and * on its own,
+    # also when CFLAGS add -march=native (which brings FMA). -fno-trapping-math changes no result
+    # (only whether FP exception flags may be raised speculatively); without it GCC will not
+    # vectorise the row loops, whose float-to-int conversions it must otherwise keep conditional.
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -37,7 +41,7 @@ def _extensions():
                 "mnn_fast._C",
                 sources,
                 define_macros=[("MNN_FAST_WITH_CUDA", "1")],
-                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20"]},
+                extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--fmad=false"]},
                 extra_link_args=["-fopenmp"],
             )
         ]

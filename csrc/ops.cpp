@@ -18,5 +18,12 @@ TORCH_LIBRARY(mnn_fast, m) {
       "(Tensor counts, Tensor offsets, Tensor perm, Tensor sample_offsets, Tensor sample_rows)");
   m.def("gather(Tensor x, Tensor perm) -> Tensor");
   m.def("combine(Tensor logp, Tensor logv, Tensor perm, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
+  m.def(
+      "recombine(Tensor logp, Tensor logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, "
+      "Tensor log_spread, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
+  m.def(
+      "contributions(Tensor logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, Tensor log_spread, "
+      "int num_classes) -> Tensor");
+  m.def("log_softmax_rows(Tensor x) -> Tensor");
   m.def("segment_linear(Tensor x, Tensor weight, Tensor? bias, Tensor offsets, bool parallel_segments=False) -> Tensor");
 }

@@ -55,6 +55,7 @@ def _define_op(name: str, fn: Callable, fake: Callable, kernels: Sequence) -> to
 from .combine import triton_combine  # noqa: E402
 from .gather import triton_gather  # noqa: E402
 from .group_scores import triton_group_scores  # noqa: E402
+from .recombine import triton_recombine  # noqa: E402
 from .route import triton_route  # noqa: E402
 
-__all__ = ["triton_group_scores", "triton_route", "triton_gather", "triton_combine"]
+__all__ = ["triton_group_scores", "triton_route", "triton_gather", "triton_combine", "triton_recombine"]

@@ -1,9 +1,10 @@
 """References only: the paper's naive loop that every backend and executor is tested against.
 
 Per expert, in increasing order: boolean mask -> index (a fresh ``x[idx]``) -> run -> add its
-contribution. Nothing in the engine imports this module, so editing it never changes the fast path;
-the per-row contribution arithmetic is the engine's own (:mod:`mnn_fast.engine.contributions`), as
-SPEC section 5 allows, and is itself tested against the section 4 formula in plain torch.
+contribution. Nothing in the engine imports this module, so editing it never changes the fast path.
+Each row's contribution and the final log_softmax use the engine's row ops on that expert's rows
+alone (``contributions``, ``log_softmax_rows``: rowmath's arithmetic), as SPEC section 5 allows; that
+arithmetic is itself tested against the section 4 formula in plain torch.
 """
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
+from .engine.backends import get_backend, select_backend
 from .engine.contributions import expert_log_contribution
+from .engine.rowmath import log_spread_table
 from .engine.routing import Routing
 
 __all__ = ["naive_forward", "naive_route", "active_mask", "group_score_loop", "expert_log_contribution"]
@@ -90,13 +93,19 @@ def naive_forward(
     acc = logp.clone()
     scores = torch.stack([group_score_loop(probs, g) for g in groups], 1)
     active = switch_fn(scores) if switch_fn is not None else active_mask(scores, threshold, top_k)
+    ops = get_backend(select_backend("auto", z.device)[0])
+    spread = log_spread_table(torch.tensor([0] + [len(g) for g in groups]).cumsum(0), num_classes).to(z.device)
     for e, (expert, group) in enumerate(zip(specialists, groups)):
         idx = active[:, e].nonzero().squeeze(1)
         if idx.numel() == 0:
             continue
-        y = expert(x[idx])
-        acc[idx] = acc[idx] + expert_log_contribution(y, group, num_classes)
-    out = torch.log_softmax(acc, dim=1)
+        y = expert(x[idx]).float()
+        # One expert's rows alone: offsets [0, n], its group as a one-group table.
+        one_expert = torch.tensor([[0, idx.numel()], [0, len(group)]], device=z.device)
+        logv = ops.contributions(y, one_expert[0], one_expert[1], torch.tensor(group, device=z.device),
+                                 spread[e : e + 1], num_classes)
+        acc[idx] = acc[idx] + logv
+    out = ops.log_softmax_rows(acc)
     if return_routing:
         return out, _routing_from_mask(active)
     return out

@@ -30,7 +30,9 @@ class Backend:
     """The ops of one implementation. ``threshold=-inf`` / ``top_k=0`` mean "off".
 
     ``segment_linear`` (the grouped executor's matmul, ``docs/ops.md``) is ``None`` where the
-    backend has no kernel for it (cuda, triton: the grouped Linear executor is CPU-only).
+    backend has no kernel for it (cuda, triton: the grouped Linear executor is CPU-only). The row ops
+    ``recombine``, ``contributions`` and ``log_softmax_rows`` default to the torch ones (rowmath's
+    arithmetic, the same bits): a backend brings its own where it has a kernel.
     """
 
     name: str
@@ -39,6 +41,9 @@ class Backend:
     gather: Callable[[Tensor, Tensor], Tensor]
     combine: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     segment_linear: Callable[..., Tensor] | None = None
+    recombine: Callable[..., Tensor] = ops.torch_recombine
+    contributions: Callable[..., Tensor] = ops.torch_contributions
+    log_softmax_rows: Callable[[Tensor], Tensor] = ops.torch_log_softmax_rows
 
 
 def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
@@ -61,12 +66,18 @@ def _with_checks(backend: Backend) -> Backend:
     # checks here, so one bad input raises one exception type whichever backend runs it.
     return Backend(backend.name, _checked(checks.check_group_scores, backend.group_scores),
                    _checked(checks.check_route, backend.route), _checked(checks.check_gather, backend.gather),
-                   _checked(checks.check_combine, backend.combine), backend.segment_linear)
+                   _checked(checks.check_combine, backend.combine), backend.segment_linear,
+                   _checked(checks.check_recombine, backend.recombine),
+                   _checked(checks.check_contributions, backend.contributions),
+                   _checked(checks.check_log_softmax_rows, backend.log_softmax_rows))
 
 
-def _ops_backend(name: str, prefix: str, segment_linear=None) -> Backend:
+def _ops_backend(name: str, prefix: str, segment_linear=None, row_ops: bool = False) -> Backend:
+    """The ``mnn_fast::<prefix><op>`` ops; ``row_ops``: the backend also has its own ``contributions``
+    and ``log_softmax_rows`` (the C++ CPU kernels; elsewhere the torch ones serve)."""
     lib = torch.ops.mnn_fast
     route_op = getattr(lib, prefix + "route")
+    extra = {"contributions": lib.contributions, "log_softmax_rows": lib.log_softmax_rows} if row_ops else {}
     return Backend(
         name,
         getattr(lib, prefix + "group_scores"),
@@ -74,6 +85,8 @@ def _ops_backend(name: str, prefix: str, segment_linear=None) -> Backend:
         getattr(lib, prefix + "gather"),
         getattr(lib, prefix + "combine"),
         segment_linear,
+        recombine=getattr(lib, prefix + "recombine"),
+        **extra,
     )
 
 
@@ -131,16 +144,26 @@ def select_backend(requested: str, device: torch.device | str) -> tuple[str, dic
     raise AssertionError("the torch backend is always available")
 
 
+_TRITON_AUTOGRAD: list[bool] = []
+
+
+def _import_kernels() -> None:
+    importlib.import_module("mnn_fast.kernels")
+    if not _TRITON_AUTOGRAD:  # the Triton recombine shares the C++ op's backward
+        ops.register_recombine_autograd("mnn_fast::triton_recombine")
+        _TRITON_AUTOGRAD.append(True)
+
+
 def get_backend(name: str) -> Backend:
     """The :class:`Backend` named ``name`` (check availability with :func:`select_backend` first)."""
     if name == "torch":
         return _with_checks(Backend("torch", group_scores_torch, _torch_route, gather_torch, combine_torch,
-                                    segment_linear_torch))
+                                    segment_linear_torch))  # row ops: the torch defaults
     if name == "cpp":
-        return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear)
+        return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear, row_ops=True)
     if name == "cuda":
         return _ops_backend(name, "")
     if name == "triton":
-        importlib.import_module("mnn_fast.kernels")
+        _import_kernels()
         return _with_checks(_ops_backend(name, "triton_"))
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")

@@ -11,7 +11,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["check_group_scores", "check_route", "check_gather", "check_combine"]
+__all__ = ["check_group_scores", "check_route", "check_gather", "check_combine", "check_recombine",
+           "check_contributions", "check_log_softmax_rows"]
 
 
 def _describe(t: Tensor) -> str:
@@ -98,3 +99,65 @@ def check_combine(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tens
         steps = sample_offsets[1:] - sample_offsets[:-1]
         if int(sample_offsets[0]) < 0 or (steps.numel() and int(steps.min()) < 0) or int(sample_offsets[-1]) > sample_rows.numel():
             raise ValueError(f"{op}: sample_offsets must be non-decreasing within [0, {sample_rows.numel()}]")
+
+
+def _tables(op: str, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+            log_spread: Tensor, classes: int) -> None:
+    """The group and row tables of ``recombine`` / ``contributions`` (``docs/ops.md``)."""
+    _matrix(op, "logits", logits)
+    _index(op, "offsets", offsets)
+    _index(op, "group_offsets", group_offsets)
+    _index(op, "group_classes", group_classes)
+    if not isinstance(log_spread, Tensor) or log_spread.dim() != 1 or log_spread.dtype != torch.float32:
+        got = _describe(log_spread) if isinstance(log_spread, Tensor) else type(log_spread).__name__
+        error = ValueError if isinstance(log_spread, Tensor) and log_spread.dtype == torch.float32 else TypeError
+        raise error(f"{op}: log_spread must be a 1-D float32 tensor, got {got}")
+    experts = offsets.numel() - 1
+    if experts < 1:
+        raise ValueError(f"{op}: offsets must have E+1 >= 2 entries, got {_describe(offsets)}")
+    if group_offsets.numel() != experts + 1:
+        raise ValueError(f"{op}: group_offsets must have E+1 = {experts + 1} entries (one group per expert), "
+                         f"got {_describe(group_offsets)}")
+    if log_spread.numel() != experts:
+        raise ValueError(f"{op}: log_spread must have E = {experts} entries, got {_describe(log_spread)}")
+    if logits.shape[1] not in (classes, 1):
+        raise ValueError(f"{op}: logits must have C = {classes} columns (or 1, binary specialists), got "
+                         f"{_describe(logits)}")
+    _in_range(op, "group_classes", group_classes, classes, "C")
+    if _values_checked(offsets):
+        offs, spans = offsets.tolist(), group_offsets.tolist()
+        if offs[0] != 0 or offs[-1] != logits.shape[0] or any(b < a for a, b in zip(offs[:-1], offs[1:])):
+            raise ValueError(f"{op}: offsets must run from 0 to N = {logits.shape[0]} (logits rows), non-decreasing, "
+                             f"got {offs[:8]}")
+        if spans[0] != 0 or spans[-1] != group_classes.numel() or any(b <= a for a, b in zip(spans[:-1], spans[1:])):
+            raise ValueError(f"{op}: group_offsets must run from 0 to group_classes.numel() = {group_classes.numel()}, "
+                             f"strictly increasing (every group non-empty), got {spans[:8]}")
+        if logits.shape[1] == 1 and classes != 1 and any(b - a != 1 for a, b in zip(spans[:-1], spans[1:])):
+            raise ValueError(f"{op}: binary logits (1 column) need one-class groups")
+
+
+def check_recombine(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                    log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> None:
+    op = "recombine"
+    _matrix(op, "logp", logp)
+    _tables(op, logits, offsets, group_offsets, group_classes, log_spread, logp.shape[1])
+    rows = logits.shape[0]
+    _index(op, "sample_offsets", sample_offsets, logp.shape[0] + 1)
+    _index(op, "sample_rows", sample_rows, rows)
+    _in_range(op, "sample_rows", sample_rows, rows, "N")
+    if _values_checked(sample_offsets) and sample_offsets.numel():
+        steps = sample_offsets[1:] - sample_offsets[:-1]
+        if int(sample_offsets[0]) < 0 or (steps.numel() and int(steps.min()) < 0) or int(sample_offsets[-1]) > rows:
+            raise ValueError(f"{op}: sample_offsets must be non-decreasing within [0, N = {rows}]")
+
+
+def check_contributions(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                        log_spread: Tensor, num_classes: int) -> None:
+    op = "contributions"
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"{op}: num_classes must be an int >= 1, got {num_classes!r}")
+    _tables(op, logits, offsets, group_offsets, group_classes, log_spread, num_classes)
+
+
+def check_log_softmax_rows(x: Tensor) -> None:
+    _matrix("log_softmax_rows", "x", x)

@@ -2,7 +2,8 @@
 
 Per row: ``ls = log_softmax(y)``; group classes keep ``ls[c]`` (or ``log q = logsigmoid(y)`` for a
 binary specialist); the rest share ``log(1 - q) = logsumexp(ls[not G])`` evenly, minus ``log(C - |G|)``.
-Row-wise only, so one pass over all experts' rows is bitwise the per-expert passes of the naive loop.
+The fast path is the backends' row ops (:mod:`.rowmath` arithmetic, identical bits everywhere); the
+plain-torch formula here is the differentiable form their backward uses and the tests' reference.
 """
 from __future__ import annotations
 
@@ -13,8 +14,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["ClassTables", "class_tables", "expert_log_contribution", "logsumexp_rows", "vectorised_contribution",
-           "specialist_contributions"]
+from .rowmath import log_spread_table
+
+__all__ = ["ClassTables", "class_tables", "expert_log_contribution", "logsumexp_rows", "buffer_logits",
+           "specialist_contributions", "recombine_formula"]
 
 
 def logsumexp_rows(a: Tensor) -> Tensor:
@@ -36,12 +39,12 @@ def expert_log_contribution(
     group_idx: Tensor | None = None,
     outside_idx: Tensor | None = None,
 ) -> Tensor:
-    """``log v_e: Tensor[n, C] float32`` from specialist logits ``y: Tensor[n, C]`` or ``Tensor[n, 1]``.
+    """``log v_e: Tensor[n, C] float32`` from specialist logits ``y: Tensor[n, C]`` or ``Tensor[n, 1]``,
+    SPEC section 4 in differentiable torch ops (``log_softmax``, ``logsumexp``, ``logsigmoid``).
 
     Classes in the group keep the specialist's log-probabilities (width ``C``) or ``log q`` (width 1,
     a binary specialist); the rest share ``log(1 - q)`` evenly. ``group_idx`` / ``outside_idx``
-    (``Tensor[|G|]`` / ``Tensor[C-|G|]`` int64) may be passed precomputed. The naive loop calls this
-    on each expert's rows, the engine on each expert's slice or all rows at once (same arithmetic).
+    (``Tensor[|G|]`` / ``Tensor[C-|G|]`` int64) may be passed precomputed.
     """
     y = y.float()
     if group_idx is None:
@@ -66,107 +69,104 @@ def expert_log_contribution(
     return out
 
 
-def vectorised_contribution(y: Tensor, expert_of_row: Tensor, group_table: Tensor) -> Tensor:
-    """``log v: Tensor[N, C] float32`` for width-``C`` logits ``y: Tensor[N, C]`` of experts whose groups
-    all have ``g`` classes.
-
-    ``expert_of_row: Tensor[N] int64``, ``group_table: Tensor[E, g] int64``. The same row-wise steps as
-    :func:`expert_log_contribution` on the same contiguous ``[N, C - g]`` block of out-of-group
-    log-probabilities, so each row is bitwise what the per-expert version gives, without an
-    ``[N, C]`` index tensor.
-    """
-    ls = torch.log_softmax(y.float(), dim=1)
-    rows_group = group_table.index_select(0, expert_of_row)
-    in_group = ls.gather(1, rows_group)
-    rest = y.shape[1] - group_table.shape[1]
-    if rest:
-        log_not_q = logsumexp_rows(_outside_columns(ls, rows_group))
-        out = (log_not_q - math.log(rest)).expand(y.shape[0], y.shape[1]).clone()
-    else:
-        out = torch.empty_like(ls)
-    return out.scatter_(1, rows_group, in_group)
-
-
-# Dropping g columns by shifts costs g passes over [N, C]; masked_select costs one slow pass
-# (~10x an element-wise op on CPU). Shifts win for the small groups MNNs use.
-_MAX_SHIFTED_COLUMNS = 8
-
-
-def _outside_columns(ls: Tensor, rows_group: Tensor) -> Tensor:
-    """``Tensor[N, C - g]``, contiguous: each row of ``ls: Tensor[N, C]`` without its ``g`` group
-    columns ``rows_group: Tensor[N, g] int64`` (distinct per row), the rest in column order.
-
-    Each column is removed by one shift: entries at or after it move one place left. Removing
-    the largest column first leaves the smaller ones' positions valid. The shapes are static, so
-    the same code traces under ``torch.compile``.
-    """
-    g = rows_group.shape[1]
-    if g > _MAX_SHIFTED_COLUMNS:
-        outside = torch.ones_like(ls, dtype=torch.bool).scatter_(1, rows_group, False)
-        return ls.masked_select(outside).view(-1, ls.shape[1] - g)
-    cols = rows_group.sort(1, descending=True).values if g > 1 else rows_group
-    block = ls
-    for k in range(g):
-        width = block.shape[1] - 1
-        shifted = torch.arange(width, device=ls.device)[None, :] >= cols[:, k : k + 1]
-        block = torch.where(shifted, block[:, 1:], block[:, :-1])
-    return block
-
-
 @dataclass(frozen=True)
 class ClassTables:
-    """Index tables of one ``(groups, C, device)``: built once, reused by every batch.
+    """The group tables of one ``(groups, C, device)``: built once, reused by every batch.
 
-    ``group_idx[e]: Tensor[|G_e|]`` and ``outside_idx[e]: Tensor[C - |G_e|]`` int64 per expert;
-    ``group_table: Tensor[E, g]`` when every group has ``g`` classes (the vectorised path), else None.
+    ``group_offsets: Tensor[E+1]`` / ``group_classes: Tensor[M]`` int64 (CSR groups) and
+    ``log_spread: Tensor[E] float32`` (``log(C - |G_e|)``) are what the row ops take;
+    ``group_idx[e]`` / ``outside_idx[e]`` int64 per expert serve the torch formula, and
+    ``single_offsets[e]`` (``[0, |G_e|]``) lets the row ops run on one expert's rows alone.
     """
 
     num_classes: int
+    group_offsets: Tensor
+    group_classes: Tensor
+    log_spread: Tensor
     group_idx: tuple[Tensor, ...]
     outside_idx: tuple[Tensor, ...]
-    group_table: Tensor | None
+    single_offsets: tuple[Tensor, ...]
 
 
 def class_tables(groups: Sequence[Sequence[int]], num_classes: int, device: torch.device) -> ClassTables:
     """The :class:`ClassTables` of ``groups`` (distinct class ids in ``[0, C)``) on ``device``."""
-    group_idx, outside_idx = [], []
+    group_idx, outside_idx, single = [], [], []
     for group in groups:
         members = set(group)
         group_idx.append(torch.tensor(list(group), dtype=torch.long, device=device))
         outside_idx.append(torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long,
                                         device=device))
-    uniform = len({len(g) for g in groups}) == 1
-    table = torch.tensor([list(g) for g in groups], dtype=torch.long, device=device) if uniform else None
-    return ClassTables(num_classes, tuple(group_idx), tuple(outside_idx), table)
+        single.append(torch.tensor([0, len(group)], dtype=torch.long, device=device))
+    sizes = torch.tensor([len(g) for g in groups], dtype=torch.long)
+    group_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
+    group_classes = torch.tensor([c for g in groups for c in g], dtype=torch.long)
+    return ClassTables(num_classes, group_offsets.to(device), group_classes.to(device),
+                       log_spread_table(group_offsets, num_classes).to(device), tuple(group_idx), tuple(outside_idx),
+                       tuple(single))
 
 
-def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, counts: Tensor,
-                             groups: Sequence[Sequence[int]], tables: ClassTables) -> Tensor:
-    """``log v: Tensor[N, C] float32`` in buffer order from the specialists' logits.
+def buffer_logits(outputs: Sequence[Tensor | None] | Tensor, num_classes: int,
+                  device: torch.device | None = None) -> Tensor | None:
+    """All rows' logits in buffer order as one ``Tensor[N, W] float32`` (``W = C``, or 1 when every
+    expert is binary), or ``None`` when experts return different widths.
 
-    ``outputs``: per expert its logits on its rows (``None`` for an expert with no rows), or one
-    ``Tensor[N, C]`` of all rows in buffer order (a grouped executor's output); ``counts: Tensor[E]``.
-    Width-``C`` experts with equal group sizes take one vectorised pass over all rows; otherwise each
-    expert's rows go through :func:`expert_log_contribution` (binary or mixed-width specialists).
+    ``outputs``: per expert its logits (``None`` for an expert with no rows) or one tensor already
+    in buffer order (a grouped executor's output); ``device`` places the empty result of no rows.
+    """
+    if isinstance(outputs, Tensor):
+        return outputs.float()
+    present = [y for y in outputs if y is not None]
+    widths = {y.shape[1] for y in present}
+    if len(widths) > 1:
+        return None
+    if not present:
+        return torch.empty(0, num_classes, device=device)
+    return torch.cat(present).float() if len(present) > 1 else present[0].float()
+
+
+def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, offsets: Tensor, tables: ClassTables,
+                             ops) -> Tensor:
+    """``log v: Tensor[N, C] float32`` in buffer order from the specialists' logits (see
+    :func:`buffer_logits` for ``outputs``), computed by ``ops.contributions`` (a
+    :class:`~.backends.Backend`); ``offsets: Tensor[E+1] int64`` the routing's expert offsets.
+
+    Mixed widths (binary and width-``C`` specialists) go expert by expert; every row gets the same
+    arithmetic either way, so the result does not depend on the path.
     """
     num_classes = tables.num_classes
-    if isinstance(outputs, Tensor):
-        if outputs.shape[1] == num_classes and tables.group_table is not None:
-            return _all_rows(outputs, counts, tables)
-        outputs = list(torch.split(outputs, counts.tolist()))
-    present = [y for y in outputs if y is not None]
-    if not present:
-        return counts.new_empty(0, num_classes, dtype=torch.float32)
-    if tables.group_table is not None and all(y.shape[1] == num_classes for y in present):
-        # One row-wise pass over all experts' logits instead of E small ones; the same arithmetic
-        # per row, so the result is bitwise the per-expert one.
-        return _all_rows(torch.cat(present), counts, tables)
-    parts = [expert_log_contribution(y, groups[e], num_classes, tables.group_idx[e], tables.outside_idx[e])
+    logits = buffer_logits(outputs, num_classes, tables.log_spread.device)
+    if logits is not None:
+        if logits.shape[0] == 0:
+            return logits.new_empty(0, num_classes)
+        return ops.contributions(logits, offsets.to(logits.device), tables.group_offsets, tables.group_classes,
+                                 tables.log_spread, num_classes)
+    parts = [ops.contributions(y.float(), y.new_tensor([0, y.shape[0]], dtype=torch.long), tables.single_offsets[e],
+                               tables.group_idx[e], tables.log_spread[e : e + 1], num_classes)
              for e, y in enumerate(outputs) if y is not None]
     return torch.cat(parts)
 
 
-def _all_rows(y: Tensor, counts: Tensor, tables: ClassTables) -> Tensor:
-    expert_of_row = torch.repeat_interleave(torch.arange(counts.shape[0], device=y.device), counts,
-                                            output_size=y.shape[0])
-    return vectorised_contribution(y, expert_of_row, tables.group_table)
+def recombine_formula(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                      log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+    """What ``recombine`` computes (``docs/ops.md``), as SPEC section 4 in differentiable torch ops:
+    ``log_softmax(logp[i] + sum of i's rows' log v)``; the backward of the row ops differentiates this.
+
+    Agrees with the op to float32 rounding, not bitwise (torch's exp and sums differ from rowmath's).
+    """
+    num_classes = logp.shape[1]
+    bounds = offsets.tolist()
+    spans = group_offsets.tolist()
+    parts = []
+    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        if b > a:
+            group = group_classes[spans[e] : spans[e + 1]].tolist()
+            parts.append(expert_log_contribution(logits[a:b], group, num_classes))
+    rows = sample_rows.shape[0]
+    counts = sample_offsets[1:] - sample_offsets[:-1]
+    owner = torch.repeat_interleave(torch.arange(logp.shape[0], device=logp.device), counts, output_size=rows)
+    acc = logp
+    if parts:
+        logv = torch.cat(parts)
+        perm = torch.empty_like(owner).index_put_((sample_rows,), owner)
+        acc = logp.index_add(0, perm, logv)
+    return torch.log_softmax(acc, dim=1)

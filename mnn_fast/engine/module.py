@@ -1,7 +1,8 @@
 """``MetaNeuralNetwork``: a drop-in ``nn.Module`` over the engine's public stages (:mod:`.stages`).
 
 switch -> softmax -> group scores -> route (fused op) -> gather all routed rows into one buffer ->
-each specialist on its contiguous slice -> contributions -> combine (fixed expert order) -> log_softmax.
+each specialist on its contiguous slice -> recombine (one fused op: contributions, accumulation in
+fixed expert order, log_softmax).
 Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32.
 """
 from __future__ import annotations
@@ -223,8 +224,9 @@ class MetaNeuralNetwork(nn.Module):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
-        logv = self.contributions(stages.gather_rows(x, routing.perm, self._backend), routing, log_probs.shape[1])
-        out = stages.combine_log_probs(log_probs, logv, routing, self._backend)
+        num_classes = log_probs.shape[1]
+        outputs = self.specialist_outputs(stages.gather_rows(x, routing.perm, self._backend), routing, num_classes)
+        out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend)
         return (out, routing) if return_routing else out
 
     def switch_scores(self, x: Tensor) -> stages.SwitchScores:
@@ -238,6 +240,12 @@ class MetaNeuralNetwork(nn.Module):
 
     def contributions(self, xg: Tensor, routing: Routing, num_classes: int) -> Tensor:
         """``log v: Tensor[N, C] float32`` in buffer order: the specialists on their rows of ``xg``."""
+        outputs = self.specialist_outputs(xg, routing, num_classes)
+        return specialist_contributions(outputs, routing.offsets, self.class_tables(num_classes), self._backend)
+
+    def specialist_outputs(self, xg: Tensor, routing: Routing, num_classes: int):
+        """The specialists' logits on their rows of ``xg: Tensor[N, ...]``, checked: per expert
+        ``Tensor[n_e, C or 1]`` (``None`` without rows) or one ``Tensor[N, C or 1]`` in buffer order."""
         sizes = routing.counts.tolist()
         for n in sizes:
             torch._check(n >= 0)  # the data-dependent counts are sizes
@@ -246,4 +254,4 @@ class MetaNeuralNetwork(nn.Module):
         if outputs is None:  # a grouped executor with no rows to run
             outputs = [None] * self.num_experts
         stages.check_specialist_output(outputs, xg, sizes, self.groups, num_classes)
-        return specialist_contributions(outputs, routing.counts, self.groups, self.class_tables(num_classes))
+        return outputs

@@ -8,7 +8,10 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["EXTENSION_ERROR", "extension_has_cuda"]
+from . import rowmath
+
+__all__ = ["EXTENSION_ERROR", "extension_has_cuda", "register_recombine_autograd", "torch_recombine",
+           "torch_contributions", "torch_log_softmax_rows"]
 
 try:
     from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
@@ -70,6 +73,74 @@ def _backward_combine(ctx, grad):
     return grad, grad.index_select(0, perm), None, None, None
 
 
+def _fake_recombine(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                    log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+    torch._check(logits.shape[1] == logp.shape[1] or logits.shape[1] == 1)
+    return torch.empty_like(logp, memory_format=torch.contiguous_format)
+
+
+def _fake_contributions(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                        log_spread: Tensor, num_classes: int) -> Tensor:
+    return logits.new_empty(logits.shape[0], num_classes)
+
+
+def _fake_log_softmax_rows(x: Tensor) -> Tensor:
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+# The row ops' backward differentiates SPEC section 4 written in torch (contributions.recombine_formula):
+# the gradient of the math the ops compute, recomputed from the saved inputs; training is not the hot path.
+def _setup_recombine(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _backward_recombine(ctx, grad):
+    from .contributions import recombine_formula
+
+    logp, logits, *tables = ctx.saved_tensors
+    with torch.enable_grad():
+        logp_, logits_ = logp.detach().requires_grad_(), logits.detach().requires_grad_()
+        out = recombine_formula(logp_, logits_, *tables)
+        grad_logp, grad_logits = torch.autograd.grad(out, (logp_, logits_), grad, allow_unused=True)
+    if grad_logits is None:
+        grad_logits = torch.zeros_like(logits)
+    return (grad_logp, grad_logits) + (None,) * 6
+
+
+def register_recombine_autograd(name: str) -> None:
+    """Registers the backward of a recombine op (``mnn_fast::recombine`` or its Triton twin)."""
+    torch.library.register_autograd(name, _backward_recombine, setup_context=_setup_recombine)
+
+
+def _setup_contributions(ctx, inputs, output):
+    ctx.num_classes = inputs[5]
+    ctx.save_for_backward(*inputs[:5])
+
+
+def _backward_contributions(ctx, grad):
+    from .contributions import expert_log_contribution
+
+    logits, offsets, group_offsets, group_classes, _ = ctx.saved_tensors
+    bounds, spans = offsets.tolist(), group_offsets.tolist()
+    grads = torch.zeros_like(logits)
+    with torch.enable_grad():
+        for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+            if b > a:
+                y = logits[a:b].detach().requires_grad_()
+                v = expert_log_contribution(y, group_classes[spans[e] : spans[e + 1]].tolist(), ctx.num_classes)
+                grads[a:b] = torch.autograd.grad(v, y, grad[a:b])[0]
+    return grads, None, None, None, None, None
+
+
+def _setup_log_softmax_rows(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+def _backward_log_softmax_rows(ctx, grad):
+    (out,) = ctx.saved_tensors
+    return grad - out.exp() * grad.sum(1, keepdim=True)
+
+
 def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, parallel_segments: bool = False) -> Tensor:
     torch._check(x.shape[1] == weight.shape[2])
     return x.new_empty(x.shape[0], weight.shape[1])
@@ -112,6 +183,37 @@ def _backward_segment_linear(ctx, grad):
     return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
 
 
+# The torch backend's row ops: rowmath's PyTorch arithmetic as custom ops, so they carry the same
+# fake kernels and backward as the C++ ones (the bit tricks of rowmath's exp have no autograd).
+def _torch_row_op(name: str, fn, fake, backward, setup):
+    op = torch.library.custom_op(f"mnn_fast::torch_{name}", fn, mutates_args=())
+    op.register_fake(fake)
+    op.register_autograd(backward, setup_context=setup)
+    return op
+
+
+def _recombine_torch(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                     log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+    return rowmath.recombine_torch(logp, logits, offsets, group_offsets, group_classes, log_spread, sample_offsets,
+                                   sample_rows)
+
+
+def _contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                         log_spread: Tensor, num_classes: int) -> Tensor:
+    return rowmath.contributions_torch(logits, offsets, group_offsets, group_classes, log_spread, num_classes)
+
+
+def _log_softmax_rows_torch(x: Tensor) -> Tensor:
+    return rowmath.log_softmax_rows(x)
+
+
+torch_recombine = _torch_row_op("recombine", _recombine_torch, _fake_recombine, _backward_recombine, _setup_recombine)
+torch_contributions = _torch_row_op("contributions", _contributions_torch, _fake_contributions, _backward_contributions,
+                                    _setup_contributions)
+torch_log_softmax_rows = _torch_row_op("log_softmax_rows", _log_softmax_rows_torch, _fake_log_softmax_rows,
+                                       _backward_log_softmax_rows, _setup_log_softmax_rows)
+
+
 if EXTENSION_ERROR is None:
     torch.library.register_fake("mnn_fast::segment_linear")(_fake_segment_linear)
     torch.library.register_autograd("mnn_fast::segment_linear", _backward_segment_linear, setup_context=_setup_segment_linear)
@@ -121,3 +223,10 @@ if EXTENSION_ERROR is None:
     torch.library.register_fake("mnn_fast::combine")(_fake_combine)
     torch.library.register_autograd("mnn_fast::gather", _backward_gather, setup_context=_setup_gather)
     torch.library.register_autograd("mnn_fast::combine", _backward_combine, setup_context=_setup_combine)
+    torch.library.register_fake("mnn_fast::recombine")(_fake_recombine)
+    torch.library.register_fake("mnn_fast::contributions")(_fake_contributions)
+    torch.library.register_fake("mnn_fast::log_softmax_rows")(_fake_log_softmax_rows)
+    register_recombine_autograd("mnn_fast::recombine")
+    torch.library.register_autograd("mnn_fast::contributions", _backward_contributions, setup_context=_setup_contributions)
+    torch.library.register_autograd("mnn_fast::log_softmax_rows", _backward_log_softmax_rows,
+                                    setup_context=_setup_log_softmax_rows)

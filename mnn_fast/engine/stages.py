@@ -1,7 +1,7 @@
-"""The engine's forward as public stages; ``MetaNeuralNetwork.forward`` is these six calls in order.
+"""The engine's forward as public stages; ``MetaNeuralNetwork.forward`` is these five calls in order.
 
-switch_scores -> route_batch -> gather_rows -> run_specialists -> specialist_contributions
-(:mod:`.contributions`) -> combine_log_probs. Each stage takes the :class:`~.backends.Backend` whose
+switch_scores -> route_batch -> gather_rows -> run_specialists -> recombine_log_probs (one fused op:
+contributions, accumulation, final log_softmax). Each stage takes the :class:`~.backends.Backend` whose
 ops it runs, so the sweep, benchmarks and tests drive the same code the module does.
 """
 from __future__ import annotations
@@ -14,11 +14,12 @@ from torch import Tensor, nn
 
 from .backends import Backend
 from .alignment import as_fresh_aligned
+from .contributions import ClassTables, buffer_logits, specialist_contributions
 from .executors import recording_grad, run_on_streams
 from .routing import Routing
 
 __all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "run_specialists", "combine_log_probs",
-           "check_specialist_output"]
+           "recombine_log_probs", "check_specialist_output"]
 
 
 class SwitchScores(NamedTuple):
@@ -139,4 +140,20 @@ def combine_log_probs(log_probs: Tensor, logv: Tensor, routing: Routing, ops: Ba
     ``log_probs: Tensor[B, C]`` from :func:`switch_scores`, ``logv: Tensor[N, C]`` in buffer order.
     """
     acc = ops.combine(log_probs, logv, routing.perm, routing.sample_offsets, routing.sample_rows)
-    return torch.log_softmax(acc, dim=1)
+    return ops.log_softmax_rows(acc)
+
+
+def recombine_log_probs(log_probs: Tensor, outputs, routing: Routing, tables: ClassTables, ops: Backend) -> Tensor:
+    """``Tensor[B, C] float32``: the module's output from the switch's ``log_probs: Tensor[B, C]`` and the
+    specialists' logits ``outputs`` (as :func:`run_specialists` returns them).
+
+    One ``ops.recombine`` call reads every logits row once (no ``[N, C]`` temporaries); specialists
+    of mixed widths (binary and width ``C``) take contributions expert by expert, then
+    :func:`combine_log_probs`, which is the same arithmetic per row.
+    """
+    logits = buffer_logits(outputs, tables.num_classes, log_probs.device)
+    if logits is None:
+        logv = specialist_contributions(outputs, routing.offsets, tables, ops)
+        return combine_log_probs(log_probs, logv, routing, ops)
+    return ops.recombine(log_probs, logits, routing.offsets, tables.group_offsets, tables.group_classes,
+                         tables.log_spread, routing.sample_offsets, routing.sample_rows)

@@ -54,9 +54,10 @@ def sweep_test_thresholds(mnn: MetaNeuralNetwork, x: Tensor, y: Tensor, threshol
     ]
 
 
-def log_softmax_argmax(acc: Tensor) -> Tensor:
-    """``torch.log_softmax(acc, 1).argmax(1)`` (``Tensor[n] int64`` from ``acc: Tensor[n, C] float32``),
-    bitwise, without a log-softmax of every row.
+def log_softmax_argmax(acc: Tensor, log_softmax_rows=None) -> Tensor:
+    """``log_softmax_rows(acc).argmax(1)`` (``Tensor[n] int64`` from ``acc: Tensor[n, C] float32``),
+    bitwise, without a log-softmax of every row. ``log_softmax_rows``: the backend's op (the module's
+    final step, ``Backend.log_softmax_rows``); ``None`` = ``torch.log_softmax``.
 
     log_softmax subtracts one constant per row, a monotone map, so its argmax is ``acc``'s argmax unless
     rounding ties the maximum with an earlier class (possible only within a few ulps of ``|max|`` plus
@@ -72,7 +73,9 @@ def log_softmax_argmax(acc: Tensor) -> Tensor:
     unsure = ((acc >= top - slack).sum(1) > 1) | ~torch.isfinite(acc.sum(1))
     rows = unsure.nonzero().squeeze(1)
     if rows.numel():
-        pred[rows] = torch.log_softmax(acc.index_select(0, rows), 1).argmax(1)
+        unsure_rows = acc.index_select(0, rows)
+        exact = log_softmax_rows(unsure_rows) if log_softmax_rows is not None else torch.log_softmax(unsure_rows, 1)
+        pred[rows] = exact.argmax(1)
     return pred
 
 
@@ -123,7 +126,7 @@ def _predictions_per_threshold(ops, logp: Tensor, logv: Tensor, scores: Tensor, 
     owner = torch.repeat_interleave(torch.arange(at.shape[0], device=device), sizes, output_size=rows.numel())
     acc = ops.combine(logp.index_select(0, sample_of_set), logv.index_select(0, rows), owner, offsets,
                       torch.arange(rows.numel(), device=device))
-    pred_new = log_softmax_argmax(acc)
+    pred_new = log_softmax_argmax(acc, ops.log_softmax_rows)
     # Each (j, i) reads the latest new set of column i at or before j: positions of new sets grow in
     # row-major order, so a running max down each column finds it (row 0 is always new).
     position = torch.cumsum(new.reshape(-1), 0).sub_(1).view(T, B)

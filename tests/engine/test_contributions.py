@@ -1,16 +1,16 @@
-"""The contribution math (SPEC section 4): the formula, the vectorised pass, the path choice.
+"""The contribution math (SPEC section 4): the formula and the path choice.
 
 Reference first: the section-4 formula written in plain torch below (log_softmax, logsumexp); the
-engine's per-expert ``expert_log_contribution`` must match it, and the all-rows pass must be
-bitwise the per-expert one.
+differentiable ``expert_log_contribution`` must match it, and every path through the row ops must
+be bitwise the op on each expert's rows alone (tests/engine/test_rowmath.py tests the ops themselves).
 """
 import math
 
 import pytest
 import torch
 
-from mnn_fast.engine.contributions import (class_tables, expert_log_contribution, specialist_contributions,
-                                           vectorised_contribution)
+from mnn_fast.engine.backends import get_backend
+from mnn_fast.engine.contributions import class_tables, expert_log_contribution, specialist_contributions
 
 
 def formula(y, group, num_classes):
@@ -52,42 +52,52 @@ def test_contribution_sums_to_one_and_keeps_group_log_probs():
     assert torch.allclose(binary[:, 0], torch.nn.functional.logsigmoid(-y[:, 0]) - math.log(6))
 
 
-# Group width g picks the path: shifts for g <= 8 (one, two, unsorted several), masked_select above,
-# nothing outside at g = C. Rows per expert vary, including experts with no rows.
-@pytest.mark.parametrize("g", [1, 2, 5, 8, 9, 12])
-def test_vectorised_contribution_bitwise_per_expert(g):
-    gen = torch.Generator().manual_seed(g)
-    C, E = 12, 7
-    groups = [torch.randperm(C, generator=gen)[:g].tolist() for _ in range(E)]  # unsorted on purpose
-    counts = torch.randint(0, 6, (E,), generator=gen)
-    counts[2] = 0
-    y = torch.randn(int(counts.sum()), C, generator=gen) * 20
-    y[::4, 0] = -1e30  # a class pushed to probability 0
-    expert_of_row = torch.repeat_interleave(torch.arange(E), counts)
-    got = vectorised_contribution(y, expert_of_row, torch.tensor(groups))
-    want = torch.cat([expert_log_contribution(part, groups[e], C)
-                      for e, part in enumerate(torch.split(y, counts.tolist()))])
-    assert torch.equal(got, want)
-
-
-# The path choice: mixed widths (binary + width C) and unequal group sizes go expert by expert;
-# one grouped tensor of width C takes the all-rows pass. All must agree bitwise with per-expert calls.
+# The path choice: one tensor of all rows (uniform width, any group sizes) takes one row-op call;
+# mixed widths (binary + width C) go expert by expert. Rows are rows: both must give the same bits
+# as the op on each expert's rows alone, on every CPU backend.
+@pytest.mark.parametrize("backend", ["torch", "cpp"])
 @pytest.mark.parametrize("case", ["uniform", "uneven_groups", "binary_mix", "grouped_tensor"])
-def test_specialist_contributions_bitwise_per_expert_on_every_path(case):
+def test_specialist_contributions_bitwise_per_expert_on_every_path(case, backend):
     gen = torch.Generator().manual_seed(7)
     C = 6
+    ops = get_backend(backend)
     groups = [[0], [1], [2, 3], [4]] if case == "uneven_groups" else [[0], [1], [2], [4]]
     counts = torch.tensor([3, 0, 4, 2])
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.cumsum(0)])
     outputs = [torch.randn(int(n), C, generator=gen) if n else None for n in counts]
     if case == "binary_mix":
         outputs[3] = torch.randn(2, 1, generator=gen)
-    want = torch.cat([expert_log_contribution(y, groups[e], C) for e, y in enumerate(outputs) if y is not None])
+    tables = class_tables(groups, C, torch.device("cpu"))
+    want = torch.cat([ops.contributions(y, torch.tensor([0, y.shape[0]]), torch.tensor([0, len(groups[e])]),
+                                        torch.tensor(groups[e]), tables.log_spread[e : e + 1], C)
+                      for e, y in enumerate(outputs) if y is not None])
     given = torch.cat([y for y in outputs if y is not None]) if case == "grouped_tensor" else outputs
-    got = specialist_contributions(given, counts, groups, class_tables(groups, C, torch.device("cpu")))
+    got = specialist_contributions(given, offsets, tables, ops)
     assert torch.equal(got, want)
+    # ... and within float32 rounding of the section-4 formula.
+    formula_rows = torch.cat([formula(y, groups[e], C) for e, y in enumerate(outputs) if y is not None])
+    torch.testing.assert_close(got, formula_rows, rtol=0, atol=2e-6)
 
 
 def test_specialist_contributions_with_no_rows_is_empty_width_c():
     groups = [[0], [1]]
-    got = specialist_contributions([None, None], torch.tensor([0, 0]), groups, class_tables(groups, 3, torch.device("cpu")))
+    got = specialist_contributions([None, None], torch.tensor([0, 0, 0]), class_tables(groups, 3, torch.device("cpu")),
+                                   get_backend("cpp"))
     assert got.shape == (0, 3) and got.dtype == torch.float32
+
+
+def test_recombine_formula_is_the_module_output_to_rounding():
+    # The backward differentiates recombine_formula, so it must be the function the op computes.
+    from mnn_fast import route
+    from mnn_fast.engine.contributions import recombine_formula
+
+    gen = torch.Generator().manual_seed(3)
+    B, C = 40, 5
+    groups = [[0], [1, 2], [3], [4, 0]]
+    tables = class_tables(groups, C, torch.device("cpu"))
+    r = route(torch.rand(B, 4, generator=gen), groups=None, threshold=0.3)
+    logits = torch.randn(r.perm.numel(), C, generator=gen) * 4
+    logp = torch.log_softmax(torch.randn(B, C, generator=gen), 1)
+    args = (logp, logits, r.offsets, tables.group_offsets, tables.group_classes, tables.log_spread,
+            r.sample_offsets, r.sample_rows)
+    torch.testing.assert_close(get_backend("cpp").recombine(*args), recombine_formula(*args), rtol=0, atol=3e-6)

@@ -35,8 +35,11 @@ def test_stages_by_hand_equal_the_module_and_the_naive_loop(backend, groups):
         sizes = routing.counts.tolist()
         outputs = stages.run_specialists(specialists, xg, routing.counts, sizes)
         stages.check_specialist_output(outputs, xg, sizes, mnn.groups, 6)
-        logv = specialist_contributions(outputs, routing.counts, mnn.groups, class_tables(mnn.groups, 6, x.device))
-        got = stages.combine_log_probs(logp, logv, routing, ops)
+        tables = class_tables(mnn.groups, 6, x.device)
+        got = stages.recombine_log_probs(logp, outputs, routing, tables, ops)
+        # The unfused path (contributions, then combine, then log_softmax_rows) is the same arithmetic.
+        logv = specialist_contributions(outputs, routing.offsets, tables, ops)
+        assert torch.equal(stages.combine_log_probs(logp, logv, routing, ops), got)
         assert torch.equal(got, mnn(x))
         assert torch.equal(got, naive_forward(switch, specialists, x, groups=groups, threshold=0.1))
 
@@ -51,9 +54,10 @@ def test_empty_batch_flows_through_every_stage():
     xg = stages.gather_rows(x, routing.perm, ops)
     outputs = stages.run_specialists(specialists, xg, routing.counts, routing.counts.tolist())
     assert outputs == [None] * 4 and xg.shape == (0, 24)
-    logv = specialist_contributions(outputs, routing.counts, [[c] for c in range(4)],
-                                    class_tables([[c] for c in range(4)], 4, x.device))
-    assert stages.combine_log_probs(logp, logv, routing, ops).shape == (0, 4)
+    tables = class_tables([[c] for c in range(4)], 4, x.device)
+    logv = specialist_contributions(outputs, routing.offsets, tables, ops)
+    assert logv.shape == (0, 4)
+    assert stages.recombine_log_probs(logp, outputs, routing, tables, ops).shape == (0, 4)
 
 
 def test_no_active_expert_returns_the_switch_distribution():
@@ -62,8 +66,9 @@ def test_no_active_expert_returns_the_switch_distribution():
     logp, scores = stages.switch_scores(logits, ops)
     routing = stages.route_batch(scores, ops, 1.0, None)  # t = 1 activates nothing
     assert routing.perm.numel() == 0
-    out = stages.combine_log_probs(logp, torch.zeros(0, 3), routing, ops)
-    assert torch.equal(out, torch.log_softmax(torch.log_softmax(logits, 1), 1))
+    out = stages.recombine_log_probs(logp, [None] * 3, routing, class_tables([[0], [1], [2]], 3, logits.device), ops)
+    assert torch.equal(out, ops.log_softmax_rows(torch.log_softmax(logits, 1)))
+    torch.testing.assert_close(out, torch.log_softmax(logits, 1), rtol=0, atol=1e-6)
 
 
 def test_route_batch_checks_the_switch_fn_mask():

@@ -33,6 +33,10 @@ CASES = [
     ("gather_f64_D100", "gather", {"dtype": "fp64", "D": 100}),
     ("combine_C10", "combine", {"C": 10}),
     ("combine_C1000", "combine", {"C": 1000}),
+    # recombine walks the columns in chunks of 16 whatever C: C=1000 must use the registers of C=10.
+    ("recombine_C10", "recombine", {"C": 10, "binary": False}),
+    ("recombine_C1000", "recombine", {"C": 1000, "binary": False}),
+    ("recombine_binary_C10", "recombine", {"C": 10, "binary": True}),
     ("group_scores_E10", "group_scores", {"E": 10}),
     ("group_scores_E100", "group_scores", {"E": 100}),
     ("route_count_E10_topk", "route_count", {"B": 100_000, "E": 10, "top_k": True}),
@@ -56,6 +60,7 @@ def _kernel_and_signature(kind: str, src: dict):
     import kernels.combine as combine
     import kernels.gather as gather
     import kernels.group_scores as group_scores
+    import kernels.recombine as recombine
     import kernels.route as route
 
     i32 = "i32"
@@ -69,6 +74,13 @@ def _kernel_and_signature(kind: str, src: dict):
             "out_ptr": "*fp32", "B": i32, "C": i32,
         }
         return combine._combine_kernel, sig, combine._combine_config(src["C"])
+    if kind == "recombine":
+        sig = {
+            "logp_ptr": "*fp32", "logits_ptr": "*fp32", "offsets_ptr": "*i64", "group_offsets_ptr": "*i64",
+            "group_classes_ptr": "*i64", "log_spread_ptr": "*fp32", "sample_offsets_ptr": "*i64",
+            "sample_rows_ptr": "*i64", "stamp_ptr": "*i32", "out_ptr": "*fp32", "B": i32, "C": i32, "E": i32,
+        }
+        return recombine._recombine_kernel, sig, dict(recombine._recombine_config(src["C"]), BINARY=src["binary"])
     if kind == "group_scores":
         sig = {
             "probs_ptr": "*fp32", "group_offsets_ptr": "*i64", "group_classes_ptr": "*i64", "out_ptr": "*fp32",
@@ -92,6 +104,19 @@ def _kernel_and_signature(kind: str, src: dict):
         }
         return route._route_fill_kernel, sig, cx
     raise ValueError(kind)
+
+
+def _compile_options(kind: str) -> dict:
+    """The compile options the op passes at launch (recombine: no fused multiply-add)."""
+    if kind == "recombine":
+        import kernels.recombine as recombine
+
+        return dict(recombine._LAUNCH_OPTIONS)
+    return {}
+
+
+# Cases whose kernels must round every float op on its own, as the reference does (rowmath.py).
+EXACT_FLOAT_CASES = [c[0] for c in CASES if c[1] == "recombine"]
 
 
 def _ptxas_usage(ptx: str, cc: int) -> tuple[int, int]:
@@ -145,7 +170,8 @@ def _worker() -> None:
         attrs = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(sig.values()) if t.startswith("*")}
         for cc in CCS:
             compiled = triton.compile(
-                ASTSource(fn=fn, signature=signature, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", cc, 32)
+                ASTSource(fn=fn, signature=signature, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", cc, 32),
+                options=_compile_options(kind),
             )
             cubin = compiled.asm["cubin"]
             regs, spills = _ptxas_usage(compiled.asm["ptx"], cc)
@@ -156,6 +182,8 @@ def _worker() -> None:
                 "case": case, "cc": cc, "kernel": fn.__name__, "constexprs": cx, "cubin_bytes": len(cubin),
                 "elf": bytes(cubin[:4]) == b"\x7fELF", "n_regs": regs, "n_spills": spills,
                 "num_warps": compiled.metadata.num_warps, "from_driver": driver is not None,
+                "fma": len(re.findall(r"\bfma\.", compiled.asm["ptx"])),
+                "f32_div": sorted(set(re.findall(r"\bdiv\.[a-z.]*f32\b", compiled.asm["ptx"]))),
             })
     print(_MARK + json.dumps(results))
 
@@ -185,6 +213,16 @@ def test_aot_cubin_without_spills(aot_results, case, cc):
     assert r["cubin_bytes"] > 0 and r["elf"], f"{case} sm_{cc}: no cubin"
     assert r["n_regs"] <= 255
     assert r["n_spills"] == 0, f"{case} sm_{cc}: {r['n_spills']} bytes of register spills"
+
+
+@pytest.mark.parametrize("cc", CCS)
+@pytest.mark.parametrize("case", EXACT_FLOAT_CASES)
+def test_aot_no_contracted_or_approximate_float_ops(aot_results, case, cc):
+    # Bitwise equality with rowmath.py needs one rounding per op: no FMA (enable_fp_fusion=False at
+    # launch) and IEEE division only (tl.math.div_rn; "/" on float32 compiles to div.full.f32).
+    r = aot_results[(case, cc)]
+    assert r["fma"] == 0, f"{case} sm_{cc}: {r['fma']} fma instructions in the PTX"
+    assert r["f32_div"] and set(r["f32_div"]) <= {"div.rn.f32"}, f"{case} sm_{cc}: divisions {r['f32_div']}"
 
 
 if __name__ == "__main__" and "--worker" in sys.argv:

@@ -1,0 +1,96 @@
+// recombine on CPU (semantics: docs/ops.md): per sample i, acc = logp[i], then for each of its
+// buffer rows in increasing expert order acc += log v(row) (rows.h, one pass over the row's
+// logits), then out[i] = log_softmax(acc). Parallel over samples: each output row has one writer
+// and per-thread scratch of C floats; nothing of size [N, C] is allocated.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <atomic>
+#include <vector>
+
+#include "rows.h"
+
+namespace mnn_fast {
+namespace cpu {
+namespace {
+
+at::Tensor recombine_cpu(const at::Tensor& logp_in, const at::Tensor& logits_in, const at::Tensor& offsets_in,
+                         const at::Tensor& group_offsets_in, const at::Tensor& group_classes_in,
+                         const at::Tensor& log_spread_in, const at::Tensor& sample_offsets_in,
+                         const at::Tensor& sample_rows_in) {
+  constexpr const char* op = "recombine";
+  check_2d(op, "logp", logp_in, at::kFloat);
+  const int64_t B = logp_in.size(0);
+  const int64_t C = logp_in.size(1);
+  rows::check_tables(op, logits_in, offsets_in, group_offsets_in, group_classes_in, log_spread_in, C);
+  check_index_1d(op, "sample_offsets", sample_offsets_in);
+  check_index_1d(op, "sample_rows", sample_rows_in);
+  const int64_t N = logits_in.size(0);
+  TORCH_CHECK_VALUE(sample_offsets_in.numel() == B + 1, op, ": sample_offsets must have B+1 = ", B + 1,
+                    " entries, got ", describe(sample_offsets_in));
+  TORCH_CHECK_VALUE(sample_rows_in.numel() == N, op, ": sample_rows must have one entry per logits row (N = ", N,
+                    "), got ", describe(sample_rows_in));
+
+  const at::Tensor logp = logp_in.contiguous();
+  const at::Tensor logits = logits_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const at::Tensor group_offsets = group_offsets_in.contiguous();
+  const at::Tensor group_classes = group_classes_in.contiguous();
+  const at::Tensor log_spread = log_spread_in.contiguous();
+  const at::Tensor sample_offsets = sample_offsets_in.contiguous();
+  const at::Tensor sample_rows = sample_rows_in.contiguous();
+  at::Tensor out = at::empty({B, C}, logp.options());
+  if (B == 0 || C == 0) return out;
+
+  const int64_t E = offsets.numel() - 1;
+  const int64_t W = logits.size(1);
+  const float* lp = logp.data_ptr<float>();
+  const float* y = logits.data_ptr<float>();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  const int64_t* go = group_offsets.data_ptr<int64_t>();
+  const int64_t* gc = group_classes.data_ptr<int64_t>();
+  const float* spread = log_spread.data_ptr<float>();
+  const int64_t* so = sample_offsets.data_ptr<int64_t>();
+  const int64_t* sr = sample_rows.data_ptr<int64_t>();
+  float* dst = out.data_ptr<float>();
+  std::atomic<int64_t> bad{-1};
+  const int64_t avg_rows = N / B + 1;
+
+  at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
+    std::vector<float> ls(C), outside(C), v(C);
+    std::vector<uint8_t> inside(C, 0);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t a = so[i];
+      const int64_t b = so[i + 1];
+      float* acc = dst + i * C;
+      std::copy(lp + i * C, lp + (i + 1) * C, acc);
+      if (!(0 <= a && a <= b && b <= N)) {
+        bad.store(i);
+        continue;
+      }
+      for (int64_t k = a; k < b; ++k) {
+        const int64_t r = sr[k];
+        if (r < 0 || r >= N) {
+          bad.store(i);
+          break;
+        }
+        const int64_t e = rows::expert_of_row(off, E, r);
+        const rows::ExpertGroup g{gc + go[e], go[e + 1] - go[e], spread[e]};
+        rows::contribution_row(y + r * W, W, C, g, ls.data(), outside.data(), inside.data(), v.data());
+        for (int64_t c = 0; c < C; ++c) acc[c] = rowmath::add(acc[c], v[c]);
+      }
+      rows::log_softmax_row(acc, C, acc);
+    }
+  });
+  TORCH_CHECK_VALUE(bad.load() < 0, op, ": sample_offsets must be non-decreasing within [0, N = ", N,
+                    "] and sample_rows values in [0, N); sample ", bad.load(), " breaks this");
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace mnn_fast
+
+TORCH_LIBRARY_IMPL(mnn_fast, CPU, m) {
+  m.impl("recombine", &mnn_fast::cpu::recombine_cpu);
+}
