@@ -1,7 +1,8 @@
 """On a GPU: kernel launches and flagged host synchronisations of one routing step, as E grows.
 
-One step = route + gather + combine on scores ``[B, E]`` for E in (10, 100, 1000); the experts are
-left out (a preallocated buffer stands in for their outputs) so only the routing is counted.
+One step = route + gather + recombine (the fused contributions, accumulation and log_softmax) on
+scores ``[B, E]`` for E in (10, 100, 1000); the experts are left out (a preallocated buffer of logits
+stands in for their outputs) so only the engine's own launches are counted.
 Launches come from ``torch.profiler``'s CUDA activity; synchronisations are the ones torch's sync
 debug mode flags (``cudaMemcpy``/``cudaStreamSynchronize`` made inside a custom kernel are not
 visible to it, so route's read of N, which sizes ``perm``, is counted separately from the code).
@@ -17,6 +18,7 @@ from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
 from mnn_fast.engine.backends import backend_status, get_backend
+from mnn_fast.engine.contributions import class_tables
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 TABLE = "gpu_launches"
@@ -50,12 +52,15 @@ def test_routing_launches(results, backend, experts):
     x = torch.randn(B, WIDTH, device="cuda", generator=g)
     logp = torch.log_softmax(torch.randn(B, C, device="cuda", generator=g), 1)
     # Scores sum to 1, so at most 1/threshold = MAX_ACTIVE experts pass per sample.
-    expert_rows = torch.zeros(B * MAX_ACTIVE, C, device="cuda")
+    expert_rows = torch.randn(B * MAX_ACTIVE, C, device="cuda", generator=g)
+    groups = [[e % C] for e in range(experts)]
+    tables = class_tables(groups, C, torch.device("cuda"))
 
     def step():
         r = ops.route(scores, 1.0 / MAX_ACTIVE, 0)
         ops.gather(x, r.perm)
-        return ops.combine(logp, expert_rows[: r.perm.numel()], r.perm, r.sample_offsets, r.sample_rows)
+        return ops.recombine(logp, [expert_rows[: r.perm.numel()]], r.offsets, tables.group_offsets,
+                             tables.group_classes, tables.log_spread, r.sample_offsets, r.sample_rows)
 
     step()
     torch.cuda.synchronize()

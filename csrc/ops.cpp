@@ -19,7 +19,7 @@ TORCH_LIBRARY(mnn_fast, m) {
   m.def("gather(Tensor x, Tensor perm) -> Tensor");
   m.def("combine(Tensor logp, Tensor logv, Tensor perm, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
   m.def(
-      "recombine(Tensor logp, Tensor logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, "
+      "recombine(Tensor logp, Tensor[] logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, "
       "Tensor log_spread, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
   m.def(
       "contributions(Tensor logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, Tensor log_spread, "

@@ -12,9 +12,8 @@ namespace mnn_fast {
 namespace cpu {
 namespace rows {
 
-void check_tables(const char* op, const at::Tensor& logits, const at::Tensor& offsets, const at::Tensor& group_offsets,
+void check_tables(const char* op, int64_t N, int64_t W, const at::Tensor& offsets, const at::Tensor& group_offsets,
                   const at::Tensor& group_classes, const at::Tensor& log_spread, int64_t C) {
-  check_2d(op, "logits", logits, at::kFloat);
   check_index_1d(op, "offsets", offsets);
   check_index_1d(op, "group_offsets", group_offsets);
   check_index_1d(op, "group_classes", group_classes);
@@ -23,15 +22,12 @@ void check_tables(const char* op, const at::Tensor& logits, const at::Tensor& of
                    describe(log_spread));
   check_cpu(op, "log_spread", log_spread);
   const int64_t E = offsets.numel() - 1;
-  const int64_t N = logits.size(0);
-  const int64_t W = logits.size(1);
   TORCH_CHECK_VALUE(E >= 1, op, ": offsets must have E+1 >= 2 entries, got ", describe(offsets));
   TORCH_CHECK_VALUE(group_offsets.numel() == E + 1, op, ": group_offsets must have E+1 = ", E + 1,
                     " entries (one group per expert), got ", describe(group_offsets));
   TORCH_CHECK_VALUE(log_spread.numel() == E, op, ": log_spread must have E = ", E, " entries, got ",
                     describe(log_spread));
-  TORCH_CHECK_VALUE(W == C || W == 1, op, ": logits must have C = ", C, " columns (or 1, binary specialists), got ",
-                    describe(logits));
+  TORCH_CHECK_VALUE(W == C || W == 1, op, ": logits must have C = ", C, " columns (or 1, binary specialists), got ", W);
   const at::Tensor off = offsets.contiguous();
   const at::Tensor go = group_offsets.contiguous();
   const at::Tensor gc = group_classes.contiguous();
@@ -64,7 +60,9 @@ at::Tensor contributions_cpu(const at::Tensor& logits_in, const at::Tensor& offs
                              const at::Tensor& log_spread_in, int64_t num_classes) {
   constexpr const char* op = "contributions";
   TORCH_CHECK_VALUE(num_classes >= 1, op, ": num_classes must be >= 1, got ", num_classes);
-  rows::check_tables(op, logits_in, offsets_in, group_offsets_in, group_classes_in, log_spread_in, num_classes);
+  check_2d(op, "logits", logits_in, at::kFloat);
+  rows::check_tables(op, logits_in.size(0), logits_in.size(1), offsets_in, group_offsets_in, group_classes_in,
+                     log_spread_in, num_classes);
   const at::Tensor logits = logits_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
   const at::Tensor group_offsets = group_offsets_in.contiguous();

@@ -1,7 +1,8 @@
 // recombine on CPU (semantics: docs/ops.md): per sample i, acc = logp[i], then for each of its
 // buffer rows in increasing expert order acc += log v(row) (rows.h, one pass over the row's
 // logits), then out[i] = log_softmax(acc). Parallel over samples: each output row has one writer
-// and per-thread scratch of C floats; nothing of size [N, C] is allocated.
+// and per-thread scratch of C floats; nothing of size [N, C] is allocated. The logits come as one
+// tensor in buffer order or one per expert (the sequential executor's outputs, read in place).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -14,7 +15,7 @@ namespace mnn_fast {
 namespace cpu {
 namespace {
 
-at::Tensor recombine_cpu(const at::Tensor& logp_in, const at::Tensor& logits_in, const at::Tensor& offsets_in,
+at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, const at::Tensor& offsets_in,
                          const at::Tensor& group_offsets_in, const at::Tensor& group_classes_in,
                          const at::Tensor& log_spread_in, const at::Tensor& sample_offsets_in,
                          const at::Tensor& sample_rows_in) {
@@ -22,18 +23,40 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, const at::Tensor& logits_in,
   check_2d(op, "logp", logp_in, at::kFloat);
   const int64_t B = logp_in.size(0);
   const int64_t C = logp_in.size(1);
-  rows::check_tables(op, logits_in, offsets_in, group_offsets_in, group_classes_in, log_spread_in, C);
+  check_index_1d(op, "offsets", offsets_in);
+  const int64_t E = offsets_in.numel() - 1;
+  const int64_t parts = static_cast<int64_t>(logits_list.size());
+  TORCH_CHECK_VALUE(parts >= 1 && (parts == 1 || parts == E), op, ": logits must hold one tensor (all rows in buffer order) or one per ",
+                    "expert (E = ", E, "), got ", parts);
+  int64_t N = 0;
+  for (const at::Tensor& part : logits_list) {
+    check_2d(op, "logits", part, at::kFloat);
+    TORCH_CHECK_VALUE(part.size(1) == logits_list[0].size(1), op, ": every logits tensor must have the same width, got ",
+                      describe(logits_list[0]), " and ", describe(part));
+    N += part.size(0);
+  }
+  const int64_t W = logits_list[0].size(1);
+  rows::check_tables(op, N, W, offsets_in, group_offsets_in, group_classes_in, log_spread_in, C);
   check_index_1d(op, "sample_offsets", sample_offsets_in);
   check_index_1d(op, "sample_rows", sample_rows_in);
-  const int64_t N = logits_in.size(0);
   TORCH_CHECK_VALUE(sample_offsets_in.numel() == B + 1, op, ": sample_offsets must have B+1 = ", B + 1,
                     " entries, got ", describe(sample_offsets_in));
   TORCH_CHECK_VALUE(sample_rows_in.numel() == N, op, ": sample_rows must have one entry per logits row (N = ", N,
                     "), got ", describe(sample_rows_in));
 
   const at::Tensor logp = logp_in.contiguous();
-  const at::Tensor logits = logits_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  // Row r of expert e: parts[e] row r - offsets[e] (per-expert tensors), or row r of the one buffer.
+  std::vector<at::Tensor> held;
+  std::vector<const float*> base;
+  for (int64_t e = 0; e < parts; ++e) {
+    held.push_back(logits_list[e].contiguous());
+    TORCH_CHECK_VALUE(parts == 1 || held.back().size(0) == off[e + 1] - off[e], op, ": logits[", e,
+                      "] must have the expert's offsets[", e + 1, "] - offsets[", e, "] = ", off[e + 1] - off[e],
+                      " rows, got ", describe(held.back()));
+    base.push_back(held.back().data_ptr<float>());
+  }
   const at::Tensor group_offsets = group_offsets_in.contiguous();
   const at::Tensor group_classes = group_classes_in.contiguous();
   const at::Tensor log_spread = log_spread_in.contiguous();
@@ -42,11 +65,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, const at::Tensor& logits_in,
   at::Tensor out = at::empty({B, C}, logp.options());
   if (B == 0 || C == 0) return out;
 
-  const int64_t E = offsets.numel() - 1;
-  const int64_t W = logits.size(1);
   const float* lp = logp.data_ptr<float>();
-  const float* y = logits.data_ptr<float>();
-  const int64_t* off = offsets.data_ptr<int64_t>();
   const int64_t* go = group_offsets.data_ptr<int64_t>();
   const int64_t* gc = group_classes.data_ptr<int64_t>();
   const float* spread = log_spread.data_ptr<float>();
@@ -76,7 +95,8 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, const at::Tensor& logits_in,
         }
         const int64_t e = rows::expert_of_row(off, E, r);
         const rows::ExpertGroup g{gc + go[e], go[e + 1] - go[e], spread[e]};
-        rows::contribution_row(y + r * W, W, C, g, ls.data(), outside.data(), inside.data(), v.data());
+        const float* y = parts == 1 ? base[0] + r * W : base[e] + (r - off[e]) * W;
+        rows::contribution_row(y, W, C, g, ls.data(), outside.data(), inside.data(), v.data());
         for (int64_t c = 0; c < C; ++c) acc[c] = rowmath::add(acc[c], v[c]);
       }
       rows::log_softmax_row(acc, C, acc);

@@ -9,8 +9,9 @@
 #include <limits>
 
 #if defined(__SSE2__)
-#include <emmintrin.h>
+#include <immintrin.h>
 #endif
+#include <cstdlib>
 
 #include "../rowmath.h"
 #include "common.h"
@@ -73,7 +74,7 @@ inline Lanes load_block(const float* x, int64_t c, int64_t n) {
 }
 
 // max of x[0:n] (-inf when n == 0); NaN if any element is NaN (torch.amax propagates NaN).
-inline float row_max(const float* x, int64_t n) {
+inline float row_max_sse(const float* x, int64_t n) {
   __m128 m[kLanes / 4], nan[kLanes / 4];
   for (int k = 0; k < kLanes / 4; ++k) {
     m[k] = _mm_set1_ps(-kInf);
@@ -101,7 +102,7 @@ inline float row_max(const float* x, int64_t n) {
 }
 
 // sum over c of exp(x[c] - shift) in rowmath's lane order; the -inf padding adds +0 to its lane.
-inline float lane_sum_exp(const float* x, int64_t n, float shift) {
+inline float lane_sum_exp_sse(const float* x, int64_t n, float shift) {
   __m128 acc[kLanes / 4];
   for (int k = 0; k < kLanes / 4; ++k) acc[k] = _mm_setzero_ps();
   const __m128 s = _mm_set1_ps(shift);
@@ -112,6 +113,93 @@ inline float lane_sum_exp(const float* x, int64_t n, float shift) {
   float lanes[kLanes];
   for (int k = 0; k < kLanes / 4; ++k) _mm_storeu_ps(lanes + 4 * k, acc[k]);
   return rowmath::fold_lanes(lanes);
+}
+
+// The same two passes on AVX2 (16 lanes = two 8-float registers), chosen at run time where the CPU
+// has AVX2. The per-lane operations are those above (no FMA: target "avx2" does not enable it, and
+// the build passes -ffp-contract=off), so both paths give the same bits.
+__attribute__((target("avx2"))) static inline __m256 select8(__m256 mask, __m256 a, __m256 b) {
+  return _mm256_or_ps(_mm256_and_ps(mask, a), _mm256_andnot_ps(mask, b));
+}
+
+__attribute__((target("avx2"))) static inline __m256 exp8(__m256 t) {
+  const __m256 flush = _mm256_cmp_ps(t, _mm256_set1_ps(rowmath::kExpFlush), _CMP_LT_OQ);
+  const __m256 x = select8(flush, _mm256_set1_ps(rowmath::kExpFlush), t);
+  const __m256 v = _mm256_add_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)), _mm256_set1_ps(0.5f));
+  const __m256 v_ok = _mm256_cmp_ps(v, v, _CMP_EQ_OQ);
+  const __m256 tr = _mm256_cvtepi32_ps(_mm256_cvttps_epi32(_mm256_and_ps(v_ok, v)));
+  const __m256 fl = select8(_mm256_cmp_ps(tr, v, _CMP_GT_OQ), _mm256_sub_ps(tr, _mm256_set1_ps(1.0f)), tr);
+  const __m256 n = select8(v_ok, fl, v);
+  const __m256 r = _mm256_sub_ps(_mm256_sub_ps(x, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f))),
+                                 _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+  const __m256 z = _mm256_mul_ps(r, r);
+  __m256 p = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(1.9875691500e-4f), r), _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+  const __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, z), r), _mm256_set1_ps(1.0f));
+  const __m256i e = _mm256_cvttps_epi32(_mm256_and_ps(_mm256_cmp_ps(n, n, _CMP_EQ_OQ), n));
+  const __m256 scale = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  return _mm256_andnot_ps(flush, _mm256_mul_ps(y, scale));
+}
+
+// Eight columns from p with `left` columns remaining; past the end -inf (a masked load reads nothing there).
+__attribute__((target("avx2"))) static inline __m256 load8(const float* p, int64_t left) {
+  if (left >= 8) return _mm256_loadu_ps(p);
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256i real = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(left > 0 ? left : 0)), lane);
+  return select8(_mm256_castsi256_ps(real), _mm256_maskload_ps(p, real), _mm256_set1_ps(-kInf));
+}
+
+__attribute__((target("avx2"))) static float row_max_avx2(const float* x, int64_t n) {
+  __m256 m[2] = {_mm256_set1_ps(-kInf), _mm256_set1_ps(-kInf)};
+  __m256 nan[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  for (int64_t c = 0; c < n; c += kLanes) {
+    for (int k = 0; k < 2; ++k) {
+      const __m256 b = load8(x + c + 8 * k, n - c - 8 * k);
+      m[k] = _mm256_max_ps(b, m[k]);
+      nan[k] = _mm256_or_ps(nan[k], _mm256_cmp_ps(b, b, _CMP_UNORD_Q));
+    }
+  }
+  float lanes[kLanes], nans[kLanes];
+  for (int k = 0; k < 2; ++k) {
+    _mm256_storeu_ps(lanes + 8 * k, m[k]);
+    _mm256_storeu_ps(nans + 8 * k, nan[k]);
+  }
+  float best = -kInf;
+  bool any_nan = false;
+  for (int j = 0; j < kLanes; ++j) {
+    best = lanes[j] > best ? lanes[j] : best;
+    any_nan = any_nan || nans[j] != 0.0f;
+  }
+  return any_nan ? kNaN : best;
+}
+
+__attribute__((target("avx2"))) static float lane_sum_exp_avx2(const float* x, int64_t n, float shift) {
+  __m256 acc[2] = {_mm256_setzero_ps(), _mm256_setzero_ps()};
+  const __m256 s = _mm256_set1_ps(shift);
+  for (int64_t c = 0; c < n; c += kLanes) {
+    for (int k = 0; k < 2; ++k) {
+      if (n - c - 8 * k <= 0) break;  // a block of padding only adds +0
+      acc[k] = _mm256_add_ps(acc[k], exp8(_mm256_sub_ps(load8(x + c + 8 * k, n - c - 8 * k), s)));
+    }
+  }
+  float lanes[kLanes];
+  for (int k = 0; k < 2; ++k) _mm256_storeu_ps(lanes + 8 * k, acc[k]);
+  return rowmath::fold_lanes(lanes);
+}
+
+// MNN_FAST_NO_AVX2=1 keeps the SSE2 path (the tests compare the two).
+inline bool use_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2") && !std::getenv("MNN_FAST_NO_AVX2");
+  return yes;
+}
+
+inline float row_max(const float* x, int64_t n) { return use_avx2() ? row_max_avx2(x, n) : row_max_sse(x, n); }
+
+inline float lane_sum_exp(const float* x, int64_t n, float shift) {
+  return use_avx2() ? lane_sum_exp_avx2(x, n, shift) : lane_sum_exp_sse(x, n, shift);
 }
 #else
 // Other CPUs: the scalar functions of rowmath.h, lane by lane (the same bits, slower).
@@ -182,8 +270,9 @@ inline int64_t expert_of_row(const int64_t* offsets, int64_t num_experts, int64_
   return static_cast<int64_t>(std::upper_bound(offsets, offsets + num_experts + 1, r) - offsets) - 1;
 }
 
-// Checks of the tables shared by recombine and contributions; N = logits rows, C = classes.
-void check_tables(const char* op, const at::Tensor& logits, const at::Tensor& offsets, const at::Tensor& group_offsets,
+// Checks of the tables shared by recombine and contributions, for N logits rows of width W and C
+// classes (the logits' dtype and device are the caller's to check).
+void check_tables(const char* op, int64_t N, int64_t W, const at::Tensor& offsets, const at::Tensor& group_offsets,
                   const at::Tensor& group_classes, const at::Tensor& log_spread, int64_t C);
 
 }  // namespace rows

@@ -242,6 +242,7 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---------------------------------------------------------------- host side (not in device passes)
 #if MNN_FAST_HOST_PASS
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
 #include <torch/library.h>
 
@@ -249,7 +250,7 @@ namespace mnn_fast {
 namespace cuda_impl {
 namespace {
 
-at::Tensor recombine_cuda(const at::Tensor& logp_in, const at::Tensor& logits_in, const at::Tensor& offsets_in,
+at::Tensor recombine_cuda(const at::Tensor& logp_in, at::TensorList logits_list, const at::Tensor& offsets_in,
                           const at::Tensor& group_offsets_in, const at::Tensor& group_classes_in,
                           const at::Tensor& log_spread_in, const at::Tensor& sample_offsets_in,
                           const at::Tensor& sample_rows_in) {
@@ -257,7 +258,15 @@ at::Tensor recombine_cuda(const at::Tensor& logp_in, const at::Tensor& logits_in
   check_2d(op, "logp", logp_in, at::kFloat);
   TORCH_CHECK_VALUE(logp_in.is_cuda(), op, ": logp must be a CUDA tensor for the CUDA kernel, got ", describe(logp_in));
   const at::Device device = logp_in.device();
-  check_2d(op, "logits", logits_in, at::kFloat);
+  // logits: one tensor in buffer order, or one per expert (the kernel reads one buffer: joined here).
+  TORCH_CHECK_VALUE(!logits_list.empty(), op, ": logits must hold one tensor (buffer order) or one per expert, got none");
+  for (const at::Tensor& part : logits_list) {
+    check_2d(op, "logits", part, at::kFloat);
+    check_on(op, "logits", part, device);
+    TORCH_CHECK_VALUE(part.size(1) == logits_list[0].size(1), op, ": every logits tensor must have the same width, got ",
+                      describe(logits_list[0]), " and ", describe(part));
+  }
+  const at::Tensor logits_in = logits_list.size() == 1 ? logits_list[0] : at::cat(logits_list);
   check_on(op, "logits", logits_in, device);
   check_index_1d(op, "offsets", offsets_in);
   check_on(op, "offsets", offsets_in, device);

@@ -6,6 +6,7 @@ tensors only under ``TRITON_INTERPRET=1`` (for testing), so ``auto`` never picks
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import math
 import os
@@ -165,5 +166,10 @@ def get_backend(name: str) -> Backend:
         return _ops_backend(name, "")
     if name == "triton":
         _import_kernels()
-        return _with_checks(_ops_backend(name, "triton_"))
+        backend = _ops_backend(name, "triton_")
+        # The Triton kernel reads one buffer: per-expert outputs are joined on the device first.
+        triton_recombine = torch.ops.mnn_fast.triton_recombine
+        recombine = lambda logp, logits, *rest: triton_recombine(  # noqa: E731
+            logp, logits[0] if len(logits) == 1 else torch.cat(list(logits)), *rest)
+        return _with_checks(dataclasses.replace(backend, recombine=recombine))
     raise ValueError(f"unknown backend {name!r}; expected one of {BACKEND_NAMES}")

@@ -136,12 +136,29 @@ def _tables(op: str, logits: Tensor, offsets: Tensor, group_offsets: Tensor, gro
             raise ValueError(f"{op}: binary logits (1 column) need one-class groups")
 
 
-def check_recombine(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
-                    log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> None:
+def check_recombine(logp: Tensor, logits: list[Tensor], offsets: Tensor, group_offsets: Tensor,
+                    group_classes: Tensor, log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> None:
     op = "recombine"
     _matrix(op, "logp", logp)
-    _tables(op, logits, offsets, group_offsets, group_classes, log_spread, logp.shape[1])
-    rows = logits.shape[0]
+    _index(op, "offsets", offsets)
+    if not isinstance(logits, (list, tuple)) or len(logits) not in (1, offsets.numel() - 1) or not logits:
+        got = f"{len(logits)} tensors" if isinstance(logits, (list, tuple)) else type(logits).__name__
+        raise ValueError(f"{op}: logits must hold one tensor (all rows in buffer order) or one per expert "
+                         f"(E = {offsets.numel() - 1}), got {got}")
+    for part in logits:
+        _matrix(op, "logits", part)
+        if part.shape[1] != logits[0].shape[1]:
+            raise ValueError(f"{op}: every logits tensor must have the same width, got {_describe(logits[0])} "
+                             f"and {_describe(part)}")
+    if len(logits) > 1 and _values_checked(offsets):
+        sizes = (offsets[1:] - offsets[:-1]).tolist()
+        for e, (part, n) in enumerate(zip(logits, sizes)):
+            if part.shape[0] != n:
+                raise ValueError(f"{op}: logits[{e}] must have the expert's offsets[{e + 1}] - offsets[{e}] = {n} rows, "
+                                 f"got {_describe(part)}")
+    whole = logits[0] if len(logits) == 1 else torch.cat(list(logits))
+    _tables(op, whole, offsets, group_offsets, group_classes, log_spread, logp.shape[1])
+    rows = whole.shape[0]
     _index(op, "sample_offsets", sample_offsets, logp.shape[0] + 1)
     _index(op, "sample_rows", sample_rows, rows)
     _in_range(op, "sample_rows", sample_rows, rows, "N")

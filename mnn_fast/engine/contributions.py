@@ -106,22 +106,23 @@ def class_tables(groups: Sequence[Sequence[int]], num_classes: int, device: torc
 
 
 def buffer_logits(outputs: Sequence[Tensor | None] | Tensor, num_classes: int,
-                  device: torch.device | None = None) -> Tensor | None:
-    """All rows' logits in buffer order as one ``Tensor[N, W] float32`` (``W = C``, or 1 when every
-    expert is binary), or ``None`` when experts return different widths.
+                  device: torch.device | None = None) -> list[Tensor] | None:
+    """The specialists' logits as ``recombine`` takes them: ``[Tensor[N, W]]`` (one tensor in buffer
+    order) or one ``Tensor[n_e, W] float32`` per expert (``W = C``, or 1 when every expert is binary;
+    an expert without rows gets ``[0, W]``), read in place, no copy; ``None`` when experts return
+    different widths.
 
     ``outputs``: per expert its logits (``None`` for an expert with no rows) or one tensor already
-    in buffer order (a grouped executor's output); ``device`` places the empty result of no rows.
+    in buffer order (a grouped executor's output); ``device`` places the empty tensors.
     """
     if isinstance(outputs, Tensor):
-        return outputs.float()
-    present = [y for y in outputs if y is not None]
-    widths = {y.shape[1] for y in present}
+        return [outputs.float()]
+    widths = {y.shape[1] for y in outputs if y is not None}
     if len(widths) > 1:
         return None
-    if not present:
-        return torch.empty(0, num_classes, device=device)
-    return torch.cat(present).float() if len(present) > 1 else present[0].float()
+    width = widths.pop() if widths else num_classes
+    empty = torch.empty(0, width, device=device)
+    return [empty if y is None else y.float() for y in outputs]
 
 
 def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, offsets: Tensor, tables: ClassTables,
@@ -134,8 +135,9 @@ def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, offsets:
     arithmetic either way, so the result does not depend on the path.
     """
     num_classes = tables.num_classes
-    logits = buffer_logits(outputs, num_classes, tables.log_spread.device)
-    if logits is not None:
+    parts = buffer_logits(outputs, num_classes, tables.log_spread.device)
+    if parts is not None:
+        logits = parts[0] if len(parts) == 1 else torch.cat(parts)
         if logits.shape[0] == 0:
             return logits.new_empty(0, num_classes)
         return ops.contributions(logits, offsets.to(logits.device), tables.group_offsets, tables.group_classes,
@@ -146,14 +148,15 @@ def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, offsets:
     return torch.cat(parts)
 
 
-def recombine_formula(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
-                      log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+def recombine_formula(logp: Tensor, logits: Sequence[Tensor], offsets: Tensor, group_offsets: Tensor,
+                      group_classes: Tensor, log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
     """What ``recombine`` computes (``docs/ops.md``), as SPEC section 4 in differentiable torch ops:
     ``log_softmax(logp[i] + sum of i's rows' log v)``; the backward of the row ops differentiates this.
 
     Agrees with the op to float32 rounding, not bitwise (torch's exp and sums differ from rowmath's).
     """
     num_classes = logp.shape[1]
+    logits = logits[0] if len(logits) == 1 else torch.cat(list(logits))
     bounds = offsets.tolist()
     spans = group_offsets.tolist()
     parts = []

@@ -7,6 +7,8 @@ Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in fl
 """
 from __future__ import annotations
 
+import math
+import threading
 from typing import Callable, Sequence
 
 import torch
@@ -16,7 +18,7 @@ from . import stages
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
 from .contributions import ClassTables, class_tables, specialist_contributions
 from .executors import (EXECUTOR_NAMES, GroupedLinearRuns, GroupedLinearStack, VmapExperts, linear_stack_reason,
-                        new_stream_pool, select_executor)
+                        new_stream_pool, recording_grad, select_executor)
 from .routing import Routing, check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
 __all__ = ["MetaNeuralNetwork"]
@@ -161,6 +163,7 @@ class MetaNeuralNetwork(nn.Module):
                 self._grouped = VmapExperts(self.specialists)
         self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
         self._tables = {}
+        self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
             self.class_tables(self.num_classes)  # built eagerly so compiled code finds them ready
 
@@ -225,9 +228,33 @@ class MetaNeuralNetwork(nn.Module):
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
         num_classes = log_probs.shape[1]
-        outputs = self.specialist_outputs(stages.gather_rows(x, routing.perm, self._backend), routing, num_classes)
+        xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
+        outputs = self.specialist_outputs(xg, routing, num_classes)
         out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend)
         return (out, routing) if return_routing else out
+
+    def _workspace_for(self, x: Tensor, rows: int) -> Tensor | None:
+        """The calling thread's gather buffer, grown to this batch's size (its high-water mark), for
+        CPU inference in eager mode; ``None`` (a fresh buffer) where autograd may save the gathered rows
+        for a backward or ``torch.compile`` traces. One per thread, so concurrent calls never share one."""
+        if (x.device.type != "cpu" or torch.compiler.is_compiling()
+                or (torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists)))):
+            return None
+        need = rows * math.prod(x.shape[1:])
+        key = threading.get_ident()
+        buffer = self._workspaces.get(key)
+        if buffer is None or buffer.numel() < need or buffer.dtype != x.dtype:
+            buffer = self._workspaces[key] = torch.empty(need, dtype=x.dtype)
+        return buffer
+
+    @property
+    def workspace_bytes(self) -> int:
+        """Bytes held by the gather workspaces (:meth:`release_workspace` frees them)."""
+        return sum(b.numel() * b.element_size() for b in self._workspaces.values())
+
+    def release_workspace(self) -> None:
+        """Frees the gather buffers kept between calls; the next forward allocates afresh."""
+        self._workspaces = {}
 
     def switch_scores(self, x: Tensor) -> stages.SwitchScores:
         """Checks ``x: Tensor[B, ...]``, runs the switch: ``(log_probs: Tensor[B, C], scores: Tensor[B, E])`` float32."""

@@ -73,9 +73,10 @@ def _backward_combine(ctx, grad):
     return grad, grad.index_select(0, perm), None, None, None
 
 
-def _fake_recombine(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+def _fake_recombine(logp: Tensor, logits: list[Tensor], offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
                     log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
-    torch._check(logits.shape[1] == logp.shape[1] or logits.shape[1] == 1)
+    for part in logits:
+        torch._check(part.shape[1] == logp.shape[1] or part.shape[1] == 1)
     return torch.empty_like(logp, memory_format=torch.contiguous_format)
 
 
@@ -91,20 +92,26 @@ def _fake_log_softmax_rows(x: Tensor) -> Tensor:
 # The row ops' backward differentiates SPEC section 4 written in torch (contributions.recombine_formula):
 # the gradient of the math the ops compute, recomputed from the saved inputs; training is not the hot path.
 def _setup_recombine(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
+    logp, logits, *tables = inputs
+    # mnn_fast::recombine takes a list of logits tensors; the Triton twin takes one tensor.
+    ctx.one_tensor = isinstance(logits, Tensor)
+    logits = [logits] if ctx.one_tensor else list(logits)
+    ctx.parts = len(logits)
+    ctx.save_for_backward(logp, *logits, *tables)
 
 
 def _backward_recombine(ctx, grad):
     from .contributions import recombine_formula
 
-    logp, logits, *tables = ctx.saved_tensors
+    logp, *saved = ctx.saved_tensors
+    logits, tables = saved[: ctx.parts], saved[ctx.parts :]
     with torch.enable_grad():
-        logp_, logits_ = logp.detach().requires_grad_(), logits.detach().requires_grad_()
+        logp_ = logp.detach().requires_grad_()
+        logits_ = [y.detach().requires_grad_() for y in logits]
         out = recombine_formula(logp_, logits_, *tables)
-        grad_logp, grad_logits = torch.autograd.grad(out, (logp_, logits_), grad, allow_unused=True)
-    if grad_logits is None:
-        grad_logits = torch.zeros_like(logits)
-    return (grad_logp, grad_logits) + (None,) * 6
+        grads = torch.autograd.grad(out, [logp_, *logits_], grad, allow_unused=True)
+    grad_logits = [torch.zeros_like(y) if g is None else g for y, g in zip(logits, grads[1:])]
+    return (grads[0], grad_logits[0] if ctx.one_tensor else grad_logits) + (None,) * 6
 
 
 def register_recombine_autograd(name: str) -> None:
@@ -192,7 +199,7 @@ def _torch_row_op(name: str, fn, fake, backward, setup):
     return op
 
 
-def _recombine_torch(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+def _recombine_torch(logp: Tensor, logits: list[Tensor], offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
                      log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
     return rowmath.recombine_torch(logp, logits, offsets, group_offsets, group_classes, log_spread, sample_offsets,
                                    sample_rows)

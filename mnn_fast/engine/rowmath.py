@@ -173,12 +173,15 @@ def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
     return torch.where(inside, ls, log_not_q - spread)
 
 
-def recombine_torch(logp: Tensor, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
-                    log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
+def recombine_torch(logp: Tensor, logits: list[Tensor], offsets: Tensor, group_offsets: Tensor,
+                    group_classes: Tensor, log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
     """``log_softmax_rows(logp[i] + log v[r0] + log v[r1] + ...)``: the ``recombine`` op in PyTorch.
 
-    Shapes as ``docs/ops.md``; ``r0, r1, ...`` are sample ``i``'s rows in increasing expert order.
+    Shapes as ``docs/ops.md`` (``logits``: one tensor in buffer order, or one per expert);
+    ``r0, r1, ...`` are sample ``i``'s rows in ``sample_rows`` order (increasing expert order).
     """
+    if not isinstance(logits, Tensor):
+        logits = logits[0] if len(logits) == 1 else torch.cat(list(logits))
     logv = contributions_torch(logits, offsets, group_offsets, group_classes, log_spread, logp.shape[1])
     acc = logp.clone()
     counts = sample_offsets[1:] - sample_offsets[:-1]

@@ -62,11 +62,20 @@ def route_batch(scores: Tensor, ops: Backend, threshold: float | None, top_k: in
     return ops.route(scores, -math.inf if threshold is None else threshold, top_k or 0)
 
 
-def gather_rows(x: Tensor, perm: Tensor, ops: Backend) -> Tensor:
+def gather_rows(x: Tensor, perm: Tensor, ops: Backend, workspace: Tensor | None = None) -> Tensor:
     """``x[perm]``: ``Tensor[N, ...]`` from ``x: Tensor[B, ...]`` and ``perm: Tensor[N] int64``, one
-    contiguous buffer (expert ``e``'s rows are ``offsets[e]:offsets[e+1]``)."""
-    flat = x.reshape(x.shape[0], math.prod(x.shape[1:]))  # not -1: B may be 0
-    return ops.gather(flat.contiguous(), perm).view(-1, *x.shape[1:])
+    contiguous buffer (expert ``e``'s rows are ``offsets[e]:offsets[e+1]``).
+
+    ``workspace``: a 1-D tensor of ``x``'s dtype and device with at least ``N * prod(x.shape[1:])``
+    elements to write into instead of a fresh buffer (no autograd through it): a large fresh buffer
+    pays a page fault per 4 KiB on its first touch, which can cost more than the copy itself.
+    """
+    width = math.prod(x.shape[1:])
+    flat = x.reshape(x.shape[0], width)  # not -1: B may be 0
+    if workspace is None:
+        return ops.gather(flat.contiguous(), perm).view(-1, *x.shape[1:])
+    out = workspace[: perm.shape[0] * width].view(perm.shape[0], width)
+    return torch.index_select(flat, 0, perm, out=out).view(-1, *x.shape[1:])
 
 
 def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor, sizes: Sequence[int], *,
@@ -147,9 +156,9 @@ def recombine_log_probs(log_probs: Tensor, outputs, routing: Routing, tables: Cl
     """``Tensor[B, C] float32``: the module's output from the switch's ``log_probs: Tensor[B, C]`` and the
     specialists' logits ``outputs`` (as :func:`run_specialists` returns them).
 
-    One ``ops.recombine`` call reads every logits row once (no ``[N, C]`` temporaries); specialists
-    of mixed widths (binary and width ``C``) take contributions expert by expert, then
-    :func:`combine_log_probs`, which is the same arithmetic per row.
+    One ``ops.recombine`` call reads every logits row once, from the specialists' own outputs (no
+    ``[N, C]`` temporaries); specialists of mixed widths (binary and width ``C``) take contributions
+    expert by expert, then :func:`combine_log_probs`, which is the same arithmetic per row.
     """
     logits = buffer_logits(outputs, tables.num_classes, log_probs.device)
     if logits is None:

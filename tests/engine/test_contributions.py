@@ -98,6 +98,6 @@ def test_recombine_formula_is_the_module_output_to_rounding():
     r = route(torch.rand(B, 4, generator=gen), groups=None, threshold=0.3)
     logits = torch.randn(r.perm.numel(), C, generator=gen) * 4
     logp = torch.log_softmax(torch.randn(B, C, generator=gen), 1)
-    args = (logp, logits, r.offsets, tables.group_offsets, tables.group_classes, tables.log_spread,
+    args = (logp, [logits], r.offsets, tables.group_offsets, tables.group_classes, tables.log_spread,
             r.sample_offsets, r.sample_rows)
     torch.testing.assert_close(get_backend("cpp").recombine(*args), recombine_formula(*args), rtol=0, atol=3e-6)

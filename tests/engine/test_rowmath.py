@@ -149,10 +149,19 @@ def _routed_case(batch, classes, experts, seed, binary=False, max_group=3):
     return (logp, logits, r.offsets, go, gc, spread, r.sample_offsets, r.sample_rows)
 
 
+def op_args(args):
+    """``args`` with the logits as the op takes them: a list (one buffer-order tensor)."""
+    return (args[0], [args[1]], *args[2:])
+
+
 def _assert_cpp_equals_reference(args):
     logp, logits, offsets, go, gc, spread, so, sr = args
     classes = logp.shape[1]
-    assert torch.equal(CPP.recombine(*args), rowmath.recombine_torch(*args))
+    want = rowmath.recombine_torch(*op_args(args))
+    assert torch.equal(CPP.recombine(*op_args(args)), want)
+    # One tensor per expert (the sequential executor's outputs, read in place): the same bits.
+    per_expert = list(torch.split(logits, (offsets[1:] - offsets[:-1]).tolist()))
+    assert torch.equal(CPP.recombine(logp, per_expert, *args[2:]), want)
     assert torch.equal(CPP.contributions(logits, offsets, go, gc, spread, classes),
                        rowmath.contributions_torch(logits, offsets, go, gc, spread, classes))
     assert torch.equal(CPP.log_softmax_rows(logp), rowmath.log_softmax_rows(logp))
@@ -195,11 +204,11 @@ def test_a_rows_result_depends_on_nothing_but_the_row(threads):
     try:
         args = _routed_case(300, 23, 9, seed=5)
         logp, logits, offsets, go, gc, spread, so, sr = args
-        full = CPP.recombine(*args)
+        full = CPP.recombine(*op_args(args))
         for shift in range(1, 5):
             buf = torch.empty(logits.numel() + shift)
             moved = buf[shift:].view_as(logits).copy_(logits)
-            assert torch.equal(CPP.recombine(logp, moved, offsets, go, gc, spread, so, sr), full)
+            assert torch.equal(CPP.recombine(logp, [moved], offsets, go, gc, spread, so, sr), full)
         alone = torch.cat([CPP.log_softmax_rows(logp[i : i + 1]) for i in range(logp.shape[0])])
         assert torch.equal(alone, CPP.log_softmax_rows(logp))
         v = CPP.contributions(logits, offsets, go, gc, spread, 23)
@@ -221,7 +230,9 @@ def test_opcheck_row_ops():
     args = _routed_case(30, 6, 4, seed=9)
     logp, logits, offsets, go, gc, spread, so, sr = args
     for prefix in ("", "torch_"):
-        torch.library.opcheck(getattr(CPP, prefix + "recombine").default, args)
+        torch.library.opcheck(getattr(CPP, prefix + "recombine").default, op_args(args))
+        per_expert = list(torch.split(logits, (offsets[1:] - offsets[:-1]).tolist()))
+        torch.library.opcheck(getattr(CPP, prefix + "recombine").default, (logp, per_expert, *args[2:]))
         torch.library.opcheck(getattr(CPP, prefix + "contributions").default, (logits, offsets, go, gc, spread, 6))
         torch.library.opcheck(getattr(CPP, prefix + "log_softmax_rows").default, (logp,))
 
@@ -230,14 +241,25 @@ def test_opcheck_row_ops():
 def test_recombine_backward_is_the_formulas_gradient(backend):
     logp, logits, *rest = _routed_case(25, 5, 4, seed=4)
     grad = torch.randn(25, 5)
-    got = torch.autograd.grad(get_backend(backend).recombine(logp.requires_grad_(), logits.requires_grad_(), *rest),
+    got = torch.autograd.grad(get_backend(backend).recombine(logp.requires_grad_(), [logits.requires_grad_()], *rest),
                               (logp, logits), grad)
-    want = torch.autograd.grad(recombine_formula(logp, logits, *rest), (logp, logits), grad)
+    want = torch.autograd.grad(recombine_formula(logp, [logits], *rest), (logp, logits), grad)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
 
 
+def _shifted_split(logits, offsets):
+    sizes = (offsets[1:] - offsets[:-1]).tolist()
+    assert sizes[0] > 0
+    sizes[0] -= 1
+    sizes[1] += 1
+    return list(torch.split(logits, sizes))
+
+
 BAD_INPUTS = {
+    # One tensor per expert, the right total but one row moved from expert 0 to expert 1.
+    "per-expert row count": (ValueError, "logits\\[0\\] must have the expert's",
+                             lambda a: (a[0], _shifted_split(a[1], a[2]), *a[2:])),
     "logits width": (ValueError, "logits must have C = 6", lambda a: (a[0], a[1][:, :4], *a[2:])),
     "logits dtype": (TypeError, "logits must be a 2-D float32", lambda a: (a[0], a[1].double(), *a[2:])),
     "offsets end": (ValueError, "offsets must run from 0 to N", lambda a: (a[0], a[1][1:], *a[2:])),
@@ -255,4 +277,25 @@ def test_bad_recombine_input_names_the_argument(backend, case):
     exc, match, make = BAD_INPUTS[case]
     args = _routed_case(20, 6, 4, seed=2)
     with pytest.raises(exc, match=f"recombine: {match}"):
-        get_backend(backend).recombine(*make(args))
+        bad = make(args)
+        get_backend(backend).recombine(*(bad if isinstance(bad[1], list) else op_args(bad)))
+
+
+def test_sse2_and_avx2_paths_give_the_same_bits(tmp_path):
+    # The C++ row passes pick AVX2 at run time where the CPU has it; MNN_FAST_NO_AVX2=1 forces the
+    # SSE2 path every x86-64 CPU has. Both must give the reference's bits (odd widths included).
+    import subprocess
+    import sys
+
+    cases = [_routed_case(70, c, 5, seed=c) for c in (3, 16, 37, 130)]
+    torch.save(cases, tmp_path / "cases.pt")
+    code = ("import sys, torch, mnn_fast\n"
+            "cases = torch.load(sys.argv[1], weights_only=True)\n"
+            "torch.save([torch.ops.mnn_fast.recombine(a[0], [a[1]], *a[2:]) for a in cases], sys.argv[2])\n")
+    env = {**__import__("os").environ, "MNN_FAST_NO_AVX2": "1"}
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "cases.pt"), str(tmp_path / "out.pt")], env=env,
+                   check=True)
+    sse2 = torch.load(tmp_path / "out.pt", weights_only=True)
+    for args, got in zip(cases, sse2):
+        assert torch.equal(got, rowmath.recombine_torch(*op_args(args)))
+        assert torch.equal(got, CPP.recombine(*op_args(args)))

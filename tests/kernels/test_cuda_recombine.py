@@ -53,9 +53,14 @@ def make_inputs(batch: int, classes: int, experts: int, *, binary: bool = False,
             sample_offsets, sample_rows]
 
 
+def _recombine(logp, logits, *rest):
+    """The op with the logits as one buffer-order tensor (the schema takes a list: one or one per expert)."""
+    return torch.ops.mnn_fast.recombine(logp, [logits], *rest)
+
+
 def check_against_cpu(args: list[torch.Tensor]) -> torch.Tensor:
-    want = torch.ops.mnn_fast.recombine(*args)
-    got = torch.ops.mnn_fast.recombine(*[a.cuda() for a in args])
+    want = _recombine(*args)
+    got = _recombine(*[a.cuda() for a in args])
     assert got.is_cuda and got.dtype == torch.float32 and got.shape == want.shape
     got = got.cpu()
     assert torch.equal(got.isnan(), want.isnan())
@@ -99,7 +104,7 @@ def test_recombine_cuda_wide_rows():
 def test_recombine_cuda_empty():
     # B = 0: an empty [0, C] result.
     args = make_inputs(0, 10, 3)
-    got = torch.ops.mnn_fast.recombine(*[a.cuda() for a in args])
+    got = _recombine(*[a.cuda() for a in args])
     assert got.shape == (0, 10) and got.is_cuda
     # N = 0 (nothing routed): out = log_softmax(logp), the final step still runs.
     args = make_inputs(40, 100, 5, threshold=2.0)
@@ -128,7 +133,7 @@ def test_recombine_cuda_special_values():
 
 def test_recombine_cuda_non_contiguous_inputs_and_current_stream():
     args = make_inputs(70, 30, 6, max_group=10, seed=7)
-    want = torch.ops.mnn_fast.recombine(*args)
+    want = _recombine(*args)
     cuda = [a.cuda() for a in args]
     cuda[0] = cuda[0].t().contiguous().t()  # same values, column-major
     cuda[1] = torch.cat([cuda[1], cuda[1]], dim=1)[:, : args[1].shape[1]]  # row stride 2 C
@@ -136,7 +141,7 @@ def test_recombine_cuda_non_contiguous_inputs_and_current_stream():
     stream = torch.cuda.Stream()
     stream.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(stream):
-        got = torch.ops.mnn_fast.recombine(*cuda)
+        got = _recombine(*cuda)
     stream.synchronize()
     assert torch.equal(got.cpu(), want)
 
@@ -146,16 +151,16 @@ def test_recombine_cuda_argument_checks():
     bad = list(args)
     bad[1] = torch.zeros(args[1].shape[0], 3, device="cuda")
     with pytest.raises(ValueError, match="recombine: logits"):
-        torch.ops.mnn_fast.recombine(*bad)
+        _recombine(*bad)
     bad = list(args)
     bad[2] = args[2].int()
     with pytest.raises(TypeError, match="recombine: offsets"):
-        torch.ops.mnn_fast.recombine(*bad)
+        _recombine(*bad)
     bad = list(args)
     bad[7] = args[7].cpu()
     with pytest.raises(ValueError, match="recombine: sample_rows"):
-        torch.ops.mnn_fast.recombine(*bad)
+        _recombine(*bad)
     bad = list(args)
     bad[5] = args[5][:-1]
     with pytest.raises(ValueError, match="recombine: log_spread"):
-        torch.ops.mnn_fast.recombine(*bad)
+        _recombine(*bad)

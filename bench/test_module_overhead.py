@@ -1,0 +1,85 @@
+"""The whole drop-in module vs the naive loop when the specialists cost nothing (issue 12).
+
+Switch and experts are ``nn.Identity()``; ``x = randn(B, E) * s`` with ``s`` chosen so a sample wakes
+about two experts at threshold 0.1 (as at the paper's thresholds). What is left is the engine's own
+cost: softmax, routing, gather, realignment, recombine. ``copy share`` = the time a ``clone`` of the
+bytes the module must move would take, over the module's time (1.0 = at copy bandwidth).
+"""
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from conftest import is_quick
+from mnn_fast import MetaNeuralNetwork
+from mnn_fast.reference import naive_forward
+
+TABLE = "module_overhead"
+BATCH, THRESHOLD, ACTIVE = 4096, 0.1, 2.0
+FULL = (10, 100, 1000)
+QUICK = (10, 100)
+
+
+def identity_workload(experts: int, batch: int = BATCH, seed: int = 0) -> tuple[torch.Tensor, float, float]:
+    """``(x, scale, mean experts per sample)``: the largest scale (from 12 down) that wakes ``ACTIVE``
+    experts per sample on average, or the closest to it."""
+    gen = torch.Generator().manual_seed(seed)
+    z = torch.randn(batch, experts, generator=gen)
+    best = None
+    for scale in torch.linspace(12, 0.2, 119).tolist():
+        active = (torch.softmax(z * scale, 1) > THRESHOLD).sum(1).float().mean().item()
+        if best is None or abs(active - ACTIVE) < abs(best[1] - ACTIVE):
+            best = (scale, active)
+        if active >= ACTIVE:
+            break
+    return z * best[0], best[0], best[1]
+
+
+def _median_ms(fn, rounds: int) -> float:
+    fn()
+    times = []
+    for _ in range(rounds):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2] * 1e3
+
+
+def _fmt(rows):
+    head = f"{'E':>5} {'B':>5} {'rows':>6} | {'naive ms':>9} {'module ms':>9} {'vs naive':>8} | {'copy ms':>8} {'copy share':>10}"
+    lines = ["identity switch and experts: the engine's own cost; median of 7, same inputs, one run", head,
+             "-" * len(head)]
+    for r in sorted(rows, key=lambda r: r["E"]):
+        lines.append(f"{r['E']:>5} {r['B']:>5} {r['rows']:>6} | {r['naive_ms']:>9.2f} {r['module_ms']:>9.2f} "
+                     f"{r['speedup']:>7.1f}x | {r['copy_ms']:>8.2f} {r['copy_share']:>10.2f}")
+    return lines
+
+
+def pytest_generate_tests(metafunc):
+    if "experts" in metafunc.fixturenames:
+        metafunc.parametrize("experts", QUICK if is_quick(metafunc.config) else FULL)
+
+
+@torch.no_grad()
+def test_identity_module_vs_naive(results, experts):
+    results.formatters[TABLE] = _fmt
+    x, scale, active = identity_workload(experts)
+    specialists = [nn.Identity() for _ in range(experts)]
+    mnn = MetaNeuralNetwork(nn.Identity(), specialists, threshold=THRESHOLD)
+    out, routing = mnn(x, return_routing=True)
+    assert torch.equal(out, naive_forward(nn.Identity(), specialists, x, threshold=THRESHOLD))
+    rows = routing.perm.numel()
+    rounds = 3 if experts >= 1000 else 7
+    naive_ms = _median_ms(lambda: naive_forward(nn.Identity(), specialists, x, threshold=THRESHOLD), rounds)
+    module_ms = _median_ms(lambda: mnn(x), 7)
+    # Bytes the module must move: x read twice (softmax, log_softmax) and gathered, the gathered rows
+    # written and read back once by recombine, the output written; a clone moves each byte twice.
+    floats = 2 * BATCH * experts + 2 * rows * experts + 2 * BATCH * experts
+    block = torch.randn(floats // 2)
+    copy_ms = _median_ms(lambda: block.clone(), 7)
+    results.record(TABLE, dict(E=experts, B=BATCH), rows=rows, scale=scale, active=active, naive_ms=naive_ms,
+                   module_ms=module_ms, speedup=naive_ms / module_ms, copy_ms=copy_ms,
+                   copy_share=copy_ms / module_ms)

@@ -1,0 +1,71 @@
+"""The gather workspace (issue 12): reused across inference calls, grown to the largest batch,
+released on request, never used where autograd could keep the gathered rows, one per thread."""
+import threading
+
+import torch
+from torch import nn
+
+from models import mlp_mnn
+from mnn_fast import MetaNeuralNetwork
+from mnn_fast.reference import naive_forward
+
+
+def _module():
+    switch, specialists = mlp_mnn(5, seed=2)
+    return MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="sequential"), switch, specialists
+
+
+def test_workspace_is_reused_and_grows_to_the_high_water_mark():
+    mnn, switch, specialists = _module()
+    with torch.no_grad():
+        for batch in (64, 32, 200, 100):
+            x = torch.randn(batch, 24)
+            out, routing = mnn(x, return_routing=True)
+            assert torch.equal(out, naive_forward(switch, specialists, x, threshold=0.1))
+            if batch == 200:
+                high = mnn.workspace_bytes
+                assert high >= routing.perm.numel() * 24 * 4
+    assert mnn.workspace_bytes == high  # smaller batches reuse the buffer; it never shrinks
+    mnn.release_workspace()
+    assert mnn.workspace_bytes == 0
+
+
+def test_no_workspace_while_autograd_records():
+    mnn, _, specialists = _module()
+    x = torch.randn(40, 24)
+    mnn(x).sum().backward()  # parameters require grad: the gathered rows may be saved for backward
+    assert mnn.workspace_bytes == 0
+    assert specialists[0][0].weight.grad is not None
+
+
+def test_identity_experts_reading_the_workspace_in_place():
+    # Identity specialists return views of the gathered rows: recombine reads them in place, and a
+    # second call (which overwrites the workspace) must not change the first call's output.
+    experts = [nn.Identity() for _ in range(6)]
+    mnn = MetaNeuralNetwork(nn.Identity(), experts, threshold=0.1)
+    x1, x2 = torch.randn(300, 6) * 3, torch.randn(300, 6) * 3
+    with torch.no_grad():
+        first = mnn(x1)
+        kept = first.clone()
+        mnn(x2)
+    assert torch.equal(first, kept)
+    assert torch.equal(first, naive_forward(nn.Identity(), experts, x1, threshold=0.1))
+
+
+def test_each_thread_has_its_own_workspace():
+    mnn, switch, specialists = _module()
+    inputs = [torch.randn(150, 24) for _ in range(4)]
+    results = {}
+
+    def run(k):
+        with torch.no_grad():
+            for _ in range(5):
+                results[k] = mnn(inputs[k])
+
+    threads = [threading.Thread(target=run, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k, x in enumerate(inputs):
+        assert torch.equal(results[k], naive_forward(switch, specialists, x, threshold=0.1))
