@@ -1,7 +1,7 @@
 """Routing-core workloads shared by ``bench/`` and ``mnn-fast bench``: naive loop vs the engine's ops.
 
 The naive core is the paper's loop with the experts taken out (mask, index, gather, add per
-expert); the engine core is route + gather + combine of one backend; ``copy_core`` clones the
+expert); the engine core is route + gather (into a reused workspace) + combine of one backend; ``copy_core`` clones the
 same number of bytes, to read the others as a fraction of this machine's copy bandwidth.
 """
 from __future__ import annotations
@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from .engine import stages
 from .engine.backends import get_backend
 
 THRESHOLD = 0.25
@@ -50,11 +51,18 @@ def naive_core(w):
 
 
 def engine_core(name):
+    """The engine's routing core on backend ``name``: route, gather (into a workspace kept across
+    calls, as ``MetaNeuralNetwork`` does in inference, so a large buffer's first-touch page faults are
+    paid once), combine."""
     ops = get_backend(name)
+    workspace: dict[str, torch.Tensor] = {}
 
     def run(w):
         r = ops.route(w["scores"], THRESHOLD, 0)
-        ops.gather(w["x"], r.perm)
+        need = r.perm.numel() * w["x"].shape[1]
+        if "x" not in workspace or workspace["x"].numel() < need:
+            workspace["x"] = torch.empty(need, dtype=w["x"].dtype)
+        stages.gather_rows(w["x"], r.perm, ops, workspace["x"])
         return ops.combine(w["logp"], w["logv"], r.perm, r.sample_offsets, r.sample_rows)
 
     return run
