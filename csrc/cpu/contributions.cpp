@@ -85,7 +85,7 @@ at::Tensor contributions_cpu(const at::Tensor& logits_in, const at::Tensor& offs
     for (int64_t r = begin; r < end; ++r) {
       const int64_t e = rows::expert_of_row(off, E, r);
       const rows::ExpertGroup g{gc + go[e], go[e + 1] - go[e], spread[e]};
-      rows::contribution_row(y + r * W, W, C, g, ls.data(), outside.data(), inside.data(), dst + r * C);
+      rows::contribution_row<false>(y + r * W, W, C, g, ls.data(), outside.data(), inside.data(), dst + r * C);
     }
   });
   return out;

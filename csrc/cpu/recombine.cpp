@@ -76,7 +76,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   const int64_t avg_rows = N / B + 1;
 
   at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
-    std::vector<float> ls(C), outside(C), v(C);
+    std::vector<float> ls(C), outside(C);
     std::vector<uint8_t> inside(C, 0);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t a = so[i];
@@ -96,8 +96,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
         const int64_t e = rows::expert_of_row(off, E, r);
         const rows::ExpertGroup g{gc + go[e], go[e + 1] - go[e], spread[e]};
         const float* y = parts == 1 ? base[0] + r * W : base[e] + (r - off[e]) * W;
-        rows::contribution_row(y, W, C, g, ls.data(), outside.data(), inside.data(), v.data());
-        for (int64_t c = 0; c < C; ++c) acc[c] = rowmath::add(acc[c], v[c]);
+        rows::contribution_row<true>(y, W, C, g, ls.data(), outside.data(), inside.data(), acc);
       }
       rows::log_softmax_row(acc, C, acc);
     }

@@ -239,29 +239,42 @@ struct ExpertGroup {
   float log_spread;
 };
 
-// log v of one row (SPEC section 4) into out[0:C]; y has W = C or 1 (binary) entries. `ls`,
-// `outside` and `inside` are scratch of C entries; inside is all 0 on entry and on return.
+// log v of one row (SPEC section 4), written to dst[0:C] or, with kAccumulate, added to it
+// (dst[c] = dst[c] + v[c], one float32 add: recombine's accumulation). y has W = C or 1 (binary)
+// entries. `ls`, `outside` and `inside` are scratch of C entries; inside is all 0 on entry and return.
+template <bool kAccumulate>
 inline void contribution_row(const float* y, int64_t width, int64_t C, const ExpertGroup& g, float* ls,
-                             float* outside, uint8_t* inside, float* out) {
+                             float* outside, uint8_t* inside, float* dst) {
   if (width == 1 && C != 1) {
     const float yv = y[0];
     const float log_term = rowmath::log1p_nonnegative(rowmath::exp_nonpositive(-(yv < 0 ? -yv : yv)));
     const float log_q = rowmath::sub(yv < 0.0f ? yv : 0.0f, log_term);
     const float log_not_q = rowmath::sub(-yv < 0.0f ? -yv : 0.0f, log_term);
     const float spread = rowmath::sub(log_not_q, g.log_spread);
-    for (int64_t c = 0; c < C; ++c) out[c] = spread;
-    out[g.classes[0]] = log_q;
+    const int64_t cls = g.classes[0];
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = c == cls ? log_q : spread;
+      dst[c] = kAccumulate ? rowmath::add(dst[c], v) : v;
+    }
     return;
   }
-  log_softmax_row(y, C, ls);
+  const float m = row_max(y, C);
+  const float log_s = rowmath::log1p_nonnegative(rowmath::sub(lane_sum_exp(y, C, m), 1.0f));
   for (int64_t k = 0; k < g.size; ++k) inside[g.classes[k]] = 1;
-  // The out-of-group log-probabilities, group columns at -inf (rowmath: where(keep, ls, -inf)).
-  for (int64_t c = 0; c < C; ++c) outside[c] = inside[c] ? -kInf : ls[c];
+  // ls = log_softmax(y), and the out-of-group part with group columns at -inf (rowmath:
+  // where(keep, ls, -inf)), in one pass.
+  for (int64_t c = 0; c < C; ++c) {
+    ls[c] = rowmath::sub(rowmath::sub(y[c], m), log_s);
+    outside[c] = inside[c] ? -kInf : ls[c];
+  }
   float shift = row_max(outside, C);
   shift = (shift == kInf || shift == -kInf) ? 0.0f : shift;
   const float log_not_q = rowmath::add(rowmath::log_of_sum(lane_sum_exp(outside, C, shift)), shift);
   const float spread = rowmath::sub(log_not_q, g.log_spread);
-  for (int64_t c = 0; c < C; ++c) out[c] = inside[c] ? ls[c] : spread;
+  for (int64_t c = 0; c < C; ++c) {
+    const float v = inside[c] ? ls[c] : spread;
+    dst[c] = kAccumulate ? rowmath::add(dst[c], v) : v;
+  }
   for (int64_t k = 0; k < g.size; ++k) inside[g.classes[k]] = 0;
 }
 
