@@ -40,7 +40,8 @@ def _config(args):
 def cmd_train(args) -> None:
     from .training.pipeline import train
 
-    run = train(_config(args), args.run_dir, experts=args.expert, workers=args.workers)
+    run = train(_config(args), args.run_dir, experts=args.expert, workers=args.workers, launcher=args.launcher,
+                ray_address=args.ray_address)
     print(f"run directory: {run.root}")
 
 
@@ -204,6 +205,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", type=int, action="append", help="train only this specialist (repeatable; for job arrays)")
     p.add_argument("--workers", type=int, default=1,
                    help="train the specialists in this many worker processes (files byte-identical to --workers 1)")
+    p.add_argument("--launcher", choices=["local", "ray"], default="local",
+                   help="local: worker processes on this machine; ray: Ray tasks (pip install 'mnn_fast[ray]')")
+    p.add_argument("--ray-address", default="local",
+                   help="with --launcher ray: 'local' (an embedded cluster on this machine, --workers CPUs) or a "
+                        "cluster address ('auto', 'ray://head:10001')")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="accuracy over dataset x test thresholds: CSV and PNG figures")

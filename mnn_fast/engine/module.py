@@ -253,8 +253,15 @@ class MetaNeuralNetwork(nn.Module):
         return sum(b.numel() * b.element_size() for b in self._workspaces.values())
 
     def release_workspace(self) -> None:
-        """Frees the gather buffers kept between calls; the next forward allocates afresh."""
+        """Frees the gather buffers kept between calls (also those of threads that have ended); the
+        next forward allocates afresh."""
         self._workspaces = {}
+
+    def __getstate__(self):
+        # Copies and pickles of the module (deepcopy, torch.save) leave the scratch buffers behind.
+        state = self.__dict__.copy()
+        state["_workspaces"] = {}
+        return state
 
     def switch_scores(self, x: Tensor) -> stages.SwitchScores:
         """Checks ``x: Tensor[B, ...]``, runs the switch: ``(log_probs: Tensor[B, C], scores: Tensor[B, E])`` float32."""

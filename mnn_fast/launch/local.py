@@ -15,14 +15,15 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-__all__ = ["run_jobs", "CRASH_ONCE_ENV"]
+__all__ = ["run_jobs", "run_job", "CRASH_ONCE_ENV"]
 
 # Fault injection for tests: a path; the first job to start while it does not exist creates it and
 # kills its own worker, as an out-of-memory kill would. Never set outside tests.
 CRASH_ONCE_ENV = "MNN_FAST_CRASH_ONCE"
 
 
-def _call(fn: Callable, job: Any) -> Any:
+def run_job(fn: Callable, job: Any) -> Any:
+    """``fn(job)`` in a worker, after the tests' fault injection (``CRASH_ONCE_ENV``) had its say."""
     marker = os.environ.get(CRASH_ONCE_ENV)
     if marker:
         try:
@@ -52,7 +53,7 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_res
                 return
             lost = []
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
-                futures = {pool.submit(_call, fn, job): job for job in pending}
+                futures = {pool.submit(run_job, fn, job): job for job in pending}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for future in done:

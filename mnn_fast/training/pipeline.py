@@ -29,7 +29,10 @@ from .loop import accuracy, fit, make_optimizer, predict_probs
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "data_splits", "specialist_subsets", "write_probs", "read_probs", "load_mnn"]
+__all__ = ["train", "data_splits", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
+
+# How the specialists are fanned out: worker processes on this machine, or Ray tasks.
+LAUNCHERS = ("local", "ray")
 
 log = logging.getLogger("mnn_fast.training")
 
@@ -90,7 +93,8 @@ def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
 
 
 def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None, *,
-          switch: nn.Module | None = None, repair: bool = True, workers: int = 1) -> RunDir:
+          switch: nn.Module | None = None, repair: bool = True, workers: int = 1, launcher: str = "local",
+          ray_address: str = "local") -> RunDir:
     """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices.
 
     A whole run holds the directory's lock exclusively (a second run is refused at once with
@@ -99,12 +103,17 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     otherwise it is retrained or recomputed with a warning on the ``mnn_fast.training`` logger, or, with
     ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
     instead of training one (same architecture as ``cfg.model``). ``workers > 1``: the specialists
-    train in that many worker processes (:mod:`mnn_fast.launch.local`); files are byte-identical to a
-    serial run's, since each specialist trains with ``cfg.specialist_threads`` threads from its own seed.
+    train in that many worker processes (:mod:`mnn_fast.launch.local`). ``launcher="ray"``: the
+    specialists are Ray tasks (:mod:`mnn_fast.launch.ray_tasks`) on the cluster at ``ray_address``
+    (``"local"``: an embedded one on this machine with ``workers`` x ``specialist_threads`` CPUs, or all
+    CPUs when ``workers == 1``). Files are byte-identical to a serial run's whichever launcher ran
+    them, since each specialist trains with ``cfg.specialist_threads`` threads from its own seed.
     """
     cfg.check()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive int, got {workers!r}")
+    if launcher not in LAUNCHERS:
+        raise ValueError(f"launcher must be one of {LAUNCHERS}, got {launcher!r}")
     if experts is not None:
         experts = [F.check_int(f"experts[{i}]", e, 0) for i, e in enumerate(experts)]
     run = RunDir(run_dir)
@@ -145,7 +154,13 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
                                                 SWITCH_KEY: switch_sha, "train_samples": str(len(job.y))})
             run.record(path, state, sha)
 
-        if workers == 1:
+        if launcher == "ray":
+            from ..launch.ray_tasks import run_jobs_ray
+
+            threads = cfg.specialist_threads
+            run_jobs_ray(train_specialist, jobs, write, address=ray_address, cpus_per_job=threads,
+                         num_cpus=workers * threads if workers > 1 else None, desc="specialists")
+        elif workers == 1:
             for job in tqdm(jobs, desc="specialists"):
                 write(job, train_specialist(job))
         else:

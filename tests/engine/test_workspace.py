@@ -1,5 +1,6 @@
 """The gather workspace (issue 12): reused across inference calls, grown to the largest batch,
 released on request, never used where autograd could keep the gathered rows, one per thread."""
+import copy
 import threading
 
 import torch
@@ -26,6 +27,7 @@ def test_workspace_is_reused_and_grows_to_the_high_water_mark():
                 high = mnn.workspace_bytes
                 assert high >= routing.perm.numel() * 24 * 4
     assert mnn.workspace_bytes == high  # smaller batches reuse the buffer; it never shrinks
+    assert copy.deepcopy(mnn).workspace_bytes == 0  # copies leave the scratch behind
     mnn.release_workspace()
     assert mnn.workspace_bytes == 0
 
