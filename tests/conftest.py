@@ -28,3 +28,15 @@ settings.load_profile("mnn")
 
 # Every CPU backend is required here: a missing build must fail the suite, not skip it.
 CPU_BACKENDS = ("torch", "cpp", "triton")
+
+
+@pytest.fixture(scope="session")
+def serial(tmp_path_factory):
+    """The launcher tests' reference (tests/launch): the specialists' file bytes of the tiny digits
+    run trained serially (``workers=1``), trained once per session."""
+    from helpers import TINY_RUN, specialist_bytes
+    from mnn_fast.training import TrainConfig, train
+
+    run_dir = tmp_path_factory.mktemp("serial") / "run"
+    train(TrainConfig(**TINY_RUN), run_dir)
+    return specialist_bytes(run_dir)

@@ -55,3 +55,15 @@ def run_worker(script: Path, mark: str, cwd: Path):
     assert proc.returncode == 0, f"{Path(script).name} worker failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
     line = next(ln for ln in proc.stdout.splitlines() if ln.startswith(mark))
     return json.loads(line[len(mark):])
+
+
+# The tiny digits run the launcher tests train (tests/launch): every launcher must write its bytes.
+TINY_RUN = dict(dataset="digits", model="mlp", switch_epochs=1, specialist_epochs=2)
+
+
+def specialist_bytes(run_dir) -> dict[int, bytes]:
+    """The ten specialists' file bytes of a digits run directory."""
+    from mnn_fast.training import RunDir
+
+    run = RunDir(run_dir)
+    return {e: run.specialist(e).read_bytes() for e in range(10)}

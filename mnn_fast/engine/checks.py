@@ -51,6 +51,20 @@ def _in_range(op: str, name: str, t: Tensor, bound: int, what: str) -> None:
                          f"[{int(t.min())}, {int(t.max())}]")
 
 
+def _sample_view(op: str, sample_offsets: Tensor, sample_rows: Tensor, batch: int, rows: int,
+                 one_per_row: bool) -> None:
+    """The routing's sample-major view: ``sample_offsets: Tensor[B+1]`` non-decreasing within
+    ``[0, sample_rows.numel()]``, ``sample_rows`` values in ``[0, N)`` (``rows`` = N), and exactly
+    ``N`` of them when ``one_per_row``."""
+    _index(op, "sample_offsets", sample_offsets, batch + 1)
+    _index(op, "sample_rows", sample_rows, rows if one_per_row else None)
+    _in_range(op, "sample_rows", sample_rows, rows, "N")
+    if _values_checked(sample_offsets) and sample_offsets.numel():
+        steps = sample_offsets[1:] - sample_offsets[:-1]
+        if int(sample_offsets[0]) < 0 or (steps.numel() and int(steps.min()) < 0) or int(sample_offsets[-1]) > sample_rows.numel():
+            raise ValueError(f"{op}: sample_offsets must be non-decreasing within [0, {sample_rows.numel()}]")
+
+
 def check_group_scores(probs: Tensor, group_offsets: Tensor, group_classes: Tensor) -> None:
     op = "group_scores"
     _matrix(op, "probs", probs)
@@ -92,13 +106,7 @@ def check_combine(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tens
     if logv.shape[1] != classes:
         raise ValueError(f"{op}: logv must have the same number of columns C = {classes} as logp, got {_describe(logv)}")
     _index(op, "perm", perm, rows)
-    _index(op, "sample_offsets", sample_offsets, batch + 1)
-    _index(op, "sample_rows", sample_rows)
-    _in_range(op, "sample_rows", sample_rows, rows, "N")
-    if _values_checked(sample_offsets) and sample_offsets.numel():
-        steps = sample_offsets[1:] - sample_offsets[:-1]
-        if int(sample_offsets[0]) < 0 or (steps.numel() and int(steps.min()) < 0) or int(sample_offsets[-1]) > sample_rows.numel():
-            raise ValueError(f"{op}: sample_offsets must be non-decreasing within [0, {sample_rows.numel()}]")
+    _sample_view(op, sample_offsets, sample_rows, batch, rows, one_per_row=False)
 
 
 def _tables(op: str, logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
@@ -159,13 +167,7 @@ def check_recombine(logp: Tensor, logits: list[Tensor], offsets: Tensor, group_o
     whole = logits[0] if len(logits) == 1 else torch.cat(list(logits))
     _tables(op, whole, offsets, group_offsets, group_classes, log_spread, logp.shape[1])
     rows = whole.shape[0]
-    _index(op, "sample_offsets", sample_offsets, logp.shape[0] + 1)
-    _index(op, "sample_rows", sample_rows, rows)
-    _in_range(op, "sample_rows", sample_rows, rows, "N")
-    if _values_checked(sample_offsets) and sample_offsets.numel():
-        steps = sample_offsets[1:] - sample_offsets[:-1]
-        if int(sample_offsets[0]) < 0 or (steps.numel() and int(steps.min()) < 0) or int(sample_offsets[-1]) > rows:
-            raise ValueError(f"{op}: sample_offsets must be non-decreasing within [0, N = {rows}]")
+    _sample_view(op, sample_offsets, sample_rows, logp.shape[0], rows, one_per_row=True)
 
 
 def check_contributions(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,

@@ -4,32 +4,20 @@ import os
 
 import pytest
 
+from helpers import TINY_RUN as TINY, specialist_bytes
 from mnn_fast import cli
 from mnn_fast.launch.local import CRASH_ONCE_ENV, run_jobs
-from mnn_fast.training import TrainConfig, RunDir, train
+from mnn_fast.training import TrainConfig, train
 
-TINY = dict(dataset="digits", model="mlp", switch_epochs=1, specialist_epochs=2)
 
 
 def _square(x):
     return x * x
 
 
-def _specialist_bytes(run_dir):
-    run = RunDir(run_dir)
-    return {e: run.specialist(e).read_bytes() for e in range(10)}
-
-
-@pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("serial") / "run"
-    train(TrainConfig(**TINY), run_dir)
-    return _specialist_bytes(run_dir)
-
-
 def test_two_workers_write_the_serial_runs_bytes(serial, tmp_path):
     train(TrainConfig(**TINY), tmp_path / "run", workers=2)
-    assert _specialist_bytes(tmp_path / "run") == serial
+    assert specialist_bytes(tmp_path / "run") == serial
 
 
 def test_a_killed_worker_is_retried_and_the_bytes_still_match(serial, tmp_path, monkeypatch):
@@ -38,7 +26,7 @@ def test_a_killed_worker_is_retried_and_the_bytes_still_match(serial, tmp_path, 
     assert cli.main(["train", str(tmp_path / "run"), "--dataset", "digits", "--model", "mlp", "--switch-epochs", "1",
                      "--specialist-epochs", "2", "--workers", "2"]) == 0
     assert marker.exists()  # a worker really died
-    assert _specialist_bytes(tmp_path / "run") == serial
+    assert specialist_bytes(tmp_path / "run") == serial
 
 
 def test_run_jobs_returns_every_result_once_and_refuses_bad_worker_counts():

@@ -7,30 +7,18 @@ import pytest
 
 ray = pytest.importorskip("ray", reason="Ray is the optional extra mnn_fast[ray]; make test installs it")
 
+from helpers import TINY_RUN as TINY, specialist_bytes  # noqa: E402
 from mnn_fast import cli  # noqa: E402
 from mnn_fast.launch.local import CRASH_ONCE_ENV  # noqa: E402
 from mnn_fast.launch.ray_tasks import run_jobs_ray  # noqa: E402
-from mnn_fast.training import RunDir, TrainConfig, train  # noqa: E402
+from mnn_fast.training import TrainConfig, train  # noqa: E402
 
-TINY = dict(dataset="digits", model="mlp", switch_epochs=1, specialist_epochs=2)
 TRAIN_ARGS = ["--dataset", "digits", "--model", "mlp", "--switch-epochs", "1", "--specialist-epochs", "2"]
-
-
-def _specialist_bytes(run_dir):
-    run = RunDir(run_dir)
-    return {e: run.specialist(e).read_bytes() for e in range(10)}
-
-
-@pytest.fixture(scope="module")
-def serial(tmp_path_factory):
-    run_dir = tmp_path_factory.mktemp("serial") / "run"
-    train(TrainConfig(**TINY), run_dir)
-    return _specialist_bytes(run_dir)
 
 
 def test_ray_tasks_write_the_serial_runs_bytes(serial, tmp_path):
     assert cli.main(["train", str(tmp_path / "run"), *TRAIN_ARGS, "--launcher", "ray", "--workers", "2"]) == 0
-    assert _specialist_bytes(tmp_path / "run") == serial
+    assert specialist_bytes(tmp_path / "run") == serial
     assert not ray.is_initialized()  # the embedded cluster it started is stopped again
 
 
@@ -39,7 +27,7 @@ def test_a_killed_task_is_retried_and_the_bytes_still_match(serial, tmp_path, mo
     monkeypatch.setenv(CRASH_ONCE_ENV, str(marker))  # the first task to start kills its worker process
     train(TrainConfig(**TINY), tmp_path / "run", launcher="ray", workers=2)
     assert marker.exists()  # a worker really died
-    assert _specialist_bytes(tmp_path / "run") == serial
+    assert specialist_bytes(tmp_path / "run") == serial
 
 
 def test_run_jobs_ray_returns_every_result_once_and_checks_its_arguments():
