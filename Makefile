@@ -14,7 +14,7 @@ $(VENV)/.installed: $(SOURCES)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1 ninja
-	$(PY) -m pip install -q --no-build-isolation -e '.[test,ray]'
+	$(PY) -m pip install -q --no-build-isolation -e '.[test,ray,slurm]'
 	touch $@
 
 test: install

@@ -40,8 +40,13 @@ def _config(args):
 def cmd_train(args) -> None:
     from .training.pipeline import train
 
+    options = {}
+    if args.launcher == "ray":
+        options["address"] = args.ray_address
+    elif args.launcher == "slurm":
+        options = dict(cluster=args.slurm_cluster, partition=args.slurm_partition, timeout_min=args.slurm_timeout_min)
     run = train(_config(args), args.run_dir, experts=args.expert, workers=args.workers, launcher=args.launcher,
-                ray_address=args.ray_address)
+                launcher_options=options)
     print(f"run directory: {run.root}")
 
 
@@ -205,11 +210,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expert", type=int, action="append", help="train only this specialist (repeatable; for job arrays)")
     p.add_argument("--workers", type=int, default=1,
                    help="train the specialists in this many worker processes (files byte-identical to --workers 1)")
-    p.add_argument("--launcher", choices=["local", "ray"], default="local",
-                   help="local: worker processes on this machine; ray: Ray tasks (pip install 'mnn_fast[ray]')")
+    p.add_argument("--launcher", choices=["local", "ray", "slurm"], default="local",
+                   help="local: worker processes on this machine; ray: Ray tasks (pip install 'mnn_fast[ray]'); "
+                        "slurm: one job array through submitit (pip install 'mnn_fast[slurm]'), --workers caps it")
     p.add_argument("--ray-address", default="local",
                    help="with --launcher ray: 'local' (an embedded cluster on this machine, --workers CPUs) or a "
                         "cluster address ('auto', 'ray://head:10001')")
+    p.add_argument("--slurm-cluster", choices=["slurm", "local"], default=None,
+                   help="with --launcher slurm: submitit's executor (default: Slurm where sbatch exists, else local)")
+    p.add_argument("--slurm-partition", default=None, help="with --launcher slurm: the Slurm partition")
+    p.add_argument("--slurm-timeout-min", type=int, default=240, help="with --launcher slurm: minutes per array task")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="accuracy over dataset x test thresholds: CSV and PNG figures")

@@ -31,8 +31,8 @@ from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
 __all__ = ["train", "data_splits", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
 
-# How the specialists are fanned out: worker processes on this machine, or Ray tasks.
-LAUNCHERS = ("local", "ray")
+# How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
+LAUNCHERS = ("local", "ray", "slurm")
 
 log = logging.getLogger("mnn_fast.training")
 
@@ -94,7 +94,7 @@ def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
 
 def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None, *,
           switch: nn.Module | None = None, repair: bool = True, workers: int = 1, launcher: str = "local",
-          ray_address: str = "local") -> RunDir:
+          launcher_options: dict | None = None) -> RunDir:
     """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices.
 
     A whole run holds the directory's lock exclusively (a second run is refused at once with
@@ -104,10 +104,13 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
     instead of training one (same architecture as ``cfg.model``). ``workers > 1``: the specialists
     train in that many worker processes (:mod:`mnn_fast.launch.local`). ``launcher="ray"``: the
-    specialists are Ray tasks (:mod:`mnn_fast.launch.ray_tasks`) on the cluster at ``ray_address``
-    (``"local"``: an embedded one on this machine with ``workers`` x ``specialist_threads`` CPUs, or all
-    CPUs when ``workers == 1``). Files are byte-identical to a serial run's whichever launcher ran
-    them, since each specialist trains with ``cfg.specialist_threads`` threads from its own seed.
+    specialists are Ray tasks (:mod:`mnn_fast.launch.ray_tasks`; ``launcher_options={"address": ...}``,
+    default ``"local"``: an embedded cluster with ``workers`` x ``specialist_threads`` CPUs, or all CPUs
+    when ``workers == 1``). ``launcher="slurm"``: one submitit job array (:mod:`mnn_fast.launch.slurm`;
+    options ``cluster``, ``partition``, ``timeout_min``; at most ``workers`` tasks at once when
+    ``workers > 1``; job files under ``RUN/submitit``). Files are byte-identical to a serial run's
+    whichever launcher ran them, since each specialist trains with ``cfg.specialist_threads`` threads
+    from its own seed.
     """
     cfg.check()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
@@ -154,12 +157,17 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
                                                 SWITCH_KEY: switch_sha, "train_samples": str(len(job.y))})
             run.record(path, state, sha)
 
+        threads, options = cfg.specialist_threads, dict(launcher_options or {})
         if launcher == "ray":
             from ..launch.ray_tasks import run_jobs_ray
 
-            threads = cfg.specialist_threads
-            run_jobs_ray(train_specialist, jobs, write, address=ray_address, cpus_per_job=threads,
-                         num_cpus=workers * threads if workers > 1 else None, desc="specialists")
+            run_jobs_ray(train_specialist, jobs, write, cpus_per_job=threads,
+                         num_cpus=workers * threads if workers > 1 else None, desc="specialists", **options)
+        elif launcher == "slurm":
+            from ..launch.slurm import run_jobs_submitit
+
+            run_jobs_submitit(train_specialist, jobs, write, folder=run.root / "submitit", cpus_per_job=threads,
+                              parallelism=workers if workers > 1 else None, desc="specialists", **options)
         elif workers == 1:
             for job in tqdm(jobs, desc="specialists"):
                 write(job, train_specialist(job))

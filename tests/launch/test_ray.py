@@ -39,4 +39,4 @@ def test_run_jobs_ray_returns_every_result_once_and_checks_its_arguments():
     with pytest.raises(ValueError, match="cpus_per_job must be an int >= 1"):
         run_jobs_ray(math.factorial, [1], lambda *a: None, cpus_per_job=0)
     with pytest.raises(ValueError, match="launcher must be one of"):
-        train(TrainConfig(**TINY), "unused", launcher="slurm")
+        train(TrainConfig(**TINY), "unused", launcher="mpi")
