@@ -57,6 +57,8 @@ def run_jobs_ray(fn: Callable[[Any], Any], jobs: Sequence[Any], on_result: Calla
     if not isinstance(address, str) or not address:
         raise ValueError(f"address must be 'local' or a Ray cluster address, got {address!r}")
     ray = _import_ray()
+    if not jobs:  # nothing to do: no cluster to start
+        return
     started = not ray.is_initialized()
     if started:
         kwargs = dict(include_dashboard=False, log_to_driver=False)
