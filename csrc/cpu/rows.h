@@ -24,6 +24,17 @@ using rowmath::kLanes;
 constexpr float kInf = std::numeric_limits<float>::infinity();
 constexpr float kNaN = std::numeric_limits<float>::quiet_NaN();
 
+// The row maximum from the 16 lanes' maxima and NaN flags (non-zero = a NaN was seen in that lane).
+inline float fold_max(const float* lanes, const float* nans) {
+  float best = -kInf;
+  bool any_nan = false;
+  for (int j = 0; j < kLanes; ++j) {
+    best = lanes[j] > best ? lanes[j] : best;
+    any_nan = any_nan || nans[j] != 0.0f;
+  }
+  return any_nan ? kNaN : best;
+}
+
 #if defined(__SSE2__)
 // The 16 lanes as four SSE2 registers (lane j = register j / 4, element j % 4): every x86-64 CPU
 // has SSE2, and each lane runs rowmath.h's scalar operations in its order, so no bit changes.
@@ -92,13 +103,7 @@ inline float row_max_sse(const float* x, int64_t n) {
     _mm_storeu_ps(lanes + 4 * k, m[k]);
     _mm_storeu_ps(nans + 4 * k, nan[k]);
   }
-  float best = -kInf;
-  bool any_nan = false;
-  for (int j = 0; j < kLanes; ++j) {
-    best = lanes[j] > best ? lanes[j] : best;
-    any_nan = any_nan || nans[j] != 0.0f;
-  }
-  return any_nan ? kNaN : best;
+  return fold_max(lanes, nans);
 }
 
 // sum over c of exp(x[c] - shift) in rowmath's lane order; the -inf padding adds +0 to its lane.
@@ -167,13 +172,7 @@ __attribute__((target("avx2"))) static float row_max_avx2(const float* x, int64_
     _mm256_storeu_ps(lanes + 8 * k, m[k]);
     _mm256_storeu_ps(nans + 8 * k, nan[k]);
   }
-  float best = -kInf;
-  bool any_nan = false;
-  for (int j = 0; j < kLanes; ++j) {
-    best = lanes[j] > best ? lanes[j] : best;
-    any_nan = any_nan || nans[j] != 0.0f;
-  }
-  return any_nan ? kNaN : best;
+  return fold_max(lanes, nans);
 }
 
 __attribute__((target("avx2"))) static float lane_sum_exp_avx2(const float* x, int64_t n, float shift) {

@@ -75,8 +75,8 @@ class ClassTables:
 
     ``group_offsets: Tensor[E+1]`` / ``group_classes: Tensor[M]`` int64 (CSR groups) and
     ``log_spread: Tensor[E] float32`` (``log(C - |G_e|)``) are what the row ops take;
-    ``group_idx[e]`` / ``outside_idx[e]`` int64 per expert serve the torch formula, and
-    ``single_offsets[e]`` (``[0, |G_e|]``) lets the row ops run on one expert's rows alone.
+    ``group_idx[e]: Tensor[|G_e|]`` int64 and ``single_offsets[e]`` (``[0, |G_e|]``) let the row ops
+    run on one expert's rows alone (the mixed-width path).
     """
 
     num_classes: int
@@ -84,25 +84,20 @@ class ClassTables:
     group_classes: Tensor
     log_spread: Tensor
     group_idx: tuple[Tensor, ...]
-    outside_idx: tuple[Tensor, ...]
     single_offsets: tuple[Tensor, ...]
 
 
 def class_tables(groups: Sequence[Sequence[int]], num_classes: int, device: torch.device) -> ClassTables:
     """The :class:`ClassTables` of ``groups`` (distinct class ids in ``[0, C)``) on ``device``."""
-    group_idx, outside_idx, single = [], [], []
+    group_idx, single = [], []
     for group in groups:
-        members = set(group)
         group_idx.append(torch.tensor(list(group), dtype=torch.long, device=device))
-        outside_idx.append(torch.tensor([c for c in range(num_classes) if c not in members], dtype=torch.long,
-                                        device=device))
         single.append(torch.tensor([0, len(group)], dtype=torch.long, device=device))
     sizes = torch.tensor([len(g) for g in groups], dtype=torch.long)
     group_offsets = torch.cat([sizes.new_zeros(1), sizes.cumsum(0)])
     group_classes = torch.tensor([c for g in groups for c in g], dtype=torch.long)
     return ClassTables(num_classes, group_offsets.to(device), group_classes.to(device),
-                       log_spread_table(group_offsets, num_classes).to(device), tuple(group_idx), tuple(outside_idx),
-                       tuple(single))
+                       log_spread_table(group_offsets, num_classes).to(device), tuple(group_idx), tuple(single))
 
 
 def buffer_logits(outputs: Sequence[Tensor | None] | Tensor, num_classes: int,
