@@ -1,8 +1,9 @@
-"""The ``mnn-fast`` command: train, sweep, eval, bench, groups, nsn, nsn-sweep and demo. Every sub-command's parser is here.
+"""The ``mnn-fast`` command: train, sweep, baselines, eval, bench, groups, nsn, nsn-sweep and demo. Every sub-command's parser is here.
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
-``eval`` reports accuracy at one test threshold; ``bench`` times the routing core against the
+``baselines`` sets the MNN against its switch and a compute-matched switch over seeds; ``eval``
+reports accuracy at one test threshold; ``bench`` times the routing core against the
 naive loop; ``groups`` learns label groups from confusions and compares auxiliary heads on them
 with controls; ``demo`` is the short load_digits demonstration (``make demo``).
 """
@@ -34,6 +35,7 @@ def _config(args):
         dataset_threshold=args.dataset_threshold, groups=groups, seed=args.seed, augment=args.augment,
         pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
         specialist_nsn=args.specialist_nsn, specialist_threads=args.specialist_threads,
+        specialist_loss=args.specialist_loss, train_fraction=args.train_fraction,
     ).check()
 
 
@@ -48,6 +50,14 @@ def cmd_train(args) -> None:
     run = train(_config(args), args.run_dir, experts=args.expert, workers=args.workers, launcher=args.launcher,
                 launcher_options=options)
     print(f"run directory: {run.root}")
+
+
+def cmd_baselines(args) -> None:
+    """Per seed: the switch, the MNN with each specialist loss, and the switch trained for as many
+    sample passes as the switch and all specialists together; test accuracy, mean ± std."""
+    from .training.baselines import run_baselines
+
+    run_baselines(_config(args), args.out, args.seeds, args.specialist_losses, args.test_threshold)
 
 
 def cmd_eval(args) -> None:
@@ -203,6 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="train specialists as networks with sub-networks (needs --model nsn_mlp)")
         p.add_argument("--normalization", choices=["auto", "cifar", "imagenet"], default="auto",
                        help="CIFAR-10 input statistics; auto = imagenet with --pretrained (what those weights expect)")
+        p.add_argument("--specialist-loss", choices=["ce", "binary"], default="ce",
+                       help="ce: cross-entropy over all classes; binary: the original MNN code's binary cross-entropy "
+                            "of the softmax mass on the specialist's classes")
+        p.add_argument("--train-fraction", type=float, default=1.0,
+                       help="keep this stratified fraction of the training split (quick experiments)")
 
     p = sub.add_parser("train", help="train the switch and specialists (resumable)", description=cmd_train.__doc__)
     p.add_argument("run_dir")
@@ -229,6 +244,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-thresholds", type=float, nargs="*", default=None, help="default: 0.00, 0.05, ..., 1.00")
     p.add_argument("--out", default="sweep_out")
     p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("baselines", help="MNN vs its switch vs a compute-matched switch over seeds (CSV, table, figure)",
+                       description=cmd_baselines.__doc__)
+    training_args(p)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--specialist-losses", nargs="+", choices=["ce", "binary"], default=["ce", "binary"])
+    p.add_argument("--test-threshold", type=float, default=0.25)
+    p.add_argument("--out", default="baselines_out", help="runs/ (resumable) and baselines.{csv,md,png,json} go here")
+    p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("eval", help="switch-only and MNN accuracy of a trained run at one test threshold")
     p.add_argument("run_dir")

@@ -20,6 +20,7 @@ from .reference import naive_forward
 from .reporting import plot_heatmap, plot_lines, write_csv
 from .training.config import TrainConfig
 from .training.data import load_dataset
+from .training.baselines import run_sample_passes, train_compute_matched_switch
 from .training.loop import accuracy
 from .training.pipeline import load_mnn, train
 from .training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
@@ -52,6 +53,11 @@ def run(out, dataset_thresholds=DATASET_THRESHOLDS, seed: int = 0, timing_batch_
         best = max(rows, key=lambda r: (r["accuracy"], -r["experts_per_sample"]))
         cfg_best = Path(tmp) / f"dataset_threshold_{best['dataset_threshold']:.2f}"
         mnn = load_mnn(cfg_best, best["test_threshold"], splits=splits)
+        # The reference at equal training compute: the switch trained for as many sample passes as
+        # the best MNN's switch and specialists together (mnn-fast baselines does it over seeds).
+        passes = run_sample_passes(cfg_best, splits.num_classes)
+        matched = train_compute_matched_switch(TrainConfig.load(cfg_best / "config.json"), splits, passes["total"])
+        matched_acc = accuracy(matched, splits.test_x, splits.test_y)
         with torch.no_grad():
             out_engine = mnn(splits.test_x)
             out_naive = naive_forward(mnn.switch, list(mnn.specialists), splits.test_x, threshold=best["test_threshold"])
@@ -66,6 +72,8 @@ def run(out, dataset_thresholds=DATASET_THRESHOLDS, seed: int = 0, timing_batch_
     result = {
         "switch_acc": switch_acc,
         "best_mnn_acc": best["accuracy"],
+        "compute_matched_switch_acc": matched_acc,
+        "training_sample_passes": passes,
         "best_dataset_threshold": best["dataset_threshold"],
         "best_test_threshold": best["test_threshold"],
         "experts_per_sample": best["experts_per_sample"],
@@ -90,6 +98,8 @@ def main(out="runs/demo", seed: int = 0) -> dict:
     print(f"| switch-only accuracy | {r['switch_acc']:.4f} |")
     print(f"| best MNN accuracy | {r['best_mnn_acc']:.4f} (dataset threshold {r['best_dataset_threshold']}, "
           f"test threshold {r['best_test_threshold']}, {r['experts_per_sample']:.2f} specialists/sample) |")
+    print(f"| switch trained as long as the best MNN (compute-matched, {r['training_sample_passes']['total']:,} "
+          f"sample passes vs {r['training_sample_passes']['switch']:,}) | {r['compute_matched_switch_acc']:.4f} |")
     print(f"| MNN output == naive loop, bitwise | {r['bitwise_equal_to_naive']} |")
     print(f"| engine ({r['backend']}) images/s, batch {r['batch']} | {r['engine_images_per_s']:.0f} |")
     print(f"| naive loop images/s | {r['naive_images_per_s']:.0f} |")

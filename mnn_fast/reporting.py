@@ -16,7 +16,7 @@ from . import io
 
 __all__ = ["save_csv", "write_csv", "save_figure", "pyplot", "plot_heatmap", "plot_lines", "plot_similarity",
            "plot_accuracy_by_depth", "plot_accuracy_vs_macs", "groups_markdown_table", "nsn_markdown_table",
-           "depth_sweep_markdown_table"]
+           "depth_sweep_markdown_table", "baselines_markdown_table", "plot_baselines"]
 
 
 def save_csv(path, rows: list[dict], fieldnames) -> None:
@@ -153,10 +153,11 @@ def plot_accuracy_vs_macs(path, rows: list[dict], title: str) -> None:
         sel = sorted((r for r in rows if r["kind"] == kind and r["depth"] == depth), key=lambda r: r["macs"])
         ax.plot([r["macs"] for r in sel], [r["accuracy"] for r in sel], marker="o" if kind == "nsn" else "s", ms=3,
                 ls="-" if kind == "nsn" else "--", label=f"{kind} depth {depth} (over test thresholds)")
+    points = {"switch": ("*", "switch alone"), "switch_compute_matched": ("P", "switch, compute-matched")}
     for r in rows:
-        if r["kind"] == "switch" or r["kind"].startswith("budget"):
-            ax.scatter([r["macs"]], [r["accuracy"]], marker="*" if r["kind"] == "switch" else "D", s=80, zorder=3,
-                       label="switch alone" if r["kind"] == "switch" else r["kind"])
+        if r["kind"] in points or r["kind"].startswith("budget"):
+            marker, label = points.get(r["kind"], ("D", r["kind"]))
+            ax.scatter([r["macs"]], [r["accuracy"]], marker=marker, s=80, zorder=3, label=label)
     _finish(path, fig, ax, "mean multiply-adds per sample", "test accuracy", title, legend_size=7)
 
 
@@ -180,9 +181,48 @@ def depth_sweep_markdown_table(rows: list[dict], threshold: float) -> str:
     lines = [f"| configuration | test threshold | accuracy | specialists / sample | multiply-adds / sample |",
              "|---|---:|---:|---:|---:|"]
     for r in rows:
-        if r["kind"] in ("switch",) or r["kind"].startswith("budget") or r["test_threshold"] == threshold:
-            name = {"switch": "switch alone", "plain": f"plain MNN (depth {r['depth']})",
+        if r["kind"] in ("switch", "switch_compute_matched") or r["kind"].startswith("budget") \
+                or r["test_threshold"] == threshold:
+            name = {"switch": "switch alone", "switch_compute_matched": "switch, compute-matched to the plain MNN",
+                    "plain": f"plain MNN (depth {r['depth']})",
                     "nsn": f"NSN specialists at depth {r['depth']}"}.get(r["kind"], r["kind"])
             t = f"{r['test_threshold']}" if r["test_threshold"] != "" else "-"
             lines.append(f"| {name} | {t} | {r['accuracy']:.4f} | {r['experts_per_sample']:.2f} | {r['macs']:,.0f} |")
     return "\n".join(lines)
+
+
+BASELINE_NAMES = {"switch": "switch alone", "switch_compute_matched": "switch, compute-matched",
+                  "mnn_ce": "MNN, specialists by cross-entropy", "mnn_binary": "MNN, specialists by binary loss"}
+
+
+def baselines_markdown_table(summary: list[dict]) -> str:
+    """``mnn-fast baselines``' summary as markdown: accuracy mean ± std, the MNN rows' paired
+    differences to the switch and the compute-matched switch, and the compute each row used."""
+    lines = ["| row | test accuracy | vs switch | vs compute-matched | training sample passes | forward passes / sample |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for s in summary:
+        diffs = [f"{s[k]:+.4f} ± {s[k + '_std']:.4f}" if k in s else "" for k in ("minus_switch",
+                                                                                 "minus_switch_compute_matched")]
+        lines.append(f"| {BASELINE_NAMES.get(s['row'], s['row'])} | {s['mean']:.4f} ± {s['std']:.4f} | {diffs[0]} | "
+                     f"{diffs[1]} | {s['train_sample_passes']:,.0f} | {s['forward_passes_per_sample']:.2f} |")
+    return "\n".join(lines)
+
+
+def plot_baselines(path, rows: list[dict], title: str) -> None:
+    """One bar per row (mean over seeds) with its seeds as dots, so the spread is visible."""
+    names = list(dict.fromkeys(r["row"] for r in rows))
+    fig, ax = pyplot().subplots(figsize=(7, 3.8))
+    for i, name in enumerate(names):
+        accs = [r["accuracy"] for r in rows if r["row"] == name]
+        ax.bar(i, sum(accs) / len(accs), color="C0" if name.startswith("mnn") else "C7", alpha=0.6)
+        ax.scatter([i] * len(accs), accs, color="k", s=12, zorder=3)
+    lo = min(r["accuracy"] for r in rows)
+    hi = max(r["accuracy"] for r in rows)
+    ax.set_ylim(max(0.0, lo - 0.6 * (hi - lo) - 0.005), min(1.0, hi + 0.3 * (hi - lo) + 0.005))
+    ax.set_xticks(range(len(names)), [BASELINE_NAMES.get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_ylabel("test accuracy")
+    ax.set_title(title, fontsize=9)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save_figure(path, fig, dpi=120)
+    pyplot().close(fig)

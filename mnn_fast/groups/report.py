@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .. import io, reporting
+from ..training.baselines import run_sample_passes, train_compute_matched_switch
 from ..training.config import TrainConfig
 from ..training.data import Splits, validation_split
 from ..training.loop import accuracy, fit, predict_probs
@@ -66,6 +67,18 @@ def _mnn_row(name, cfg: TrainConfig, base, splits: Splits, run_dir: Path, test_t
             "experts_per_sample": res["experts_per_sample"]}
 
 
+def _compute_matched_row(name, cfg: TrainConfig, base_epochs: int, splits: Splits, run_dir: Path,
+                         base_macs: int) -> dict:
+    """The base trained, from the same start, for as many sample passes as the MNN of ``run_dir``
+    (base epochs plus every specialist's): the reference at equal training compute."""
+    passes = run_sample_passes(run_dir, splits.num_classes, switch_epochs=base_epochs)
+    matched = train_compute_matched_switch(dataclasses.replace(cfg, switch_epochs=base_epochs), splits,
+                                           passes["total"])
+    return {"row": f"base_compute_matched_to_{name}", "groups": None,
+            "test_accuracy": accuracy(matched, splits.test_x, splits.test_y), "macs": base_macs,
+            "overhead_pct": 0.0, "num_groups": "", "experts_per_sample": 0.0, "train_sample_passes": passes["total"]}
+
+
 def run_groups_report(dataset: str = "digits", data_path: str | None = None, model: str = "small_cnn",
                       pretrained: str | None = None, num_groups: int = 3, out_dir="groups_out", *, k: int = 2,
                       epochs: int = 10, base_epochs: int | None = None, head_hidden: int = DEFAULT_HEAD_HIDDEN,
@@ -79,7 +92,8 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
     heads: what the extra training alone buys); ``heads_confusion`` (heads on the confusion groups); ``heads_random`` (heads on a
     random partition with the same group sizes); ``heads_codetection``; with ``with_mnn`` also
     ``mnn_group_specialists`` (one specialist per confusion group) and ``mnn_class_specialists`` (one
-    per class), both with the base as their switch. Each row: test accuracy, multiply-adds per sample
+    per class), both with the base as their switch, each followed by ``base_compute_matched_to_<row>``: the
+    base trained for as many sample passes as that MNN (its base and specialists together). Each row: test accuracy, multiply-adds per sample
     (batch 1; for an MNN the mean over the test set) and overhead over the base in percent.
 
     Splits: the base trains on the training split less a 10% validation split (``seed``), the groups
@@ -115,6 +129,7 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
         for name, g in (("mnn_group_specialists", groups["confusion"]), ("mnn_class_specialists", None)):
             run_cfg = dataclasses.replace(cfg, groups=g)
             rows.append(_mnn_row(name, run_cfg, base, splits, out / name, test_threshold, base_macs, shape))
+            rows.append(_compute_matched_row(name, run_cfg, base_epochs, splits, out / name, base_macs))
 
     config = {"dataset": dataset, "model": model, "pretrained": pretrained, "num_groups": num_groups, "k": k,
               "epochs": epochs, "base_epochs": base_epochs, "head_hidden": head_hidden, "head_depth": head_depth,

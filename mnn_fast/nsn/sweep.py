@@ -3,7 +3,8 @@
 Two runs of the training pipeline on one switch recipe: NSN specialists (``specialist_nsn``) and
 ordinary ones (the plain MNN). The NSN run is evaluated with its specialists at each depth over the
 test thresholds, and with the per-sample :class:`~mnn_fast.nsn.mnn.ConfidenceDepth` rule; each point is
-(mean multiply-adds per sample, test accuracy). The switch alone and the plain MNN are the references.
+(mean multiply-adds per sample, test accuracy). The switch alone, the switch trained as many sample
+passes as the plain MNN (compute-matched) and the plain MNN are the references.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 import torch
 
 from .. import io, reporting
+from ..training.baselines import run_sample_passes, train_compute_matched_switch
 from ..training.config import TrainConfig
 from ..training.loop import accuracy
 from ..training.pipeline import data_splits, load_mnn, train
@@ -43,6 +45,12 @@ def run_depth_sweep(dataset: str = "digits", out="nsn_sweep_out", *, seed: int =
     switch_macs = linear_macs(features, classes, switch.depth)
     rows = [{"kind": "switch", "depth": "", "test_threshold": "", "accuracy": accuracy(switch, x, y),
              "experts_per_sample": 0.0, "macs": float(switch_macs)}]
+    # Equal training compute: the switch trained for as many sample passes as the plain MNN. (An NSN
+    # specialist's pass costs more: every sub-model's loss each batch.)
+    passes = run_sample_passes(out / "runs" / "plain", classes)
+    matched = train_compute_matched_switch(TrainConfig(**common).check(), splits, passes["total"])
+    rows.append({"kind": "switch_compute_matched", "depth": "", "test_threshold": "", "accuracy": accuracy(matched, x, y),
+                 "experts_per_sample": 0.0, "macs": float(switch_macs)})
     with torch.no_grad():
         for d in range(depth + 1):
             rows += _swept("nsn", d, detachable_mnn(switch, specialists, d).eval(), x, y, thresholds,

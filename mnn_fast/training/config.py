@@ -14,7 +14,13 @@ from . import fields as F
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
-__all__ = ["TrainConfig"]
+__all__ = ["TrainConfig", "SPECIALIST_LOSSES"]
+
+SPECIALIST_LOSSES = ("ce", "binary")
+
+# A field added after runs were already written: at its default it is left out of the identity, so
+# the config hash of every earlier run (which never had the field) stays valid and resumes.
+ADDED_LATER = {"omit_default": True}
 
 
 @dataclass
@@ -48,7 +54,14 @@ class TrainConfig:
     # Intra-op threads while a specialist trains: part of the config because a GEMM's bits depend on
     # them, so checkpoints are byte-identical however many --workers run them. Small models on 2 busy
     # cores trained 4-17x faster with 1 thread than with 2.
-    specialist_threads: int = 1
+    specialist_threads: int = field(default=1, metadata=ADDED_LATER)
+    # "ce": 10-class cross-entropy on the specialist's subset (this project's default); "binary": the
+    # original MNN code's loss, binary cross-entropy of the softmax mass on the specialist's classes
+    # against 1[label in them] (mnn_fast.training.loop.binary_group_loss).
+    specialist_loss: str = field(default="ce", metadata=ADDED_LATER)
+    # Keep this stratified fraction of the training split (seeded), for experiments that must finish
+    # in minutes on CIFAR-10; the test split is never cut.
+    train_fraction: float = field(default=1.0, metadata=ADDED_LATER)
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
@@ -74,6 +87,11 @@ class TrainConfig:
         self.cache_dir = F.check_optional_str("cache_dir", self.cache_dir)
         self.specialist_nsn = F.check_bool("specialist_nsn", self.specialist_nsn)
         self.specialist_threads = F.check_int("specialist_threads", self.specialist_threads, 1, 1024)
+        self.specialist_loss = F.check_choice("specialist_loss", self.specialist_loss, SPECIALIST_LOSSES)
+        self.train_fraction = F.check_real("train_fraction", self.train_fraction, 0.0, 1.0, lo_open=True)
+        if self.specialist_nsn and self.specialist_loss != "ce":
+            raise ValueError(f"specialist_loss: NSN specialists train with cross-entropy (paired gradients), got "
+                             f"{self.specialist_loss!r}")
         if self.specialist_nsn and self.model != "nsn_mlp":
             raise ValueError(f"specialist_nsn: NSN specialists need model 'nsn_mlp' (a detachable base), got {self.model!r}")
         return self
@@ -94,8 +112,10 @@ class TrainConfig:
         return cls.from_dict(io.load_json(path), str(path))
 
     def identity(self) -> dict:
-        """The fields a resumed run must share with the original (paths to caches excluded)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")}
+        """The fields a resumed run must share with the original (paths to caches excluded; fields
+        added later only when they differ from their default)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")
+                and not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
 
     def config_sha256(self) -> str:
         """Hex sha256 of :meth:`identity`: what every file of the run records."""

@@ -24,12 +24,12 @@ from . import fields as F
 from ..engine.module import MetaNeuralNetwork
 from ..engine.routing import normalize_groups, route
 from .config import TrainConfig
-from .data import Splits, load_dataset, validation_split
-from .loop import accuracy, fit, make_optimizer, predict_probs
+from .data import Splits, load_dataset, split_indices, validation_split
+from .loop import accuracy, binary_group_loss, fit, make_optimizer, predict_probs
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "data_splits", "specialist_subsets", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
+__all__ = ["train", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
 
 # How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
 LAUNCHERS = ("local", "ray", "slurm")
@@ -66,6 +66,11 @@ def _checked_probs(path, tensors: dict, meta: dict) -> tuple[Tensor, Tensor]:
     return probs, labels
 
 
+def specialist_classes(groups, num_classes: int) -> list[tuple[int, ...]]:
+    """Per expert, the classes it is for: its group, or its own class without groups."""
+    return [tuple(g) for g in groups] if groups else [(c,) for c in range(num_classes)]
+
+
 def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[Tensor]:
     """Per expert, the training indices whose group score exceeds ``dataset_threshold`` (increasing).
 
@@ -78,10 +83,21 @@ def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[
 
 
 def data_splits(cfg: TrainConfig, splits: Splits | None = None) -> Splits:
+    """``splits`` as given (already cut), else the dataset ``cfg`` names with its training split cut to
+    ``cfg.train_fraction``."""
     if splits is not None:
         return splits
     norm = cfg.normalization if cfg.normalization != "auto" else ("imagenet" if cfg.pretrained else "cifar")
-    return load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cache_dir=cfg.cache_dir, normalization=norm)
+    splits = load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cache_dir=cfg.cache_dir, normalization=norm)
+    return cut_training_split(splits, cfg.train_fraction, cfg.seed)
+
+
+def cut_training_split(splits: Splits, fraction: float, seed: int) -> Splits:
+    """``splits`` with a stratified ``fraction`` of its training samples kept (drawn from ``seed``)."""
+    if fraction >= 1.0:
+        return splits
+    keep = split_indices(splits.train_y, fraction, seed + 7919)[1]  # a draw apart from the validation split's
+    return dataclasses.replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
 
 
 def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
@@ -134,6 +150,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
             probs = _ensure_probs(run, model, config_sha, switch_sha, train_x, train_y, splits.num_classes, repair)
 
         subsets = specialist_subsets(probs, groups, cfg.dataset_threshold)
+        classes = specialist_classes(groups, splits.num_classes)
         todo = range(len(subsets)) if experts is None else experts
         jobs = []
         for e in todo:
@@ -149,7 +166,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
             idx = subsets[e]
             # SPEC 7.4: every specialist starts from the switch's weights.
             jobs.append(SpecialistJob(e, dataclasses.asdict(cfg), model.state_dict(), splits.num_classes,
-                                      tuple(splits.input_shape), train_x[idx], train_y[idx]))
+                                      tuple(splits.input_shape), train_x[idx], train_y[idx], classes[e]))
 
         def write(job: SpecialistJob, state: dict) -> None:
             path = run.specialist(job.expert)
@@ -190,6 +207,7 @@ class SpecialistJob:
     input_shape: tuple
     x: Tensor
     y: Tensor
+    classes: tuple = ()  # the classes the specialist is for (its group); what a binary loss targets
 
 
 def train_specialist(job: SpecialistJob) -> dict:
@@ -206,7 +224,8 @@ def train_specialist(job: SpecialistJob) -> dict:
             if cfg.specialist_nsn:
                 fit_paired(model, job.x, job.y, cfg.specialist_epochs, cfg, seed, desc + " (nsn)")
             else:
-                fit(model, job.x, job.y, cfg.specialist_epochs, cfg, seed, desc)
+                loss_fn = binary_group_loss(job.classes) if cfg.specialist_loss == "binary" else None
+                fit(model, job.x, job.y, cfg.specialist_epochs, cfg, seed, desc, loss_fn=loss_fn)
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     finally:
         torch.set_num_threads(before)

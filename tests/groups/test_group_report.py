@@ -38,3 +38,21 @@ def test_groups_report_end_to_end(tmp_path, capsys):
     assert sorted(map(len, report["groups"]["random"])) == sorted(map(len, report["groups"]["confusion"]))
     assert (tmp_path / "similarity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "| heads_confusion |" in capsys.readouterr().out
+
+
+def test_groups_report_with_mnn_has_compute_matched_rows(tmp_path):
+    from mnn_fast.groups.report import run_groups_report
+
+    r = run_groups_report("digits", None, "mlp", None, 3, tmp_path, epochs=1, head_hidden=16, with_mnn=True,
+                          test_threshold=0.05, verbose=False)
+    names = [row["row"] for row in r["rows"]]
+    assert names[-4:] == ["mnn_group_specialists", "base_compute_matched_to_mnn_group_specialists",
+                          "mnn_class_specialists", "base_compute_matched_to_mnn_class_specialists"]
+    from mnn_fast.training.data import load_dataset, validation_split
+
+    digits = load_dataset("digits", seed=0)
+    n_train = len(validation_split(digits.train_x, digits.train_y, 0.1, 0)[0])
+    for row in r["rows"][-3::2]:
+        # One base epoch plus the specialists' epoch over their subsets: more than the base alone.
+        assert row["train_sample_passes"] > n_train and row["macs"] == r["rows"][0]["macs"]
+        assert 0.0 <= row["test_accuracy"] <= 1.0

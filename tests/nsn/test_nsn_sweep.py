@@ -35,7 +35,8 @@ def test_sweep_command_writes_points_for_every_depth_and_the_references(tmp_path
     with (tmp_path / "nsn_sweep.csv").open() as f:
         rows = list(csv.DictReader(f))
     kinds = {(r["kind"], r["depth"]) for r in rows}
-    assert {("nsn", "0"), ("nsn", "1"), ("nsn", "2"), ("plain", "2"), ("switch", "")} <= kinds
+    assert {("nsn", "0"), ("nsn", "1"), ("nsn", "2"), ("plain", "2"), ("switch", ""),
+            ("switch_compute_matched", "")} <= kinds
     assert any(r["kind"].startswith("budget") for r in rows)
     (switch,) = [r for r in rows if r["kind"] == "switch"]
     for r in rows:
