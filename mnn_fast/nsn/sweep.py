@@ -61,7 +61,8 @@ def run_depth_sweep(dataset: str = "digits", out="nsn_sweep_out", *, seed: int =
                                 features, classes))
     table = reporting.depth_sweep_markdown_table(rows, budget_threshold)
     result = {"config": {**common, "thresholds": list(thresholds), "cutoffs": list(cutoffs),
-                         "budget_threshold": budget_threshold}, "rows": rows, "table": table}
+                         "budget_threshold": budget_threshold}, "rows": rows, "table": table,
+              "plain_mnn_training_sample_passes": passes}
     _write(out, result, dataset)
     if verbose:
         print(table)
