@@ -1,11 +1,14 @@
-"""The ``mnn-fast`` command: train, sweep, baselines, eval, bench, groups, nsn, nsn-sweep and demo. Every sub-command's parser is here.
+"""The ``mnn-fast`` command: train, sweep, baselines, eval, bench, groups, nsn, nsn-sweep, ghn and demo.
+
+Every sub-command's parser is here except ``ghn``'s, which its subpackage adds (``mnn_fast.ghn.cli``).
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
 ``baselines`` sets the MNN against its switch and a compute-matched switch over seeds; ``eval``
 reports accuracy at one test threshold; ``bench`` times the routing core against the
 naive loop; ``groups`` learns label groups from confusions and compares auxiliary heads on them
-with controls; ``demo`` is the short load_digits demonstration (``make demo``).
+with controls; ``ghn`` trains a graph hypernetwork and compares its predicted parameters with random
+initialisation; ``demo`` is the short load_digits demonstration (``make demo``).
 """
 from __future__ import annotations
 
@@ -285,6 +288,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cutoffs", type=float, nargs="+", default=[0.9, 0.6],
                    help="per-sample budget rule: top score >= cutoffs[0] -> depth 0, >= cutoffs[1] -> depth 1, else full")
     p.set_defaults(func=cmd_nsn_sweep)
+
+    from .ghn.cli import add_ghn_parser
+
+    add_ghn_parser(sub)
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
