@@ -18,12 +18,11 @@ import torch
 from torch import nn
 
 from .. import io, reporting
-from ..engine.routing import normalize_groups
 from .config import SPECIALIST_LOSSES, TrainConfig
 from .data import Splits, validation_split
 from .loop import accuracy, fit
 from .models import build_model, load_pretrained_resnet
-from .pipeline import data_splits, load_mnn, read_probs, specialist_subsets, train
+from .pipeline import config_groups, data_splits, initial_switch, load_mnn, read_probs, specialist_subsets, train
 from .rundir import RunDir
 
 __all__ = ["run_baselines", "training_sample_passes", "run_sample_passes", "train_compute_matched_switch", "summarise",
@@ -53,7 +52,7 @@ def run_sample_passes(run_dir, num_classes: int, switch_epochs: int | None = Non
     run = RunDir(run_dir)
     cfg = TrainConfig.load(run.config)
     probs, _ = read_probs(run.probs)
-    groups = normalize_groups(cfg.groups, None, num_classes) if cfg.groups else None
+    groups = config_groups(cfg, num_classes)
     sizes = [len(s) for s in specialist_subsets(probs, groups, cfg.dataset_threshold)]
     if switch_epochs is not None:
         cfg = dataclasses.replace(cfg, switch_epochs=switch_epochs)
@@ -64,9 +63,7 @@ def train_compute_matched_switch(cfg: TrainConfig, splits: Splits, sample_passes
     """The switch of ``cfg`` (same initialisation, pretrained start and data) trained for exactly
     ``sample_passes`` samples under one cosine schedule; returned in eval mode."""
     train_x, train_y, _, _ = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # the pipeline's switch initialisation (pipeline._new_model)
-        model = build_model(cfg.model, splits.num_classes, splits.input_shape)
+    model = initial_switch(cfg, splits)
     if cfg.pretrained:
         load_pretrained_resnet(model, cfg.pretrained)
     epochs = math.ceil(sample_passes / max(len(train_x), 1))

@@ -29,7 +29,7 @@ from .loop import accuracy, binary_group_loss, fit, make_optimizer, predict_prob
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
+__all__ = ["train", "initial_switch", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
 
 # How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
 LAUNCHERS = ("local", "ray", "slurm")
@@ -66,6 +66,11 @@ def _checked_probs(path, tensors: dict, meta: dict) -> tuple[Tensor, Tensor]:
     return probs, labels
 
 
+def config_groups(cfg: TrainConfig, num_classes: int):
+    """``cfg.groups`` checked against ``num_classes`` (``None``: one specialist per class)."""
+    return normalize_groups(cfg.groups, None, num_classes) if cfg.groups else None
+
+
 def specialist_classes(groups, num_classes: int) -> list[tuple[int, ...]]:
     """Per expert, the classes it is for: its group, or its own class without groups."""
     return [tuple(g) for g in groups] if groups else [(c,) for c in range(num_classes)]
@@ -100,7 +105,9 @@ def cut_training_split(splits: Splits, fraction: float, seed: int) -> Splits:
     return dataclasses.replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
 
 
-def _new_model(cfg: TrainConfig, splits: Splits) -> nn.Module:
+def initial_switch(cfg: TrainConfig, splits: Splits) -> nn.Module:
+    """The switch of ``cfg`` before training (its architecture, initialised from ``cfg.seed``; not
+    the pretrained weights, which :func:`train` loads next)."""
     # Initialised from cfg.seed, not from whatever the global generator holds (which depends on
     # everything the process ran before): the same config trains the same switch every time.
     with torch.random.fork_rng(devices=[]):
@@ -143,7 +150,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
             _start_run(run, cfg)
         splits = data_splits(cfg, splits)
         # Class indices are checked against the data before any training is spent.
-        groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
+        groups = config_groups(cfg, splits.num_classes)
         train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
         with run.writing():
             model, switch_sha = _ensure_switch(run, cfg, splits, (train_x, train_y, val_x, val_y), switch, repair)
@@ -265,7 +272,7 @@ def _ensure_switch(run: RunDir, cfg: TrainConfig, splits: Splits, data, given: n
     """``(switch in eval mode, sha256 of its file)``: the verified file, else trained (or ``given``) and written."""
     train_x, train_y, val_x, val_y = data
     config_sha = cfg.config_sha256()
-    model = _new_model(cfg, splits)
+    model = initial_switch(cfg, splits)
     try:
         tensors, _, sha = run.verify(run.switch, config_sha)
         io.load_state_tensors(model, tensors, str(run.switch))
@@ -319,17 +326,17 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
     run.check_config(cfg.identity())
     splits = data_splits(cfg, splits)
     config_sha = cfg.config_sha256()
-    groups = normalize_groups(cfg.groups, None, splits.num_classes) if cfg.groups else None
+    groups = config_groups(cfg, splits.num_classes)
     num_experts = len(groups) if groups else splits.num_classes
     missing = [e for e in range(num_experts) if not run.specialist(e).exists()]
     if missing:
         raise ValueError(f"run_dir {run.root}: specialists {missing[:10]} are not trained yet")
     tensors, _, switch_sha = run.verify(run.switch, config_sha)
-    switch = io.load_state_tensors(_new_model(cfg, splits), tensors, str(run.switch)).eval()
+    switch = io.load_state_tensors(initial_switch(cfg, splits), tensors, str(run.switch)).eval()
     specialists = []
     for e in range(num_experts):
         tensors = run.verify(run.specialist(e), config_sha, switch_sha)[0]
-        specialists.append(io.load_state_tensors(_new_model(cfg, splits), tensors, str(run.specialist(e))).eval())
+        specialists.append(io.load_state_tensors(initial_switch(cfg, splits), tensors, str(run.specialist(e))).eval())
     return MetaNeuralNetwork(switch, specialists, groups=cfg.groups, threshold=test_threshold,
                              num_classes=splits.num_classes, **kwargs)
 
