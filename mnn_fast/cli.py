@@ -39,6 +39,7 @@ def _config(args):
         pretrained=args.pretrained, cache_dir=args.cache_dir, normalization=args.normalization,
         specialist_nsn=args.specialist_nsn, specialist_threads=args.specialist_threads,
         specialist_loss=args.specialist_loss, train_fraction=args.train_fraction,
+        specialist_model=args.specialist_model, specialist_init=args.specialist_init, ghn_steps=args.ghn_steps,
     ).check()
 
 
@@ -60,7 +61,15 @@ def cmd_baselines(args) -> None:
     sample passes as the switch and all specialists together; test accuracy, mean ± std."""
     from .training.baselines import run_baselines
 
-    run_baselines(_config(args), args.out, args.seeds, args.specialist_losses, args.test_threshold)
+    cfg = _config(args)
+    models = args.specialist_models or [cfg.specialist_architecture]
+    # Starting from the switch's weights needs the switch's architecture: that pairing is skipped.
+    starts = [(m, i) for m in models for i in (args.specialist_inits or [cfg.specialist_init])
+              if i != "switch" or m == cfg.model]
+    if not starts:
+        raise ValueError(f"specialist_inits: 'switch' needs the switch's architecture {cfg.model!r} among "
+                         f"specialist_models {models}; add 'ghn' or 'random'")
+    run_baselines(cfg, args.out, args.seeds, args.specialist_losses, args.test_threshold, starts=starts)
 
 
 def cmd_eval(args) -> None:
@@ -221,6 +230,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "of the softmax mass on the specialist's classes")
         p.add_argument("--train-fraction", type=float, default=1.0,
                        help="keep this stratified fraction of the training split (quick experiments)")
+        p.add_argument("--specialist-model", default=None,
+                       help="the specialists' architecture (default: the switch's --model); another one needs "
+                            "--specialist-init ghn or random")
+        p.add_argument("--specialist-init", choices=["switch", "ghn", "random"], default="switch",
+                       help="switch: the trained switch's weights (the paper); ghn: parameters a graph hypernetwork, "
+                            "trained by the run on random small CNNs, predicts for the specialist architecture; "
+                            "random: the architecture's own random init")
+        p.add_argument("--ghn-steps", type=int, default=700, help="with --specialist-init ghn: GHN training steps")
 
     p = sub.add_parser("train", help="train the switch and specialists (resumable)", description=cmd_train.__doc__)
     p.add_argument("run_dir")
@@ -253,6 +270,10 @@ def build_parser() -> argparse.ArgumentParser:
     training_args(p)
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--specialist-losses", nargs="+", choices=["ce", "binary"], default=["ce", "binary"])
+    p.add_argument("--specialist-models", nargs="+", default=None,
+                   help="one MNN row per specialist architecture x --specialist-inits (default: --specialist-model)")
+    p.add_argument("--specialist-inits", nargs="+", choices=["switch", "ghn", "random"], default=None,
+                   help="one MNN row per init (default: --specialist-init); 'switch' only for the switch's architecture")
     p.add_argument("--test-threshold", type=float, default=0.25)
     p.add_argument("--out", default="baselines_out", help="runs/ (resumable) and baselines.{csv,md,png,json} go here")
     p.set_defaults(func=cmd_baselines)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io as _stdio
 import math
+import textwrap
 
 import torch
 from torch import Tensor
@@ -16,7 +17,7 @@ from . import io
 
 __all__ = ["save_csv", "write_csv", "save_figure", "pyplot", "plot_heatmap", "plot_lines", "plot_similarity",
            "plot_accuracy_by_depth", "plot_accuracy_vs_macs", "groups_markdown_table", "nsn_markdown_table",
-           "depth_sweep_markdown_table", "baselines_markdown_table", "plot_baselines"]
+           "depth_sweep_markdown_table", "baselines_markdown_table", "baseline_label", "plot_baselines"]
 
 
 def save_csv(path, rows: list[dict], fieldnames) -> None:
@@ -193,25 +194,43 @@ def depth_sweep_markdown_table(rows: list[dict], threshold: float) -> str:
 
 BASELINE_NAMES = {"switch": "switch alone", "switch_compute_matched": "switch, compute-matched",
                   "mnn_ce": "MNN, specialists by cross-entropy", "mnn_binary": "MNN, specialists by binary loss"}
+_LOSS_WORDS = {"ce": "cross-entropy", "binary": "binary loss"}
+_INIT_WORDS = {"switch": "from the switch", "ghn": "from a GHN", "random": "from random init"}
+
+
+def baseline_label(name: str) -> str:
+    """A readable label for a ``mnn-fast baselines`` row name (``mnn_<loss>[_<model>]_<init>``)."""
+    if name in BASELINE_NAMES:
+        return BASELINE_NAMES[name]
+    parts = name.split("_")
+    if parts[0] == "mnn" and len(parts) >= 3 and parts[1] in _LOSS_WORDS and parts[-1] in _INIT_WORDS:
+        model = "_".join(parts[2:-1])
+        return (f"MNN, {model + ' ' if model else ''}specialists {_INIT_WORDS[parts[-1]]}, "
+                f"{_LOSS_WORDS[parts[1]]}")
+    return name
 
 
 def baselines_markdown_table(summary: list[dict]) -> str:
     """``mnn-fast baselines``' summary as markdown: accuracy mean ± std, the MNN rows' paired
-    differences to the switch and the compute-matched switch, and the compute each row used."""
-    lines = ["| row | test accuracy | vs switch | vs compute-matched | training sample passes | forward passes / sample |",
-             "|---|---:|---:|---:|---:|---:|"]
+    differences to the switch and the compute-matched switch, the specialists' accuracy on the test
+    samples routed to them, and the compute each row used."""
+    lines = ["| row | test accuracy | vs switch | vs compute-matched | specialists on their samples | "
+             "training sample passes | forward passes / sample |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     for s in summary:
         diffs = [f"{s[k]:+.4f} ± {s[k + '_std']:.4f}" if k in s else "" for k in ("minus_switch",
                                                                                  "minus_switch_compute_matched")]
-        lines.append(f"| {BASELINE_NAMES.get(s['row'], s['row'])} | {s['mean']:.4f} ± {s['std']:.4f} | {diffs[0]} | "
-                     f"{diffs[1]} | {s['train_sample_passes']:,.0f} | {s['forward_passes_per_sample']:.2f} |")
+        specialists = f"{s['specialist_mean']:.4f} ± {s['specialist_std']:.4f}" if "specialist_mean" in s else ""
+        lines.append(f"| {baseline_label(s['row'])} | {s['mean']:.4f} ± {s['std']:.4f} | {diffs[0]} | "
+                     f"{diffs[1]} | {specialists} | {s['train_sample_passes']:,.0f} | "
+                     f"{s['forward_passes_per_sample']:.2f} |")
     return "\n".join(lines)
 
 
 def plot_baselines(path, rows: list[dict], title: str) -> None:
     """One bar per row (mean over seeds) with its seeds as dots, so the spread is visible."""
     names = list(dict.fromkeys(r["row"] for r in rows))
-    fig, ax = pyplot().subplots(figsize=(7, 3.8))
+    fig, ax = pyplot().subplots(figsize=(max(7, 1.1 * len(names)), 3.8))
     for i, name in enumerate(names):
         accs = [r["accuracy"] for r in rows if r["row"] == name]
         ax.bar(i, sum(accs) / len(accs), color="C0" if name.startswith("mnn") else "C7", alpha=0.6)
@@ -219,7 +238,7 @@ def plot_baselines(path, rows: list[dict], title: str) -> None:
     lo = min(r["accuracy"] for r in rows)
     hi = max(r["accuracy"] for r in rows)
     ax.set_ylim(max(0.0, lo - 0.6 * (hi - lo) - 0.005), min(1.0, hi + 0.3 * (hi - lo) + 0.005))
-    ax.set_xticks(range(len(names)), [BASELINE_NAMES.get(n, n).replace(", ", ",\n") for n in names], fontsize=8)
+    ax.set_xticks(range(len(names)), [textwrap.fill(baseline_label(n), 16) for n in names], fontsize=7)
     ax.set_ylabel("test accuracy")
     ax.set_title(title, fontsize=9)
     ax.grid(axis="y", alpha=0.3)

@@ -14,9 +14,12 @@ from . import fields as F
 from .data import DATASET_NAMES
 from .models import MODEL_NAMES
 
-__all__ = ["TrainConfig", "SPECIALIST_LOSSES"]
+__all__ = ["TrainConfig", "SPECIALIST_LOSSES", "SPECIALIST_INITS"]
 
 SPECIALIST_LOSSES = ("ce", "binary")
+# Where a specialist starts: the trained switch's weights (SPEC 7.4, the paper), parameters a graph
+# hypernetwork predicts for its architecture (mnn_fast.ghn), or the architecture's own random init.
+SPECIALIST_INITS = ("switch", "ghn", "random")
 
 # A field added after runs were already written: at its default it is left out of the identity, so
 # the config hash of every earlier run (which never had the field) stays valid and resumes.
@@ -62,6 +65,13 @@ class TrainConfig:
     # Keep this stratified fraction of the training split (seeded), for experiments that must finish
     # in minutes on CIFAR-10; the test split is never cut.
     train_fraction: float = field(default=1.0, metadata=ADDED_LATER)
+    # The specialists' architecture (None: the switch's). Another architecture needs specialist_init
+    # "ghn" or "random": the switch's weights fit only its own.
+    specialist_model: str | None = field(default=None, metadata=ADDED_LATER)
+    specialist_init: str = field(default="switch", metadata=ADDED_LATER)
+    # With specialist_init "ghn": the run trains its GHN this many meta-batches on its own training
+    # split (mnn_fast.ghn.train_ghn_on_data, the settings of mnn-fast ghn), with specialist_threads threads.
+    ghn_steps: int = field(default=700, metadata=ADDED_LATER)
     cache_dir: str | None = field(default=None, metadata={"resume_free": True})
 
     def check(self) -> "TrainConfig":
@@ -89,6 +99,20 @@ class TrainConfig:
         self.specialist_threads = F.check_int("specialist_threads", self.specialist_threads, 1, 1024)
         self.specialist_loss = F.check_choice("specialist_loss", self.specialist_loss, SPECIALIST_LOSSES)
         self.train_fraction = F.check_real("train_fraction", self.train_fraction, 0.0, 1.0, lo_open=True)
+        self.specialist_model = F.check_optional_str("specialist_model", self.specialist_model)
+        if self.specialist_model is not None:
+            self.specialist_model = F.check_choice("specialist_model", self.specialist_model, MODEL_NAMES)
+            if self.specialist_model == self.model:
+                self.specialist_model = None  # one spelling of "the switch's architecture", one hash
+        self.specialist_init = F.check_choice("specialist_init", self.specialist_init, SPECIALIST_INITS)
+        self.ghn_steps = F.check_int("ghn_steps", self.ghn_steps, 1)
+        if self.specialist_init == "switch" and self.specialist_model is not None:
+            raise ValueError(f"specialist_init: 'switch' starts specialists from the switch's weights, which fit only "
+                             f"its architecture {self.model!r}, not specialist_model {self.specialist_model!r}; "
+                             f"use 'ghn' or 'random'")
+        if self.specialist_nsn and (self.specialist_model is not None or self.specialist_init != "switch"):
+            raise ValueError("specialist_nsn: NSN specialists start from the switch (specialist_model unset, "
+                             f"specialist_init 'switch'), got {self.specialist_model!r} / {self.specialist_init!r}")
         if self.specialist_nsn and self.specialist_loss != "ce":
             raise ValueError(f"specialist_loss: NSN specialists train with cross-entropy (paired gradients), got "
                              f"{self.specialist_loss!r}")
@@ -114,8 +138,16 @@ class TrainConfig:
     def identity(self) -> dict:
         """The fields a resumed run must share with the original (paths to caches excluded; fields
         added later only when they differ from their default)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")
-                and not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get("resume_free")
+                  and not (f.metadata.get("omit_default") and getattr(self, f.name) == f.default)}
+        if self.specialist_init != "ghn":
+            values.pop("ghn_steps", None)  # no GHN is trained: its budget changes nothing
+        return values
+
+    @property
+    def specialist_architecture(self) -> str:
+        """The specialists' model name: ``specialist_model``, or the switch's ``model`` when unset."""
+        return self.specialist_model or self.model
 
     def config_sha256(self) -> str:
         """Hex sha256 of :meth:`identity`: what every file of the run records."""

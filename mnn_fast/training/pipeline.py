@@ -2,8 +2,10 @@
 
 1. Train the switch on the training set less a 10% validation split (fixed seed).
 2. Write its softmax over the training set to ``train_probs.safetensors``.
-3-4. Specialist ``e`` starts from the switch's weights and trains on the samples whose score for ``e``
-   exceeds the dataset threshold; each is an independent job writing its own file, skipped on resume.
+3-4. Specialist ``e`` starts from the switch's weights (or, with ``specialist_init``, from parameters
+   the run's graph hypernetwork ``ghn.safetensors`` predicts for ``specialist_model``, or a random
+   init) and trains on the samples whose score for ``e`` exceeds the dataset threshold; each is an
+   independent job writing its own file, skipped on resume.
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file; every
 file is recorded in the run's manifest (``mnn_fast.training.rundir``) and verified before it is reused on
 resume or loaded by :func:`load_mnn`. A file that fails verification is retrained (logged) on resume,
@@ -11,7 +13,6 @@ and refused by :func:`load_mnn`.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 
@@ -29,7 +30,7 @@ from .loop import accuracy, binary_group_loss, fit, make_optimizer, predict_prob
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "initial_switch", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
+__all__ = ["train", "initial_switch", "initial_specialist", "load_run_ghn", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
 
 # How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
 LAUNCHERS = ("local", "ray", "slurm")
@@ -115,9 +116,25 @@ def initial_switch(cfg: TrainConfig, splits: Splits) -> nn.Module:
         return build_model(cfg.model, splits.num_classes, splits.input_shape)
 
 
+def initial_specialist(cfg: TrainConfig, splits: Splits) -> nn.Module:
+    """A specialist of ``cfg`` before any weights are loaded (``cfg.specialist_architecture``)."""
+    return build_model(cfg.specialist_architecture, splits.num_classes, splits.input_shape)
+
+
+def _check_ghn_architecture(cfg: TrainConfig, splits: Splits) -> None:
+    """Refuses, before any training, a specialist architecture the GHN's graph extractor cannot read."""
+    from ..ghn.graph import extract_graph
+
+    try:
+        extract_graph(initial_specialist(cfg, splits), splits.input_shape)
+    except ValueError as exc:
+        raise ValueError(f"specialist_init: 'ghn' cannot read specialist architecture "
+                         f"{cfg.specialist_architecture!r} ({exc})") from None
+
+
 def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: Splits | None = None, *,
-          switch: nn.Module | None = None, repair: bool = True, workers: int = 1, launcher: str = "local",
-          launcher_options: dict | None = None) -> RunDir:
+          switch: nn.Module | None = None, ghn: nn.Module | None = None, repair: bool = True, workers: int = 1,
+          launcher: str = "local", launcher_options: dict | None = None) -> RunDir:
     """Runs (or resumes) the pipeline in ``run_dir``; ``experts`` limits step 4 to those indices.
 
     A whole run holds the directory's lock exclusively (a second run is refused at once with
@@ -125,7 +142,9 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     file is reused only if it verifies (readable, this config, this switch, as the manifest records);
     otherwise it is retrained or recomputed with a warning on the ``mnn_fast.training`` logger, or, with
     ``repair=False``, refused with a ``ValueError``. ``switch``: an already trained switch to adopt
-    instead of training one (same architecture as ``cfg.model``). ``workers > 1``: the specialists
+    instead of training one (same architecture as ``cfg.model``). ``ghn``: with ``specialist_init="ghn"``,
+    an already trained GHN to adopt instead of training one (:func:`load_run_ghn` of a run of the same
+    seed, data and ``ghn_steps``, whatever its specialist architecture). ``workers > 1``: the specialists
     train in that many worker processes (:mod:`mnn_fast.launch.local`). ``launcher="ray"``: the
     specialists are Ray tasks (:mod:`mnn_fast.launch.ray_tasks`; ``launcher_options={"address": ...}``,
     default ``"local"``: an embedded cluster with ``workers`` x ``specialist_threads`` CPUs, or all CPUs
@@ -151,10 +170,14 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
         splits = data_splits(cfg, splits)
         # Class indices are checked against the data before any training is spent.
         groups = config_groups(cfg, splits.num_classes)
+        if cfg.specialist_init == "ghn":
+            _check_ghn_architecture(cfg, splits)
         train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
         with run.writing():
             model, switch_sha = _ensure_switch(run, cfg, splits, (train_x, train_y, val_x, val_y), switch, repair)
             probs = _ensure_probs(run, model, config_sha, switch_sha, train_x, train_y, splits.num_classes, repair)
+            ghn_start = (_ensure_ghn(run, cfg, splits, train_x, train_y, ghn, repair)
+                         if cfg.specialist_init == "ghn" else None)
 
         subsets = specialist_subsets(probs, groups, cfg.dataset_threshold)
         classes = specialist_classes(groups, splits.num_classes)
@@ -166,13 +189,15 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
             path = run.specialist(e)
             try:
                 tensors = run.verify(path, config_sha, switch_sha)[0]
-                io.load_state_tensors(copy.deepcopy(model), tensors, str(path))
+                io.load_state_tensors(initial_specialist(cfg, splits), tensors, str(path))
                 continue  # finished in an earlier (possibly interrupted) run
             except ValueError as exc:
                 _repair_or_refuse(path, exc, repair, f"retraining expert {e}")
             idx = subsets[e]
-            # SPEC 7.4: every specialist starts from the switch's weights.
-            jobs.append(SpecialistJob(e, dataclasses.asdict(cfg), model.state_dict(), splits.num_classes,
+            # SPEC 7.4: by default every specialist starts from the switch's weights.
+            start = {"switch": model.state_dict, "ghn": lambda: ghn_start,
+                     "random": lambda: _random_start(cfg, splits, e)}[cfg.specialist_init]()
+            jobs.append(SpecialistJob(e, dataclasses.asdict(cfg), start, splits.num_classes,
                                       tuple(splits.input_shape), train_x[idx], train_y[idx], classes[e]))
 
         def write(job: SpecialistJob, state: dict) -> None:
@@ -225,7 +250,7 @@ def train_specialist(job: SpecialistJob) -> dict:
     torch.set_num_threads(cfg.specialist_threads)
     try:
         with torch.random.fork_rng(devices=[]):
-            model = build_model(cfg.model, job.num_classes, job.input_shape)
+            model = build_model(cfg.specialist_architecture, job.num_classes, job.input_shape)
             model.load_state_dict(job.start)
             seed, desc = cfg.seed + 1 + job.expert, f"expert {job.expert}"
             if cfg.specialist_nsn:
@@ -236,6 +261,56 @@ def train_specialist(job: SpecialistJob) -> dict:
         return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     finally:
         torch.set_num_threads(before)
+
+
+def _random_start(cfg: TrainConfig, splits: Splits, expert: int) -> dict:
+    """Specialist ``expert``'s own random initialisation (the architecture's default init), seeded from
+    the config so every launcher starts it alike."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed + 1 + expert)
+        return initial_specialist(cfg, splits).state_dict()
+
+
+def _ensure_ghn(run: RunDir, cfg: TrainConfig, splits: Splits, train_x: Tensor, train_y: Tensor,
+                given: nn.Module | None, repair: bool) -> dict:
+    """The specialists' GHN-predicted start (a ``state_dict``) from the verified ``ghn.safetensors``,
+    else from ``given`` or a GHN trained now on the switch's training split, written there.
+
+    The GHN is trained from ``cfg.seed`` with ``cfg.specialist_threads`` threads, so its bits (and so
+    the specialists') are fixed by the config; the specialist architecture is never in its pool.
+    """
+    from ..ghn import load_ghn, predicted_state, save_ghn, train_ghn_on_data
+
+    config_sha = cfg.config_sha256()
+    try:
+        run.verify(run.ghn, config_sha)
+        ghn, _ = load_ghn(run.ghn)
+    except ValueError as exc:
+        _repair_or_refuse(run.ghn, exc, repair, "retraining the GHN")
+        ghn, info = given, {"adopted": "true"}
+        if ghn is None:
+            before = torch.get_num_threads()
+            torch.set_num_threads(cfg.specialist_threads)
+            try:
+                ghn, losses = train_ghn_on_data(train_x, train_y, splits.input_shape, splits.num_classes,
+                                                steps=cfg.ghn_steps, seed=cfg.seed)
+            finally:
+                torch.set_num_threads(before)
+            info = {"loss_first_last": f"{losses[0]:.4f} {losses[-1]:.4f}"}
+        sha = save_ghn(run.ghn, ghn, {"kind": "mnn_fast.ghn", CONFIG_KEY: config_sha, **info})
+        run.record(run.ghn, ghn.state_dict(), sha)
+    return predicted_state(ghn, initial_specialist(cfg, splits), splits.input_shape)
+
+
+def load_run_ghn(run_dir) -> nn.Module:
+    """The verified GHN of a ``specialist_init="ghn"`` run (``RUN/ghn.safetensors``), in eval mode;
+    ``ValueError`` naming the file when it is missing or not this run's."""
+    from ..ghn import load_ghn
+
+    run = RunDir(run_dir)
+    cfg = TrainConfig.load(run.config)
+    run.verify(run.ghn, cfg.config_sha256())
+    return load_ghn(run.ghn)[0]
 
 
 def _repair_or_refuse(path, exc: ValueError, repair: bool, action: str) -> None:
@@ -336,7 +411,7 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
     specialists = []
     for e in range(num_experts):
         tensors = run.verify(run.specialist(e), config_sha, switch_sha)[0]
-        specialists.append(io.load_state_tensors(initial_switch(cfg, splits), tensors, str(run.specialist(e))).eval())
+        specialists.append(io.load_state_tensors(initial_specialist(cfg, splits), tensors, str(run.specialist(e))).eval())
     return MetaNeuralNetwork(switch, specialists, groups=cfg.groups, threshold=test_threshold,
                              num_classes=splits.num_classes, **kwargs)
 

@@ -35,6 +35,7 @@ class RunDir:
         self.config = self.root / "config.json"
         self.switch = self.root / "switch.safetensors"
         self.probs = self.root / "train_probs.safetensors"
+        self.ghn = self.root / "ghn.safetensors"  # only with specialist_init "ghn"
         self.manifest = self.root / "manifest.json"
         self.lock_path = self.root / ".lock"
         self.write_lock_path = self.root / ".write.lock"
