@@ -31,7 +31,8 @@ from ..training.data import load_dataset, validation_split
 from .graph import extract_graph
 from .model import GHN, assign_parameters
 from .sampler import SPACES, ArchSpec, SampledCNN, sample_architectures
-from .train import save_ghn, train_ghn
+from .specialists import train_ghn_on_data
+from .train import save_ghn
 
 __all__ = ["run_ghn_experiment", "finetune_curve", "he_init", "summarise", "markdown_table", "GHN_DATASETS",
            "CSV_FIELDS", "SPLITS", "INITS"]
@@ -113,19 +114,18 @@ def _one_seed(out: Path, seed: int, cfg: dict, progress: bool, chosen: dict | No
     shape, classes = tuple(splits.input_shape), splits.num_classes
     side = min(shape[1:])
     # Separate sampling streams per purpose, so adding held-out nets never changes the training pool.
+    # The specs train_ghn_on_data's pool holds (training_pool draws them from the same seed).
     pool_specs = sample_architectures(SPACES["in_distribution"], cfg["pool_size"], 100 * seed, side)
     val_specs = [spec for i, split in enumerate(SPLITS) for spec in sample_architectures(
         SPACES[split], cfg["val_archs"], 100 * seed + 10 + i, side, exclude=frozenset(pool_specs))]
     test_specs = {split: sample_architectures(SPACES[split], cfg["archs_per_split"], 100 * seed + 20 + i, side,
                                               exclude=frozenset(pool_specs + val_specs))
                   for i, split in enumerate(SPLITS)}
-    pool = [(net, extract_graph(net, shape)) for net in (SampledCNN(s, shape[0], classes) for s in pool_specs)]
-    torch.manual_seed(seed)
-    ghn = GHN(hidden=cfg["hidden"], virtual_distance=cfg["virtual_distance"])
     t1 = time.perf_counter()
-    losses = train_ghn(ghn, pool, x, y, steps=cfg["steps"], nets_per_step=cfg["nets_per_step"],
-                       batch_size=cfg["batch_size"], lr=cfg["ghn_lr"], seed=seed, desc=f"ghn seed {seed}",
-                       progress=progress)
+    ghn, losses = train_ghn_on_data(x, y, shape, classes, steps=cfg["steps"], seed=seed, progress=progress,
+                                    pool_size=cfg["pool_size"], nets_per_step=cfg["nets_per_step"],
+                                    batch_size=cfg["batch_size"], lr=cfg["ghn_lr"], hidden=cfg["hidden"],
+                                    virtual_distance=cfg["virtual_distance"])
     sha = save_ghn(out / f"ghn_seed{seed}.safetensors", ghn, {"dataset": cfg["dataset"], "seed": str(seed),
                                                                "steps": str(cfg["steps"])})
     t2 = time.perf_counter()
