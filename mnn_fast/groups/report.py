@@ -20,8 +20,8 @@ from ..training.baselines import run_sample_passes, train_compute_matched_switch
 from ..training.config import TrainConfig
 from ..training.data import Splits, validation_split
 from ..training.loop import accuracy, fit, predict_probs
-from ..training.models import build_model, load_pretrained_resnet
-from ..training.pipeline import data_splits
+from ..training.models import load_pretrained_resnet
+from ..training.pipeline import data_splits, initial_switch
 from .confusion import codetection_matrix, confusion_matrix, similarity, spectral_groups
 from .heads import DEFAULT_HEAD_HIDDEN, AuxHeadNet, base_features, count_macs, train_heads
 
@@ -113,8 +113,7 @@ def run_groups_report(dataset: str = "digits", data_path: str | None = None, mod
     num_classes, shape = splits.num_classes, (1, *splits.input_shape)
     train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, seed)
 
-    torch.manual_seed(seed)
-    base = build_model(model, num_classes, splits.input_shape)
+    base = initial_switch(cfg, splits)  # the start the compute-matched rows train from too
     if pretrained:
         load_pretrained_resnet(base, pretrained)
     fit(base, train_x, train_y, base_epochs, cfg, seed, "base")

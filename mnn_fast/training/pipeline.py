@@ -125,6 +125,9 @@ def _check_ghn_architecture(cfg: TrainConfig, splits: Splits) -> None:
     """Refuses, before any training, a specialist architecture the GHN's graph extractor cannot read."""
     from ..ghn.graph import extract_graph
 
+    if len(splits.input_shape) != 3:
+        raise ValueError(f"specialist_init: 'ghn' trains its GHN on CNNs, which need (C, H, W) inputs; this "
+                         f"dataset's samples have shape {tuple(splits.input_shape)}")
     try:
         extract_graph(initial_specialist(cfg, splits), splits.input_shape)
     except ValueError as exc:
