@@ -1,4 +1,4 @@
-"""Triton kernels of the mnn_fast routing ops, registered as ``mnn_fast::triton_<op>`` custom ops.
+"""Triton kernels of the mnn_fast routing ops and of the grouped Linear executor (``segment_linear``), registered as ``mnn_fast::triton_<op>`` custom ops.
 
 Semantics are those of docs/ops.md; results are bitwise equal to ``mnn_fast.reference`` on CPU
 under ``TRITON_INTERPRET=1``. Importing this package registers the ops.
@@ -57,5 +57,7 @@ from .gather import triton_gather  # noqa: E402
 from .group_scores import triton_group_scores  # noqa: E402
 from .recombine import triton_recombine  # noqa: E402
 from .route import triton_route  # noqa: E402
+from .segment_linear import triton_segment_linear  # noqa: E402
 
-__all__ = ["triton_group_scores", "triton_route", "triton_gather", "triton_combine", "triton_recombine"]
+__all__ = ["triton_group_scores", "triton_route", "triton_gather", "triton_combine", "triton_recombine",
+           "triton_segment_linear"]

@@ -30,8 +30,11 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
 class Backend:
     """The ops of one implementation. ``threshold=-inf`` / ``top_k=0`` mean "off".
 
-    ``segment_linear`` (the grouped executor's matmul, ``docs/ops.md``) is ``None`` where the
-    backend has no kernel for it (cuda, triton: the grouped Linear executor is CPU-only). The row ops
+    ``segment_linear`` (the grouped executor's matmul, ``docs/ops.md``): the C++/torch ones call
+    BLAS per segment on CPU (bitwise the naive loop on aligned operands); triton's (also the cuda
+    backend's, where Triton imports) is one grouped kernel on CUDA that can read its rows through
+    ``perm`` (``segment_linear_gather``), equal to float32 rounding. ``segment_linear_devices``: where
+    it runs. The row ops
     ``recombine``, ``contributions`` and ``log_softmax_rows`` default to the torch ones (rowmath's
     arithmetic, the same bits): a backend brings its own where it has a kernel.
     """
@@ -42,6 +45,8 @@ class Backend:
     gather: Callable[[Tensor, Tensor], Tensor]
     combine: Callable[[Tensor, Tensor, Tensor, Tensor, Tensor], Tensor]
     segment_linear: Callable[..., Tensor] | None = None
+    segment_linear_gather: Callable[..., Tensor] | None = None
+    segment_linear_devices: tuple[str, ...] = ("cpu",)
     recombine: Callable[..., Tensor] = ops.torch_recombine
     contributions: Callable[..., Tensor] = ops.torch_contributions
     log_softmax_rows: Callable[[Tensor], Tensor] = ops.torch_log_softmax_rows
@@ -68,6 +73,7 @@ def _with_checks(backend: Backend) -> Backend:
     return Backend(backend.name, _checked(checks.check_group_scores, backend.group_scores),
                    _checked(checks.check_route, backend.route), _checked(checks.check_gather, backend.gather),
                    _checked(checks.check_combine, backend.combine), backend.segment_linear,
+                   backend.segment_linear_gather, backend.segment_linear_devices,
                    _checked(checks.check_recombine, backend.recombine),
                    _checked(checks.check_contributions, backend.contributions),
                    _checked(checks.check_log_softmax_rows, backend.log_softmax_rows))
@@ -152,7 +158,18 @@ def _import_kernels() -> None:
     importlib.import_module("mnn_fast.kernels")
     if not _TRITON_AUTOGRAD:  # the Triton recombine shares the C++ op's backward
         ops.register_recombine_autograd("mnn_fast::triton_recombine")
+        ops.register_triton_segment_linear_autograd()
         _TRITON_AUTOGRAD.append(True)
+
+
+def _triton_segment_linear() -> dict:
+    """The Backend fields of the Triton grouped Linear kernel (``mnn_fast::triton_segment_linear``)."""
+    _import_kernels()
+    op = torch.ops.mnn_fast.triton_segment_linear
+    # parallel_segments is the CPU kernel's thread choice; one grouped launch has none to make.
+    return {"segment_linear": lambda x, weight, bias, offsets, parallel_segments=False: op(x, weight, bias, offsets, None),
+            "segment_linear_gather": lambda x, perm, weight, bias, offsets: op(x, weight, bias, offsets, perm),
+            "segment_linear_devices": ("cuda", "cpu")}  # cpu: only under TRITON_INTERPRET=1, for tests
 
 
 def get_backend(name: str) -> Backend:
@@ -163,10 +180,12 @@ def get_backend(name: str) -> Backend:
     if name == "cpp":
         return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear, row_ops=True)
     if name == "cuda":
-        return _ops_backend(name, "")
+        backend = _ops_backend(name, "")
+        # The grouped Linear executor's kernel is Triton's: the CUDA extension has none of its own.
+        return backend if _triton_error("cuda") is not None else dataclasses.replace(backend, **_triton_segment_linear())
     if name == "triton":
         _import_kernels()
-        backend = _ops_backend(name, "triton_")
+        backend = dataclasses.replace(_ops_backend(name, "triton_"), **_triton_segment_linear())
         # The Triton kernel reads one buffer: per-expert outputs are joined on the device first.
         triton_recombine = torch.ops.mnn_fast.triton_recombine
         recombine = lambda logp, logits, *rest: triton_recombine(  # noqa: E731

@@ -47,10 +47,12 @@ def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend, runs: bool =
     module's backend) has a ``segment_linear``, else why not. ``runs=True``: the stacks may differ
     (:class:`GroupedLinearRuns` groups each run of identical ones) but must end in one output width."""
     if ops.segment_linear is None:
-        return f"backend {ops.name!r} has no segment_linear kernel (CPU only: cpp, torch)"
+        return f"backend {ops.name!r} has no segment_linear kernel (cpp and torch on CPU; triton, and cuda where Triton imports)"
     devices = {p.device.type for expert in experts for p in expert.parameters()}
-    if devices - {"cpu"}:
-        return f"segment_linear runs on CPU only; the specialists are on {sorted(devices)}"
+    if devices - set(ops.segment_linear_devices):
+        return (f"backend {ops.name!r}'s segment_linear runs on {list(ops.segment_linear_devices)}; the specialists "
+                f"are on {sorted(devices)}")
+    blas = ops.segment_linear_gather is None  # BLAS per segment: bitwise only on operands aligned as fresh ones
     layouts = []
     for e, expert in enumerate(experts):
         layers = _layers(expert)
@@ -61,7 +63,7 @@ def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend, runs: bool =
         if not any(isinstance(layer, nn.Linear) for layer in layers):
             return f"specialists[{e}] has no Linear layer"
         for name, p in expert.named_parameters():
-            if p.data_ptr() % FRESH_ALIGNMENT:
+            if blas and p.data_ptr() % FRESH_ALIGNMENT:
                 # The grouped copy would be aligned, this parameter is not: BLAS could round differently.
                 return f"specialists[{e}].{name} does not start on a {FRESH_ALIGNMENT}-byte boundary"
         layouts.append([_describe(layer) for layer in layers])
@@ -122,8 +124,15 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
             f"{stack_reason}; explicit executor='grouped' would use vmap over padded batches")
     # Spreading experts over the cores changes each GEMM's thread count, so its bits: opt-in only.
     skipped.setdefault("grouped_parallel", "not bitwise equal to the naive loop; request it explicitly")
+    # The Triton kernel sums in tiles, not as the naive loop's BLAS calls: auto groups with it on CUDA
+    # (nothing there is bitwise across kernels anyway) but not on CPU, where it runs only under
+    # TRITON_INTERPRET for testing and the sequential executor keeps the naive loop's bits.
+    tiled_on_cpu = ops.segment_linear_gather is not None and device != "cuda"
+    if stack_reason is None and tiled_on_cpu:
+        skipped["grouped"] = ("the Triton grouped kernel is not bitwise the naive loop; on CPU (TRITON_INTERPRET, "
+                              "for tests) auto keeps the sequential executor: request executor='grouped'")
     if requested == "auto":
-        if stack_reason is None:
+        if stack_reason is None and not tiled_on_cpu:
             return "grouped", skipped
         return ("streams" if "streams" not in skipped else "sequential"), skipped
     if requested == "grouped" and stack_reason is not None and arch_reason is not None:
@@ -178,9 +187,11 @@ class GroupedLinearStack:
     thread: faster for many small experts, equal to float32 rounding only.
     """
 
-    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False):
+    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False,
+                 segment_linear_gather: Callable | None = None):
         self.experts = list(experts)
         self.segment_linear = segment_linear
+        self.segment_linear_gather = segment_linear_gather
         self.parallel = parallel
         self.layers = _layers(self.experts[0])
         # Per Linear position, that layer of every expert: flattened once, not on every call (the
@@ -200,14 +211,32 @@ class GroupedLinearStack:
 
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
         """``xg: Tensor[N, ...]`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""
+        return self._run(xg, counts, None)
+
+    def fuses_gather(self, x: Tensor) -> bool:
+        """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, and
+        a first Linear that sees 2-D rows), so the module need not gather the buffer first."""
+        first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        flat = x.dim() == 2 or any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
+        return self.segment_linear_gather is not None and flat
+
+    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
+        """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]
+        int64`` expert-major -> ``Tensor[N, out]``. The first Linear reads its rows through ``perm``; the
+        row-wise layers before it run on ``x``'s ``B`` rows (row-wise, so the same rows result)."""
+        return self._run(x, counts, perm)
+
+    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None) -> Tensor:
         stacked = iter(self._stacked())
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        h = xg
         for layer in self.layers:
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
-                h = self.segment_linear(h, weight, bias, offsets, self.parallel)
+                if perm is not None:
+                    h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets), None
+                else:
+                    h = self.segment_linear(h, weight, bias, offsets, self.parallel)
             else:
                 h = layer(h)
         return h

@@ -156,7 +156,8 @@ class MetaNeuralNetwork(nn.Module):
         if self.executor in ("grouped", "grouped_parallel"):
             segment_linear, parallel = self._backend.segment_linear, self.executor == "grouped_parallel"
             if linear_stack_reason(self.specialists, self._backend) is None:
-                self._grouped = GroupedLinearStack(self.specialists, segment_linear, parallel)
+                self._grouped = GroupedLinearStack(self.specialists, segment_linear, parallel,
+                                                   self._backend.segment_linear_gather)
             elif linear_stack_reason(self.specialists, self._backend, runs=True) is None:
                 self._grouped = GroupedLinearRuns(self.specialists, segment_linear, parallel)
             else:
@@ -228,10 +229,20 @@ class MetaNeuralNetwork(nn.Module):
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
         num_classes = log_probs.shape[1]
-        xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
-        outputs = self.specialist_outputs(xg, routing, num_classes)
+        if self._fused_gather(x):
+            outputs = self._grouped.run_gathered(x, routing.perm, routing.counts)  # never builds x[perm]
+            stages.check_specialist_output(outputs, routing.perm, [], self.groups, num_classes)
+        else:
+            xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
+            outputs = self.specialist_outputs(xg, routing, num_classes)
         out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend)
         return (out, routing) if return_routing else out
+
+    def _fused_gather(self, x: Tensor) -> bool:
+        """The grouped Linear kernel reads the routed rows of ``x`` itself (Triton, inference only)."""
+        grouped = self._grouped
+        return (isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x)
+                and not (torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists))))
 
     def _workspace_for(self, x: Tensor, rows: int) -> Tensor | None:
         """The calling thread's gather buffer, grown to this batch's size (its high-water mark), for

@@ -190,6 +190,35 @@ def _backward_segment_linear(ctx, grad):
     return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
 
 
+def _setup_gather_segment_linear(ctx, inputs, output):
+    x, weight, bias, offsets, perm = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, offsets, perm)
+
+
+def _backward_gather_segment_linear(ctx, grad):
+    """The Triton ``segment_linear``'s backward (rows read through ``perm`` when given): the same op
+    with each weight transposed for ``x``, scattered back through ``perm``; the loop of
+    :func:`segment_linear_param_grads` for the weights (training is not the grouped path's hot loop)."""
+    x, weight, offsets, perm = ctx.saved_tensors
+    grad = grad.contiguous()
+    op = torch.ops.mnn_fast.triton_segment_linear
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        rows = op(grad, weight.transpose(1, 2), None, offsets, None)
+        grad_x = rows if perm is None else x.new_zeros(x.shape).index_add_(0, perm, rows)
+    grad_w = grad_b = None
+    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
+        grad_w, grad_b = segment_linear_param_grads(x if perm is None else x[perm], grad, offsets)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
+
+
+def register_triton_segment_linear_autograd() -> None:
+    """Registers the backward of ``mnn_fast::triton_segment_linear`` (once its kernels are imported)."""
+    torch.library.register_autograd("mnn_fast::triton_segment_linear", _backward_gather_segment_linear,
+                                    setup_context=_setup_gather_segment_linear)
+
+
 # The torch backend's row ops: rowmath's PyTorch arithmetic as custom ops, so they carry the same
 # fake kernels and backward as the C++ ones (the bit tricks of rowmath's exp have no autograd).
 def _torch_row_op(name: str, fn, fake, backward, setup):

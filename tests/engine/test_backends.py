@@ -1,5 +1,7 @@
 """Backend choice in one place: the Backend record (segment_linear included) and one exception type
 per bad input on every CPU backend (the C++ kernels check in C++, torch and Triton in engine/checks.py)."""
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -63,10 +65,17 @@ def test_segment_linear_of_both_cpu_backends_is_bitwise_each_experts_linear(back
 
 
 def test_the_executor_follows_the_backends_segment_linear():
-    # triton has no segment_linear kernel: auto cannot group there, and says why.
+    # A backend without a segment_linear kernel: auto cannot group there, and says why.
     experts = [nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)) for _ in range(3)]
-    assert get_backend("triton").segment_linear is None
-    mnn = MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="triton")
+    bare = dataclasses.replace(get_backend("torch"), name="bare", segment_linear=None)
+    mnn = MetaNeuralNetwork(nn.Linear(4, 3), experts, backend=bare)
     assert mnn.executor == "sequential" and "segment_linear" in mnn.executor_skipped["grouped"]
+    # Triton's kernel (issue 13) groups too, and reads the rows through perm itself.
+    triton = get_backend("triton")
+    assert triton.segment_linear_gather is not None and "cuda" in triton.segment_linear_devices
+    assert MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="triton", executor="grouped").executor == "grouped"
+    # auto does not pick it on CPU (interpreter only, and not bitwise the naive loop), and says why.
+    auto = MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="triton")
+    assert auto.executor == "sequential" and "bitwise" in auto.executor_skipped["grouped"]
     assert MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="torch").executor == "grouped"
     assert MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="cpp").executor == "grouped"

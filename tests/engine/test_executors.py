@@ -231,5 +231,5 @@ def test_grouped_linear_needs_cpu_specialists_even_on_the_torch_backend():
         def __init__(self):
             super().__init__(4, 3, device="meta")
 
-    assert "CPU only" in linear_stack_reason([OnMeta(), OnMeta()], get_backend("torch"))
+    assert "runs on ['cpu']" in linear_stack_reason([OnMeta(), OnMeta()], get_backend("torch"))
     assert linear_stack_reason([nn.Linear(4, 3), nn.Linear(4, 3)], get_backend("torch")) is None

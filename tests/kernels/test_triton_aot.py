@@ -49,6 +49,12 @@ CASES = [
     # top-k alone: the threshold test becomes a NaN test on the raw scores
     ("route_count_E100_topk_only", "route_count", {"B": 100_000, "E": 100, "top_k": True, "threshold": False}),
     ("route_fill_E100_topk_only", "route_fill", {"B": 100_000, "E": 100, "top_k": True, "threshold": False}),
+    # The grouped Linear executor: gathered float32 rows with bias (first layer), 16-bit types on
+    # tensor cores, and the plain (already gathered) form of the later layers.
+    ("segment_linear_f32_gather", "segment_linear", {"dtype": "fp32", "K": 512, "M": 64, "gather": True, "bias": True}),
+    ("segment_linear_bf16_gather", "segment_linear", {"dtype": "bf16", "K": 512, "M": 64, "gather": True, "bias": True}),
+    ("segment_linear_f16", "segment_linear", {"dtype": "fp16", "K": 64, "M": 1000, "gather": False, "bias": True}),
+    ("segment_linear_f32_nobias", "segment_linear", {"dtype": "fp32", "K": 64, "M": 10, "gather": False, "bias": False}),
 ]
 
 
@@ -62,8 +68,20 @@ def _kernel_and_signature(kind: str, src: dict):
     import kernels.group_scores as group_scores
     import kernels.recombine as recombine
     import kernels.route as route
+    import kernels.segment_linear as segment_linear
 
     i32 = "i32"
+    if kind == "segment_linear":
+        import torch
+
+        t = "*" + src["dtype"]
+        sig = {"x_ptr": t, "src_ptr": "*i64", "w_ptr": t, "b_ptr": t, "tile_start_ptr": "*i64",
+               "tile_expert_ptr": "*i64", "offsets_ptr": "*i64", "out_ptr": t, "K": i32, "M": i32, "E": i32, "w_stride": i32,
+               "b_stride": i32}
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[src["dtype"]]
+        cx = dict(HAS_BIAS=src["bias"], GATHER=src["gather"], IEEE=dtype == torch.float32, UPCAST=False,
+                  **segment_linear._segment_linear_config(src["K"], src["M"], dtype))
+        return segment_linear._segment_linear_kernel, sig, cx
     if kind == "gather":
         t = "*" + src["dtype"]
         sig = {"x_ptr": t, "perm_ptr": "*i64", "out_ptr": t, "N": i32, "D": i32}
