@@ -291,6 +291,14 @@ class MetaNeuralNetwork(nn.Module):
     def specialist_outputs(self, xg: Tensor, routing: Routing, num_classes: int):
         """The specialists' logits on their rows of ``xg: Tensor[N, ...]``, checked: per expert
         ``Tensor[n_e, C or 1]`` (``None`` without rows) or one ``Tensor[N, C or 1]`` in buffer order."""
+        if self._grouped is not None and not recording_grad(self.specialists):
+            # One grouped call: no per-expert sizes on the host (under torch.compile each would be a
+            # symbol of its own, and tracing E of them made compile time grow with E).
+            outputs = self._grouped(xg, routing.counts)
+            if outputs is None:  # the vmap form with no rows to run
+                outputs = [None] * self.num_experts
+            stages.check_specialist_output(outputs, xg, [], self.groups, num_classes)
+            return outputs
         sizes = routing.counts.tolist()
         for n in sizes:
             torch._check(n >= 0)  # the data-dependent counts are sizes
