@@ -17,8 +17,10 @@ from mnn_fast.benchmark import end_to_end_workload
 from mnn_fast.engine.module import MetaNeuralNetwork
 
 TABLE = "compile"
+# E=8 vs E=64 at one batch: how compile time grows with the number of same-architecture experts (issue 13).
 FULL = [("mlp", 10, 256, "sequential"), ("mlp", 10, 256, "grouped"), ("mlp", 100, 4096, "sequential"),
-        ("mlp", 100, 4096, "grouped"), ("resnet20", 10, 128, "sequential")]
+        ("mlp", 100, 4096, "grouped"), ("resnet20", 10, 128, "sequential"), ("mlp", 8, 256, "grouped"),
+        ("mlp", 64, 256, "grouped")]
 QUICK = [("mlp", 10, 256, "sequential"), ("mlp", 10, 256, "grouped")]
 
 

@@ -127,7 +127,10 @@ def end_to_end_workload(model: str, experts: int, batch: int, active_per_sample:
             classifier.bias.sub_(centre).mul_(scale)
         scores = torch.softmax(switch(x).float(), 1).flatten()
     k = max(1, min(scores.numel(), int(round(active_per_sample * batch))))
-    threshold = float(torch.topk(scores, k + 1).values[-1]) if k < scores.numel() else 0.0
+    # Midway between the k-th and (k+1)-th largest score: no sample sits on the threshold, where a
+    # compiled softmax rounding one ulp apart would route it differently from eager.
+    top = torch.topk(scores, k + 1).values if k < scores.numel() else None
+    threshold = float((top[-2] + top[-1]) / 2) if top is not None else 0.0
     return dict(model=model, switch=switch, specialists=specialists, x=x, threshold=threshold, batch=batch, experts=experts)
 
 
