@@ -17,7 +17,7 @@ from .alignment import FRESH_ALIGNMENT, aligned_stack
 from .backends import Backend
 
 __all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
-           "GroupedLinearStack", "GroupedLinearRuns", "layout_runs", "VmapExperts", "run_on_streams",
+           "grouped_executor", "GroupedLinearStack", "GroupedLinearRuns", "layout_runs", "VmapExperts", "run_on_streams",
            "new_stream_pool", "bucket_experts"]
 
 EXECUTOR_NAMES = ("auto", "sequential", "grouped", "grouped_parallel", "streams")
@@ -144,6 +144,17 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
     return requested, {k: v for k, v in skipped.items() if k != requested}
 
 
+def grouped_executor(experts: Sequence[nn.Module], ops: Backend, parallel: bool = False):
+    """The grouped executor :func:`select_executor` chose ``"grouped"`` (or ``"grouped_parallel"``)
+    for: one :class:`GroupedLinearStack` for identical Linear stacks, :class:`GroupedLinearRuns` for
+    runs of them, else :class:`VmapExperts`."""
+    if linear_stack_reason(experts, ops) is None:
+        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather)
+    if linear_stack_reason(experts, ops, runs=True) is None:
+        return GroupedLinearRuns(experts, ops.segment_linear, parallel)
+    return VmapExperts(experts)
+
+
 def _param_key(params: list[Tensor]) -> tuple:
     # A tensor's version counter moves on every in-place update (optimizer steps, load_state_dict).
     return tuple((p.data_ptr(), p._version) for p in params)
@@ -200,6 +211,9 @@ class GroupedLinearStack:
         self._linears = [[layers[i] for layers in flat] for i, layer in enumerate(self.layers)
                          if isinstance(layer, nn.Linear)]
         self._cache = _StackCache()
+        # The first Linear must see 2-D rows for its kernel to read them through perm.
+        first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
 
     def _stacked(self) -> list[Tensor]:
         per_layer = []
@@ -216,9 +230,7 @@ class GroupedLinearStack:
     def fuses_gather(self, x: Tensor) -> bool:
         """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, and
         a first Linear that sees 2-D rows), so the module need not gather the buffer first."""
-        first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
-        flat = x.dim() == 2 or any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
-        return self.segment_linear_gather is not None and flat
+        return self.segment_linear_gather is not None and (x.dim() == 2 or self._flattens_before_first)
 
     def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]

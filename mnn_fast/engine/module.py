@@ -17,8 +17,8 @@ from torch import Tensor, nn
 from . import stages
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
 from .contributions import ClassTables, class_tables, specialist_contributions
-from .executors import (EXECUTOR_NAMES, GroupedLinearRuns, GroupedLinearStack, VmapExperts, linear_stack_reason,
-                        new_stream_pool, recording_grad, select_executor)
+from .executors import (EXECUTOR_NAMES, GroupedLinearStack, grouped_executor, new_stream_pool, recording_grad,
+                        select_executor)
 from .routing import Routing, check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
 __all__ = ["MetaNeuralNetwork"]
@@ -154,14 +154,7 @@ class MetaNeuralNetwork(nn.Module):
         self.executor, self.executor_skipped = select_executor(self.requested_executor, self.specialists, self._device(), self._backend)
         self._grouped = None
         if self.executor in ("grouped", "grouped_parallel"):
-            segment_linear, parallel = self._backend.segment_linear, self.executor == "grouped_parallel"
-            if linear_stack_reason(self.specialists, self._backend) is None:
-                self._grouped = GroupedLinearStack(self.specialists, segment_linear, parallel,
-                                                   self._backend.segment_linear_gather)
-            elif linear_stack_reason(self.specialists, self._backend, runs=True) is None:
-                self._grouped = GroupedLinearRuns(self.specialists, segment_linear, parallel)
-            else:
-                self._grouped = VmapExperts(self.specialists)
+            self._grouped = grouped_executor(self.specialists, self._backend, self.executor == "grouped_parallel")
         self._streams = new_stream_pool(self._device()) if self.executor == "streams" else None
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
@@ -231,7 +224,7 @@ class MetaNeuralNetwork(nn.Module):
         num_classes = log_probs.shape[1]
         if self._fused_gather(x):
             outputs = self._grouped.run_gathered(x, routing.perm, routing.counts)  # never builds x[perm]
-            stages.check_specialist_output(outputs, routing.perm, [], self.groups, num_classes)
+            stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)
         else:
             xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
             outputs = self.specialist_outputs(xg, routing, num_classes)
@@ -291,20 +284,7 @@ class MetaNeuralNetwork(nn.Module):
     def specialist_outputs(self, xg: Tensor, routing: Routing, num_classes: int):
         """The specialists' logits on their rows of ``xg: Tensor[N, ...]``, checked: per expert
         ``Tensor[n_e, C or 1]`` (``None`` without rows) or one ``Tensor[N, C or 1]`` in buffer order."""
-        if self._grouped is not None and not recording_grad(self.specialists):
-            # One grouped call: no per-expert sizes on the host (under torch.compile each would be a
-            # symbol of its own, and tracing E of them made compile time grow with E).
-            outputs = self._grouped(xg, routing.counts)
-            if outputs is None:  # the vmap form with no rows to run
-                outputs = [None] * self.num_experts
-            stages.check_specialist_output(outputs, xg, [], self.groups, num_classes)
-            return outputs
-        sizes = routing.counts.tolist()
-        for n in sizes:
-            torch._check(n >= 0)  # the data-dependent counts are sizes
-        outputs = stages.run_specialists(self.specialists, xg, routing.counts, sizes, grouped=self._grouped,
+        outputs = stages.run_specialists(self.specialists, xg, routing.counts, grouped=self._grouped,
                                          streams=self._streams)
-        if outputs is None:  # a grouped executor with no rows to run
-            outputs = [None] * self.num_experts
-        stages.check_specialist_output(outputs, xg, sizes, self.groups, num_classes)
+        stages.check_specialist_output(outputs, xg, self.groups, num_classes)
         return outputs

@@ -19,7 +19,7 @@ from .executors import recording_grad, run_on_streams
 from .routing import Routing
 
 __all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "run_specialists", "combine_log_probs",
-           "recombine_log_probs", "check_specialist_output"]
+           "recombine_log_probs", "check_specialist_output", "expert_sizes"]
 
 
 class SwitchScores(NamedTuple):
@@ -78,34 +78,52 @@ def gather_rows(x: Tensor, perm: Tensor, ops: Backend, workspace: Tensor | None 
     return torch.index_select(flat, 0, perm, out=out).view(-1, *x.shape[1:])
 
 
-def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor, sizes: Sequence[int], *,
-                    grouped=None, streams: list | None = None) -> list[Tensor | None] | Tensor:
+def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor, sizes: Sequence[int] | None = None,
+                    *, grouped=None, streams: list | None = None) -> list[Tensor | None] | Tensor:
     """The specialists' logits on their rows of ``xg: Tensor[N, ...]``.
 
-    ``counts: Tensor[E] int64`` and ``sizes`` (the same counts as Python ints, ``counts.tolist()``
-    taken once: under ``torch.compile`` each ``tolist`` makes new symbols). Returns per expert
-    ``Tensor[n_e, C or 1]`` (``None`` for an expert with no rows, which is not called, as in the
-    paper's loop), or one ``Tensor[N, C or 1]`` in buffer order when ``grouped`` (a grouped executor,
-    :mod:`.executors`) ran them. Grouped executors serve inference: with autograd recording the
-    experts run one by one, so training never re-stacks weights every step.
+    ``counts: Tensor[E] int64``; ``sizes``: the same counts as Python ints, read from ``counts`` here
+    when not given and only on the per-expert path (under ``torch.compile`` each host read makes new
+    symbols, one per expert). Returns per expert ``Tensor[n_e, C or 1]`` (``None`` for an expert with
+    no rows, which is not called, as in the paper's loop; a ``ValueError`` names an expert returning
+    another number of rows), or one ``Tensor[N, C or 1]`` in buffer order when ``grouped`` (a grouped
+    executor, :mod:`.executors`) ran them. Grouped executors serve inference: with autograd recording
+    the experts run one by one, so training never re-stacks weights every step.
     """
     if grouped is not None and not recording_grad(specialists):
-        return grouped(xg, counts)
-    chunks = torch.split(xg, list(sizes))
+        outputs = grouped(xg, counts)
+        return [None] * len(specialists) if outputs is None else outputs  # None: the vmap form had no rows
+    sizes = expert_sizes(counts) if sizes is None else list(sizes)
+    chunks = torch.split(xg, sizes)
     if torch.compiler.is_compiling():
         # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm, for
         # one) branch on "is the batch empty?", which cannot be traced. Each expert runs on its
         # rows plus one padding row, a batch provably non-empty, whose output is dropped.
-        return [expert(torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])).narrow(0, 0, n)
-                for expert, n, rows in zip(specialists, sizes, chunks)]
-    # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
-    # alignment (a segment of one buffer may start anywhere), or BLAS may round differently. CPU
-    # only: that is where the bitwise promise is made, and on a GPU it would be a copy per expert.
-    if xg.device.type == "cpu":
-        chunks = [as_fresh_aligned(rows) for rows in chunks]
-    if streams is not None:
-        return run_on_streams(specialists, chunks, streams)
-    return [_call_expert(expert, rows) if n else None for expert, n, rows in zip(specialists, sizes, chunks)]
+        outputs = [expert(torch.cat([rows, rows.new_zeros(1, *rows.shape[1:])])).narrow(0, 0, n)
+                   for expert, n, rows in zip(specialists, sizes, chunks)]
+    else:
+        # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
+        # alignment (a segment of one buffer may start anywhere), or BLAS may round differently. CPU
+        # only: that is where the bitwise promise is made, and on a GPU it would be a copy per expert.
+        if xg.device.type == "cpu":
+            chunks = [as_fresh_aligned(rows) for rows in chunks]
+        if streams is not None:
+            outputs = run_on_streams(specialists, chunks, streams)
+        else:
+            outputs = [_call_expert(expert, rows) if n else None for expert, n, rows in zip(specialists, sizes, chunks)]
+    for e, (y, n) in enumerate(zip(outputs, sizes)):
+        if y is not None and not (isinstance(y, Tensor) and y.dim() >= 1 and y.shape[0] == n):
+            shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
+            raise ValueError(f"specialists[{e}] must return one row of logits per input row ({n}), got {shape}")
+    return outputs
+
+
+def expert_sizes(counts: Tensor) -> list[int]:
+    """``counts: Tensor[E] int64`` as Python ints, each marked a size (``>= 0``) for ``torch.compile``."""
+    sizes = counts.tolist()
+    for n in sizes:
+        torch._check(n >= 0)  # the data-dependent counts are sizes
+    return sizes
 
 
 def _call_expert(expert: nn.Module, rows: Tensor) -> Tensor:
@@ -119,19 +137,19 @@ def _call_expert(expert: nn.Module, rows: Tensor) -> Tensor:
         raise
 
 
-def check_specialist_output(outputs, xg: Tensor, sizes: Sequence[int], groups: Sequence[Sequence[int]],
-                            num_classes: int) -> None:
+def check_specialist_output(outputs, xg: Tensor, groups: Sequence[Sequence[int]], num_classes: int) -> None:
     """``ValueError`` naming the specialist whose output is not ``Tensor[n_e, C]`` (or ``[n_e, 1]`` for
-    a one-class group); ``outputs``, ``xg`` and ``sizes`` as :func:`run_specialists` takes and returns them."""
+    a one-class group); ``outputs`` and ``xg`` as :func:`run_specialists` takes and returns them (which
+    checked each expert's row count already)."""
     if isinstance(outputs, Tensor):
         _check_one(outputs, "the grouped specialists", xg.shape[0], num_classes)
         if outputs.shape[1] == 1 and any(len(g) != 1 for g in groups):
             raise ValueError("the grouped specialists return one logit (binary) but some groups have several classes")
         return
-    for e, (y, n) in enumerate(zip(outputs, sizes)):
+    for e, y in enumerate(outputs):
         if y is None:
             continue
-        _check_one(y, f"specialists[{e}]", n, num_classes)
+        _check_one(y, f"specialists[{e}]", y.shape[0], num_classes)
         if y.shape[1] == 1 and len(groups[e]) != 1:
             raise ValueError(f"specialists[{e}] returns one logit (binary) but its group has {len(groups[e])} classes")
 

@@ -101,6 +101,22 @@ def test_specialist_with_wrong_output_shape(nets):
         mnn(torch.randn(8, 24))
 
 
+class _DropsARow(nn.Module):
+    # A specialist that loses a row (a bad reshape, say) would misalign every later row's logits.
+    def forward(self, x):
+        return torch.zeros(x.shape[0] - 1, 4)
+
+
+@pytest.mark.parametrize("executor", ["sequential", "streams"])
+def test_specialist_returning_other_row_count(nets, executor):
+    switch, specialists = nets
+    specialists[1] = _DropsARow()
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.0, executor=executor).eval()
+    with pytest.raises(ValueError, match=r"specialists\[1\] must return one row of logits per input row \(8\), got \(7, 4\)"):
+        with torch.no_grad():
+            mnn(torch.randn(8, 24))
+
+
 def test_binary_specialist_needs_single_class_group(nets):
     switch, specialists = nets
     specialists[0] = nn.Linear(24, 1)

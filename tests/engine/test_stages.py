@@ -34,7 +34,7 @@ def test_stages_by_hand_equal_the_module_and_the_naive_loop(backend, groups):
         assert xg.shape == (routing.perm.numel(), 24)
         sizes = routing.counts.tolist()
         outputs = stages.run_specialists(specialists, xg, routing.counts, sizes)
-        stages.check_specialist_output(outputs, xg, sizes, mnn.groups, 6)
+        stages.check_specialist_output(outputs, xg, mnn.groups, 6)
         tables = class_tables(mnn.groups, 6, x.device)
         got = stages.recombine_log_probs(logp, outputs, routing, tables, ops)
         # The unfused path (contributions, then combine, then log_softmax_rows) is the same arithmetic.
