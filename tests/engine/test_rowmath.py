@@ -185,6 +185,23 @@ def test_cpp_ops_are_bitwise_the_reference_on_extreme_logits():
     _assert_cpp_equals_reference(tuple(args))
 
 
+# The AVX2 kernel runs eight buffer rows at a time, one per SIMD lane, and fixes up each row's group
+# columns by hand: groups as large as C (nothing outside them), every expert active for a sample (a
+# block of eight holds many rows of one sample, whose rows also straddle blocks), partial blocks.
+@pytest.mark.parametrize("classes", [1, 3, 8, 19])
+@pytest.mark.parametrize("batch", [1, 7, 9, 90])
+def test_cpp_ops_are_bitwise_the_reference_with_large_groups_and_many_rows_per_sample(classes, batch):
+    args = _routed_case(batch, classes, 11, seed=classes + batch, max_group=classes)
+    _assert_cpp_equals_reference(args)
+    gen = torch.Generator().manual_seed(batch)
+    groups = [torch.randperm(classes, generator=gen)[: 1 + e % classes].tolist() for e in range(11)]
+    go, gc, spread = tables_for(groups, classes)
+    r = route(torch.rand(batch, 11, generator=gen), groups=None, threshold=0.0)  # every expert, every sample
+    logits = torch.randn(r.perm.numel(), classes, generator=gen) * 8
+    logp = torch.log_softmax(torch.randn(batch, classes, generator=gen), 1)
+    _assert_cpp_equals_reference((logp, logits, r.offsets, go, gc, spread, r.sample_offsets, r.sample_rows))
+
+
 @settings(max_examples=40, deadline=None)
 @given(batch=st.integers(0, 60), classes=st.integers(1, 90), experts=st.integers(1, 12), seed=st.integers(0, 10**6),
        binary=st.booleans())
