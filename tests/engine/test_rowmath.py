@@ -209,6 +209,22 @@ def test_cpp_ops_are_bitwise_the_reference_on_random_shapes(batch, classes, expe
     _assert_cpp_equals_reference(_routed_case(batch, classes, experts, seed, binary=binary and classes > 1))
 
 
+def test_cpp_exp_is_the_reference_exp_across_its_domain():
+    # The AVX2 exp takes its floor from the rounding instruction and clamps with max: equal to
+    # rowmath's scalar steps only on its domain (t <= 0 or NaN). Rows [0, t] put exp(t) in a lane for
+    # t over [-100, 0], densely, and at the points where the floor's argument t*log2(e) + 0.5 is an
+    # integer (the rounding boundaries) plus or minus a few ulp, and at the flush threshold -80.
+    k = torch.arange(-116, 1, dtype=torch.float64)
+    edges = ((k - 0.5) / math.log2(math.e)).float()
+    near = torch.cat([torch.nextafter(edges, torch.full_like(edges, d)) for d in (-1e9, 1e9)] + [edges])
+    t = torch.cat([torch.linspace(-100, 0, 200_001), near, torch.tensor([-80.0, -79.99999, -80.00001, -0.0, 0.0])])
+    t = t[t <= 0]
+    rows = torch.stack([torch.zeros_like(t), t], 1)
+    assert torch.equal(CPP.log_softmax_rows(rows), rowmath.log_softmax_rows(rows))
+    wide = torch.cat([rows, torch.full((rows.shape[0], 15), -math.inf)], 1)  # the exp lane of an AVX2 block's tail
+    assert torch.equal(CPP.log_softmax_rows(wide), rowmath.log_softmax_rows(wide))
+
+
 # ------------------------------------------------------------------------------ row independence
 
 
