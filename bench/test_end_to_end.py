@@ -18,7 +18,10 @@ TABLE = "end_to_end"
 FULL = ([("mlp", e, b, 2) for e in (10, 100, 1000) for b in (256, 4096)]
         + [("resnet20", 10, 512, 2), ("resnet20", 10, 512, 5), ("mobilenet_v2", 10, 128, 2)])
 QUICK = [("mlp", 10, 256, 2), ("mlp", 1000, 4096, 2), ("resnet20", 10, 64, 2), ("mobilenet_v2", 10, 32, 2)]
-IMPLS = ["naive", "engine_sequential", "engine_grouped", "engine_grouped_parallel", "dense", "floor"]
+# peer_*: the grouped executor with its GEMM replaced by torch._grouped_mm or a padded baddbmm
+# (mnn_fast.benchmark.PEERS), for Linear-stack experts: the grouped GEMMs a user could reach for.
+IMPLS = ["naive", "engine_sequential", "engine_grouped", "engine_grouped_parallel", "peer_grouped_mm", "peer_padded_bmm",
+         "dense", "floor"]
 # Dense runs B x E expert rows: past this many it takes minutes and tells nothing new.
 DENSE_MAX_ROWS = 300_000
 
@@ -43,10 +46,12 @@ def pytest_generate_tests(metafunc):
 
 
 def _fmt(rows):
-    head = (f"{'model':>12} {'E':>5} {'B':>5} {'act':>3} {'rows':>6} | {'naive':>8} {'seq':>8} {'grouped':>8} {'grp-par':>8} {'dense':>8} {'floor':>8} "
+    head = (f"{'model':>12} {'E':>5} {'B':>5} {'act':>3} {'rows':>6} | {'naive':>8} {'seq':>8} {'grouped':>8} {'grp-par':>8} "
+            f"{'grp_mm':>8} {'pad_bmm':>8} {'dense':>8} {'floor':>8} "
             f"| {'best':>7} {'img/s':>8} {'vs naive':>8} {'vs dense':>8} {'overhead':>8} | {'MB naive':>8} {'MB best':>7}")
     lines = ["times in ms; best = the faster bitwise executor (sequential or grouped); grp-par = grouped_parallel "
-             "(opt-in, not bitwise, '-' where the experts are not Linear stacks); overhead = best over the compute floor",
+             "(opt-in, not bitwise, '-' where the experts are not Linear stacks); grp_mm / pad_bmm = grouped with "
+             "torch._grouped_mm / padded baddbmm as its GEMM (peers); overhead = best over the compute floor",
              head, "-" * len(head)]
     for r in rows:
         if not all(k in r for k in ("naive", "engine_sequential", "engine_grouped", "floor")):
@@ -59,7 +64,7 @@ def _fmt(rows):
         vs_dense = f"{r['speedup_vs_dense']:>7.1f}x" if r["speedup_vs_dense"] else f"{'-':>8}"
         lines.append(
             f"{r['model']:>12} {r['E']:>5} {r['B']:>5} {r['active']:>3} {r['rows']:>6} | {ms('naive')} {ms('engine_sequential')} "
-            f"{ms('engine_grouped')} {ms('engine_grouped_parallel')} {ms('dense')} {ms('floor')} | {r['best_executor']:>7} {r['images_per_s']:>8.0f} "
+            f"{ms('engine_grouped')} {ms('engine_grouped_parallel')} {ms('peer_grouped_mm')} {ms('peer_padded_bmm')} {ms('dense')} {ms('floor')} | {r['best_executor']:>7} {r['images_per_s']:>8.0f} "
             f"{r['speedup_vs_naive']:>7.1f}x {vs_dense} {100 * r['overhead_vs_floor']:>7.1f}% | "
             f"{r['mem_naive'] / 2**20:>8.1f} {r['mem_' + best] / 2**20:>7.1f}")
     return lines
@@ -79,7 +84,7 @@ def test_end_to_end(benchmark, results, case, impl):
         return
     fn = w["impls"][impl]
     with torch.no_grad():
-        if impl.startswith("engine"):  # a speed is only worth reporting for a correct output
+        if impl.startswith(("engine", "peer")):  # a speed is only worth reporting for a correct output
             want = w["impls"]["naive"]()
             got = fn()
             if impl == "engine_sequential" or (impl == "engine_grouped" and model == "mlp"):

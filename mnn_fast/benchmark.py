@@ -154,11 +154,52 @@ def peak_rss_growth(fn) -> int:
         return -1
 
 
-def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_parallel")) -> dict:
+# ------------------------------------------------------------------------------ grouped-GEMM peers
+
+def grouped_mm_segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              offsets: torch.Tensor, parallel: bool = False) -> torch.Tensor:
+    """``segment_linear`` by ``torch._grouped_mm`` (PyTorch's grouped GEMM; on CPU a loop of ``mm``),
+    the bias added per row afterwards: ``x: Tensor[N, K]``, ``weight: Tensor[E, M, K]``, ``bias:
+    Tensor[E, M]``, ``offsets: Tensor[E+1] int64`` -> ``Tensor[N, M]``. A peer for the benchmarks only:
+    not bitwise ``nn.Linear`` (no bias inside the GEMM); ``K`` must be a multiple of 4 (torch's
+    16-byte stride rule)."""
+    out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets[1:].to(torch.int32))
+    if bias is None:
+        return out
+    return out + torch.repeat_interleave(bias, offsets.diff(), dim=0, output_size=x.shape[0])
+
+
+def padded_bmm_segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                              offsets: torch.Tensor, parallel: bool = False) -> torch.Tensor:
+    """``segment_linear`` as one ``baddbmm`` over every expert's rows padded to the largest count
+    (shapes as :func:`grouped_mm_segment_linear`): the batched-GEMM peer, for the benchmarks only."""
+    counts = offsets.diff()
+    n, experts = x.shape[0], weight.shape[0]
+    longest = int(counts.max()) if n else 0
+    expert = torch.repeat_interleave(torch.arange(experts), counts, output_size=n)
+    slot = torch.arange(n) - offsets[expert]
+    padded = x.new_zeros(experts, longest, x.shape[1])
+    padded[expert, slot] = x
+    if bias is None:
+        out = torch.bmm(padded, weight.transpose(1, 2))
+    else:
+        out = torch.baddbmm(bias.unsqueeze(1), padded, weight.transpose(1, 2))
+    return out[expert, slot]
+
+
+PEERS = {"peer_grouped_mm": grouped_mm_segment_linear, "peer_padded_bmm": padded_bmm_segment_linear}
+
+
+def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_parallel"), peers: bool = True) -> dict:
     """Name -> zero-argument callable, all on ``w``'s inputs: the naive loop, the engine per executor,
-    dense (every expert on every sample) and the compute floor (switch + experts on pre-gathered rows)."""
-    from .engine.module import MetaNeuralNetwork
+    dense (every expert on every sample), the compute floor (switch + experts on pre-gathered rows)
+    and, for Linear-stack experts with ``peers``, the grouped executor with its GEMM replaced by
+    each of :data:`PEERS`."""
+    import dataclasses
+
     from .engine.contributions import expert_log_contribution
+    from .engine.executors import linear_stack_reason
+    from .engine.module import MetaNeuralNetwork
     from .reference import naive_forward
 
     switch, specialists, x, t = w["switch"], w["specialists"], w["x"], w["threshold"]
@@ -169,6 +210,11 @@ def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_paral
         except ValueError:  # grouped_parallel needs Linear stacks and the C++ segment_linear
             continue
         impls[f"engine_{name}"] = lambda mnn=mnn: mnn(x)
+        if name == "grouped" and peers and linear_stack_reason(specialists, mnn.ops) is None:
+            for peer, fn in PEERS.items():
+                backend = dataclasses.replace(mnn.ops, name=peer, segment_linear=fn)
+                other = MetaNeuralNetwork(switch, specialists, threshold=t, executor="grouped", backend=backend)
+                impls[peer] = lambda other=other: other(x)
     engine = MetaNeuralNetwork(switch, specialists, threshold=t, executor="sequential")
     with torch.no_grad():
         _, routing = engine(x, return_routing=True)
