@@ -240,15 +240,18 @@ class MetaNeuralNetwork(nn.Module):
     def _fused_gather(self, x: Tensor) -> bool:
         """The grouped Linear kernel reads the routed rows of ``x`` itself (Triton, inference only)."""
         grouped = self._grouped
-        return (isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x)
-                and not (torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists))))
+        return isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x) and not self._records_grad(x)
+
+    def _records_grad(self, x: Tensor) -> bool:
+        """Whether autograd records this forward (through ``x`` or the specialists' parameters)."""
+        return torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists))
 
     def _workspace_for(self, x: Tensor, rows: int) -> Tensor | None:
         """The calling thread's gather buffer, grown to this batch's size (its high-water mark), for
         CPU inference in eager mode; ``None`` (a fresh buffer) where autograd may save the gathered rows
         for a backward or ``torch.compile`` traces. One per thread, so concurrent calls never share one."""
         if (x.device.type != "cpu" or torch.compiler.is_compiling()
-                or (torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists)))):
+                or self._records_grad(x)):
             return None
         need = rows * math.prod(x.shape[1:])
         key = threading.get_ident()
