@@ -14,10 +14,10 @@ from typing import Sequence
 import torch
 from torch import Tensor, nn
 
-from .rowmath import log_spread_table
+from .rowmath import expert_of_row, log_spread_table, membership
 
 __all__ = ["ClassTables", "class_tables", "expert_log_contribution", "logsumexp_rows", "buffer_logits",
-           "specialist_contributions", "recombine_formula"]
+           "specialist_contributions", "contribution_formula", "recombine_formula"]
 
 
 def logsumexp_rows(a: Tensor) -> Tensor:
@@ -143,6 +143,35 @@ def specialist_contributions(outputs: Sequence[Tensor | None] | Tensor, offsets:
     return torch.cat(parts)
 
 
+def contribution_formula(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
+                         log_spread: Tensor, num_classes: int) -> Tensor:
+    """``log v: Tensor[N, C] float32``: :func:`expert_log_contribution` of every expert's rows at once,
+    for ``logits: Tensor[N, W]`` in buffer order (``W = C``, or 1 when every group is one class) and
+    the ``contributions`` op's tables.
+
+    Vectorised over all rows, with no per-expert slice or host read, so autograd's backward can be
+    traced under ``torch.compile`` (expert row counts are data-dependent there).
+    """
+    rows, width = logits.shape
+    y = logits.float()
+    expert = expert_of_row(offsets, rows)
+    inside = membership(group_offsets, group_classes, num_classes).index_select(0, expert)
+    spread = log_spread.index_select(0, expert).unsqueeze(1)
+    if width == 1 and num_classes != 1:
+        # logsigmoid(+-y) written out as ATen computes it: its backward decomposition guards on the
+        # row count, which compiled code cannot do for a data-dependent one.
+        log_term = torch.log1p(torch.exp(-y.abs()))
+        zero = torch.zeros_like(y)
+        in_group, log_not_q = torch.minimum(y, zero) - log_term, torch.minimum(-y, zero) - log_term
+        return torch.where(inside, in_group, log_not_q - spread)
+    ls = torch.log_softmax(y, dim=1)
+    # A group holding every class has no outside term: its row sums zeros instead, so no -inf - -inf
+    # NaN reaches the gradient (torch.where still backpropagates through the branch it discards).
+    has_rest = (~inside).any(1, keepdim=True)
+    outside = torch.where(has_rest, ls.masked_fill(inside, -math.inf), 0.0)
+    return torch.where(inside, ls, logsumexp_rows(outside) - spread)
+
+
 def recombine_formula(logp: Tensor, logits: Sequence[Tensor], offsets: Tensor, group_offsets: Tensor,
                       group_classes: Tensor, log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
     """What ``recombine`` computes (``docs/ops.md``), as SPEC section 4 in differentiable torch ops:
@@ -152,19 +181,9 @@ def recombine_formula(logp: Tensor, logits: Sequence[Tensor], offsets: Tensor, g
     """
     num_classes = logp.shape[1]
     logits = logits[0] if len(logits) == 1 else torch.cat(list(logits))
-    bounds = offsets.tolist()
-    spans = group_offsets.tolist()
-    parts = []
-    for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-        if b > a:
-            group = group_classes[spans[e] : spans[e + 1]].tolist()
-            parts.append(expert_log_contribution(logits[a:b], group, num_classes))
+    logv = contribution_formula(logits, offsets, group_offsets, group_classes, log_spread, num_classes)
     rows = sample_rows.shape[0]
     counts = sample_offsets[1:] - sample_offsets[:-1]
     owner = torch.repeat_interleave(torch.arange(logp.shape[0], device=logp.device), counts, output_size=rows)
-    acc = logp
-    if parts:
-        logv = torch.cat(parts)
-        perm = torch.empty_like(owner).index_put_((sample_rows,), owner)
-        acc = logp.index_add(0, perm, logv)
-    return torch.log_softmax(acc, dim=1)
+    perm = torch.empty_like(owner).index_put_((sample_rows,), owner)
+    return torch.log_softmax(logp.index_add(0, perm, logv), dim=1)

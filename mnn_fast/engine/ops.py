@@ -125,17 +125,13 @@ def _setup_contributions(ctx, inputs, output):
 
 
 def _backward_contributions(ctx, grad):
-    from .contributions import expert_log_contribution
+    from .contributions import contribution_formula
 
-    logits, offsets, group_offsets, group_classes, _ = ctx.saved_tensors
-    bounds, spans = offsets.tolist(), group_offsets.tolist()
-    grads = torch.zeros_like(logits)
+    logits, *tables = ctx.saved_tensors
     with torch.enable_grad():
-        for e, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
-            if b > a:
-                y = logits[a:b].detach().requires_grad_()
-                v = expert_log_contribution(y, group_classes[spans[e] : spans[e + 1]].tolist(), ctx.num_classes)
-                grads[a:b] = torch.autograd.grad(v, y, grad[a:b])[0]
+        y = logits.detach().requires_grad_()
+        v = contribution_formula(y, *tables, ctx.num_classes)
+        grads = torch.autograd.grad(v, y, grad)[0]
     return grads, None, None, None, None, None
 
 

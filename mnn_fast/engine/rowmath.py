@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["LANES", "exp_nonpositive", "log1p_nonnegative", "lane_sum", "log_softmax_rows", "contributions_torch",
-           "recombine_torch", "log_spread_table"]
+           "recombine_torch", "log_spread_table", "expert_of_row", "membership"]
 
 LANES = 16
 # Below this exp(t) < 2**-115: flushed to 0, so 2**n stays a normal number. Nothing is lost: every
@@ -130,11 +130,12 @@ def log_spread_table(group_offsets: Tensor, num_classes: int) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=group_offsets.device)
 
 
-def _expert_of_row(offsets: Tensor, rows: int) -> Tensor:
+def expert_of_row(offsets: Tensor, rows: int) -> Tensor:
+    """``Tensor[rows] int64``: the expert owning each buffer row (``offsets: Tensor[E+1] int64``)."""
     return torch.searchsorted(offsets, torch.arange(rows, device=offsets.device), right=True) - 1
 
 
-def _membership(group_offsets: Tensor, group_classes: Tensor, num_classes: int) -> Tensor:
+def membership(group_offsets: Tensor, group_classes: Tensor, num_classes: int) -> Tensor:
     """``Tensor[E, C] bool``: class ``c`` is in expert ``e``'s group."""
     experts = group_offsets.shape[0] - 1
     sizes = group_offsets[1:] - group_offsets[:-1]
@@ -158,8 +159,8 @@ def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
     """
     rows, width = logits.shape
     classes = width if width != 1 or num_classes is None else num_classes
-    expert = _expert_of_row(offsets, rows)
-    inside = _membership(group_offsets, group_classes, classes).index_select(0, expert)
+    expert = expert_of_row(offsets, rows)
+    inside = membership(group_offsets, group_classes, classes).index_select(0, expert)
     spread = log_spread.index_select(0, expert).unsqueeze(1)
     y = logits.float()
     if width == 1 and classes != 1:

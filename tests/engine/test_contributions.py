@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from mnn_fast.engine.backends import get_backend
-from mnn_fast.engine.contributions import class_tables, expert_log_contribution, specialist_contributions
+from mnn_fast.engine.contributions import (class_tables, contribution_formula, expert_log_contribution,
+                                           specialist_contributions)
 
 
 def formula(y, group, num_classes):
@@ -50,6 +51,33 @@ def test_contribution_sums_to_one_and_keeps_group_log_probs():
     assert torch.allclose(binary[:, 4], torch.nn.functional.logsigmoid(y[:, 0]))
     assert torch.allclose(binary.exp().sum(1), torch.ones(6), atol=1e-5)
     assert torch.allclose(binary[:, 0], torch.nn.functional.logsigmoid(-y[:, 0]) - math.log(6))
+
+
+# The backward's form: all experts' rows at once, no per-expert slice. Cases: an expert with no rows
+# (offsets repeat), a group holding every class (no outside term: must not turn gradients to NaN),
+# binary specialists, and logits of +-1e4 where the out-of-group mass underflows.
+@pytest.mark.parametrize("case", ["mixed_groups", "empty_expert", "whole_group", "binary", "extreme"])
+def test_contribution_formula_is_each_experts_contribution_with_its_gradient(case):
+    torch.manual_seed(11)
+    groups = {"mixed_groups": [[2], [0, 3, 6], [1, 4], [5]], "empty_expert": [[0, 1], [2], [3, 4, 5, 6]],
+              "whole_group": [[1], list(range(7)), [0, 6]], "binary": [[3], [0], [6]],
+              "extreme": [[2], [0, 3, 6], [1, 4, 5]]}[case]
+    sizes = [9, 0, 6] if case == "empty_expert" else [5 + 3 * e for e in range(len(groups))]
+    width = 1 if case == "binary" else 7
+    y = torch.randn(sum(sizes), width) * (1e4 if case == "extreme" else 4)
+    tables = class_tables(groups, 7, torch.device("cpu"))
+    offsets = torch.tensor([0, *sizes]).cumsum(0)
+    grad = torch.randn(y.shape[0], 7)
+    got_y = y.clone().requires_grad_()
+    got = contribution_formula(got_y, offsets, tables.group_offsets, tables.group_classes, tables.log_spread, 7)
+    got.backward(grad)
+    want_y = y.clone().requires_grad_()
+    parts = torch.split(want_y, sizes)
+    want = torch.cat([expert_log_contribution(part, group, 7) for part, group in zip(parts, groups)])
+    want.backward(grad)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-6)
+    assert torch.isfinite(got_y.grad).all()
+    torch.testing.assert_close(got_y.grad, want_y.grad, rtol=1e-5, atol=1e-5)
 
 
 # The path choice: one tensor of all rows (uniform width, any group sizes) takes one row-op call;
