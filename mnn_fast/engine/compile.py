@@ -44,9 +44,15 @@ class CompiledModule(nn.Module):
         self.module = module
         # Not registered: it wraps the same module, whose tensors would otherwise appear twice.
         object.__setattr__(self, "compiled", torch.compile(module, **kwargs))
+        from .module import MetaNeuralNetwork  # module.py does not import this file; kept lazy anyway
+
+        # Found once: walking every submodule on each call would cost ~10 us per 100 modules.
+        self._mnns = [m for m in module.modules() if isinstance(m, MetaNeuralNetwork)]
 
     def forward(self, *args, **kwargs):
-        with compile_settings():
+        with compile_settings(), contextlib.ExitStack() as held:
+            for mnn in self._mnns:
+                held.enter_context(mnn.weights_stacked_for_compiled_calls())
             return self.compiled(*args, **kwargs)
 
 

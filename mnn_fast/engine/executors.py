@@ -8,7 +8,9 @@ grouped_parallel: Linear stacks with experts spread over the cores (opt-in, not 
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+import threading
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -164,12 +166,23 @@ class _StackCache:
     """Stacked copies of per-expert tensors, rebuilt only when one of them changed.
 
     With autograd recording (training) or under ``torch.compile`` the stack is taken fresh each call,
-    so gradients reach every expert's own parameters and no stale copy is ever used.
+    so gradients reach every expert's own parameters and no stale copy is ever used, unless the
+    cache is *held*: refreshed eagerly just before a compiled call (:meth:`held`), so the traced code
+    reads the stacks as graph inputs instead of stacking ``E`` tensors per layer in the graph.
     """
 
     def __init__(self):
         self._key = None
         self._value: list[Tensor] = []
+        # Read by traced code (dynamo guards on it), so a plain bool; _holders counts the calls
+        # holding it, from any thread, so one call's exit never releases another's.
+        self.fresh_for_traced_calls = False
+        self._holders = 0
+        self._lock = threading.Lock()
+
+    @property
+    def value(self) -> list[Tensor]:
+        return self._value
 
     def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
         recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
@@ -180,6 +193,24 @@ class _StackCache:
             self._value = [aligned_stack([t.detach() for t in ts]) for ts in groups_of_tensors]
             self._key = key
         return self._value
+
+    @contextlib.contextmanager
+    def held(self, groups_of_tensors: list[list[Tensor]]) -> Iterator[None]:
+        """Refreshes the stacks now (eagerly) and marks them fresh for traced calls within the block;
+        only where autograd is off, since a held stack is detached from the experts' parameters."""
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            yield
+            return
+        with self._lock:
+            self.get(groups_of_tensors)
+            self._holders += 1
+            self.fresh_for_traced_calls = True
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._holders -= 1
+                self.fresh_for_traced_calls = self._holders > 0
 
 
 def recording_grad(experts: Sequence[nn.Module]) -> bool:
@@ -215,13 +246,30 @@ class GroupedLinearStack:
         first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
         self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
 
-    def _stacked(self) -> list[Tensor]:
+    def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
         for linears in self._linears:
             per_layer.append([lin.weight for lin in linears])
             if linears[0].bias is not None:
                 per_layer.append([lin.bias for lin in linears])
-        return self._cache.get(per_layer)
+        return per_layer
+
+    def _stacked(self) -> list[Tensor]:
+        # Grad mode is checked again: another thread may hold the cache while this call records.
+        if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+            return self._cache.value  # never touches the E experts' parameters in the graph
+        return self._cache.get(self._per_layer())
+
+    def weights_stacked_for_compiled_calls(self):
+        """Context manager for a compiled call: stacks the weights eagerly (only if one changed) so the
+        traced code reads ``[E, out, in]`` tensors instead of stacking ``E`` parameters per layer in the
+        graph, which made compile time grow with ``E``. A no-op while autograd is on."""
+        return self._cache.held(self._per_layer())
+
+    @property
+    def stacks_held(self) -> bool:
+        """Whether a call holds :meth:`weights_stacked_for_compiled_calls` now (from any thread)."""
+        return self._cache.fresh_for_traced_calls
 
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:
         """``xg: Tensor[N, ...]`` expert-major, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``."""

@@ -7,6 +7,7 @@ Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in fl
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from typing import Callable, Sequence
@@ -245,6 +246,15 @@ class MetaNeuralNetwork(nn.Module):
     def _records_grad(self, x: Tensor) -> bool:
         """Whether autograd records this forward (through ``x`` or the specialists' parameters)."""
         return torch.is_grad_enabled() and (x.requires_grad or recording_grad(self.specialists))
+
+    def weights_stacked_for_compiled_calls(self):
+        """Context manager around a call of the compiled module (:func:`mnn_fast.compile` enters it):
+        the grouped executor stacks its weights eagerly, so the graph takes them as inputs rather than
+        stacking every specialist's parameters (compile time then does not grow with ``E``). Only with
+        autograd off; otherwise, and for other executors, a no-op."""
+        if isinstance(self._grouped, GroupedLinearStack):
+            return self._grouped.weights_stacked_for_compiled_calls()
+        return contextlib.nullcontext()
 
     def _workspace_for(self, x: Tensor, rows: int) -> Tensor | None:
         """The calling thread's gather buffer, grown to this batch's size (its high-water mark), for

@@ -76,3 +76,88 @@ def test_compiled_module_state_holds_each_tensor_once():
     mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
     compiled = mnn_fast.compile(mnn)
     assert list(compiled.state_dict()) == [f"module.{k}" for k in mnn.state_dict()]
+
+
+def _graph_input_counter():
+    """A torch.compile backend that runs the traced graph as is and records its input count."""
+    seen = []
+
+    def backend(gm, example_inputs):
+        seen.append(sum(node.op == "placeholder" for node in gm.graph.nodes))
+        return gm.forward
+
+    return backend, seen
+
+
+def test_grouped_graph_inputs_do_not_grow_with_the_experts():
+    # Stacking E parameters per layer inside the graph made compile time grow with E (issue 13):
+    # the held stacks enter as one input per layer, so E=4 and E=16 trace graphs of one size.
+    counts = []
+    for experts in (4, 16):
+        torch._dynamo.reset()
+        switch, specialists = mlp_mnn(experts, seed=3)
+        mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+        assert mnn.executor == "grouped"
+        backend, seen = _graph_input_counter()
+        with torch.no_grad():
+            x = torch.randn(32, 24)
+            torch.testing.assert_close(mnn_fast.compile(mnn, backend=backend, fullgraph=True)(x), mnn(x),
+                                       atol=1e-5, rtol=1e-5)
+        assert len(seen) == 1
+        counts.append(seen[0])
+    assert counts[0] == counts[1], counts
+
+
+def test_compiled_grouped_module_sees_weight_updates_without_recompiling():
+    # The held stacks are refreshed eagerly before each compiled call: an in-place update (an
+    # optimizer step) must reach the next call, through the same graph.
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(5, seed=4)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = mnn_fast.compile(mnn, backend=counter, fullgraph=True)
+    x = torch.randn(40, 24)
+    with torch.no_grad():
+        before = compiled(x)
+        for s in specialists:
+            s[-1].weight.mul_(-2.0)
+        after = compiled(x)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, mnn(x))  # the eager backend runs the traced ops themselves
+    assert counter.frame_count == 1
+    assert not mnn._grouped.stacks_held  # released after each call
+
+
+@pytest.mark.parametrize("widths", [None, [4, 1, 4, 1]], ids=["grouped", "binary_mix"])
+def test_compiled_module_trains_its_experts(widths):
+    # With autograd on nothing is held: the graph stacks the parameters so gradients reach them.
+    # Inductor also traces the backward, whose formulas must not slice per expert (data-dependent
+    # counts): recombine's (grouped) and the contributions op's (binary + width-C specialists).
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(4, seed=5, widths=widths)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    assert mnn.executor == ("grouped" if widths is None else "sequential")
+    compiled = mnn_fast.compile(mnn, fullgraph=True)
+    x = torch.randn(32, 24)
+    compiled(x).logsumexp(1).sum().backward()
+    grads = [s[0].weight.grad for s in specialists]
+    mnn.zero_grad()
+    mnn(x).logsumexp(1).sum().backward()
+    for got, (e, s) in zip(grads, enumerate(specialists)):
+        assert got is not None, f"specialists[{e}] got no gradient"
+        torch.testing.assert_close(got, s[0].weight.grad, atol=1e-5, rtol=1e-5)
+
+
+def test_held_stacks_nest_and_release():
+    # Two overlapping calls (threads of a server) each hold the stacks; the first to finish must
+    # not release them under the other.
+    switch, specialists = mlp_mnn(3, seed=6)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    with torch.no_grad():
+        with mnn.weights_stacked_for_compiled_calls():
+            with mnn.weights_stacked_for_compiled_calls():
+                assert mnn._grouped.stacks_held
+            assert mnn._grouped.stacks_held
+        assert not mnn._grouped.stacks_held
+    with mnn.weights_stacked_for_compiled_calls():  # autograd on: nothing held
+        assert not mnn._grouped.stacks_held
