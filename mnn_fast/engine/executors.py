@@ -157,9 +157,10 @@ def grouped_executor(experts: Sequence[nn.Module], ops: Backend, parallel: bool 
     return VmapExperts(experts)
 
 
-def _param_key(params: list[Tensor]) -> tuple:
+def _param_key(params: list[Tensor]) -> tuple[list[int], list[int]]:
     # A tensor's version counter moves on every in-place update (optimizer steps, load_state_dict).
-    return tuple((p.data_ptr(), p._version) for p in params)
+    # Two list comprehensions: half the cost of one generator of pairs (checked on every call).
+    return [p._version for p in params], [p.data_ptr() for p in params]
 
 
 class _StackCache:
@@ -188,7 +189,7 @@ class _StackCache:
         recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
         if recording or torch.compiler.is_compiling():
             return [torch.stack(ts) for ts in groups_of_tensors]
-        key = tuple(_param_key(ts) for ts in groups_of_tensors)
+        key = [_param_key(ts) for ts in groups_of_tensors]
         if key != self._key:
             self._value = [aligned_stack([t.detach() for t in ts]) for ts in groups_of_tensors]
             self._key = key
@@ -241,6 +242,10 @@ class GroupedLinearStack:
         flat = [_layers(expert) for expert in self.experts]
         self._linears = [[layers[i] for layers in flat] for i, layer in enumerate(self.layers)
                          if isinstance(layer, nn.Linear)]
+        # Each Linear's own parameter dict, read on every call: nn.Module attribute lookup costs
+        # ~1 us (38 us a call at E=10, 4 ms at E=1000); the dict lookup is ~20x cheaper and still
+        # sees a parameter assigned anew.
+        self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
         self._cache = _StackCache()
         # The first Linear must see 2-D rows for its kernel to read them through perm.
         first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
@@ -248,10 +253,10 @@ class GroupedLinearStack:
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
-        for linears in self._linears:
-            per_layer.append([lin.weight for lin in linears])
-            if linears[0].bias is not None:
-                per_layer.append([lin.bias for lin in linears])
+        for params in self._linear_params:
+            per_layer.append([p["weight"] for p in params])
+            if params[0]["bias"] is not None:
+                per_layer.append([p["bias"] for p in params])
         return per_layer
 
     def _stacked(self) -> list[Tensor]:

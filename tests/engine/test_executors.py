@@ -149,6 +149,23 @@ def test_stacked_weights_follow_in_place_updates():
     assert torch.equal(after, want)
 
 
+def test_stacked_weights_follow_a_parameter_assigned_anew():
+    # The executor reads each Linear's parameters on every call (not a list kept from construction):
+    # a parameter replaced by assignment must show, as it does in the naive loop.
+    switch, specialists = mlp_mnn(4, seed=2)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.0, executor="grouped")
+    x = torch.randn(20, 24)
+    with torch.no_grad():
+        before = mnn(x)
+        layer = specialists[1][-1]
+        layer.weight = torch.nn.Parameter(layer.weight * -2.0)  # fresh, so aligned
+        layer.bias = torch.nn.Parameter(layer.bias + 1.0)
+        after = mnn(x)
+        want = naive_forward(switch, specialists, x, threshold=0.0)
+    assert not torch.equal(before, after)
+    assert torch.equal(after, want)
+
+
 segment_linear = torch.ops.mnn_fast.segment_linear
 
 
