@@ -212,7 +212,7 @@ def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_paral
         impls[f"engine_{name}"] = lambda mnn=mnn: mnn(x)
         if name == "grouped" and peers and linear_stack_reason(specialists, mnn.ops) is None:
             for peer, fn in PEERS.items():
-                backend = dataclasses.replace(mnn.ops, name=peer, segment_linear=fn)
+                backend = dataclasses.replace(mnn.ops, name=peer, segment_linear=fn, segment_linear_gather=None)
                 other = MetaNeuralNetwork(switch, specialists, threshold=t, executor="grouped", backend=backend)
                 impls[peer] = lambda other=other: other(x)
     engine = MetaNeuralNetwork(switch, specialists, threshold=t, executor="sequential")

@@ -8,10 +8,16 @@
 //    naive loop runs them (MKL's result depends on its thread count).
 // parallel_segments=true spreads segments over the cores, each GEMM single-threaded: faster for
 // thousands of tiny GEMMs, but bitwise only where one-thread and n-thread GEMMs agree (opt-in).
+// With perm, segment e's rows are x[perm[offsets[e]:offsets[e+1]]], copied into a fresh buffer per
+// segment just before its GEMM (the operand nn.Linear gets from x[mask]): the [N, K] gathered buffer
+// is never built, and each segment's rows are still in cache when BLAS reads them.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
+
+#include <algorithm>
+#include <cstring>
 
 #include "common.h"
 
@@ -24,12 +30,29 @@ constexpr uintptr_t kFreshAlignment = 64;
 
 bool fresh_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kFreshAlignment == 0; }
 
-void segment_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                  int64_t e, int64_t begin, int64_t n) {
+// Segment e's n rows of x on an operand aligned as a fresh allocation: x's own rows when they
+// start on such a boundary, else a copy; with perm, the rows it names copied into `scratch` (the
+// start of a buffer, so aligned; reused from segment to segment, so its pages are touched once).
+// The copy is split over the threads: it is row by row, so the split changes no bit.
+at::Tensor segment_rows(const at::Tensor& x, const int64_t* perm, int64_t begin, int64_t n, at::Tensor scratch) {
+  if (perm == nullptr) {
+    // detach(): out= calls refuse inputs that require grad, even below autograd.
+    at::Tensor rows = x.narrow(0, begin, n).detach();
+    return fresh_aligned(rows) ? rows : rows.clone();
+  }
+  at::Tensor rows = scratch.defined() ? scratch.narrow(0, 0, n) : at::empty({n, x.size(1)}, x.options());
+  const int64_t row_bytes = x.size(1) * x.element_size();
+  const char* src = static_cast<const char*>(x.data_ptr());
+  char* dst = static_cast<char*>(rows.data_ptr());
+  at::parallel_for(0, n, grain_for(x.size(1)), [&](int64_t lo, int64_t hi) {
+    for (int64_t i = lo; i < hi; ++i) std::memcpy(dst + i * row_bytes, src + perm[begin + i] * row_bytes, row_bytes);
+  });
+  return rows;
+}
+
+void segment_gemm(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weight,
+                  const std::optional<at::Tensor>& bias, int64_t e, int64_t begin, int64_t n) {
   at::Tensor dst = out.narrow(0, begin, n);
-  // detach(): out= calls refuse inputs that require grad, even below autograd.
-  at::Tensor rows = x.narrow(0, begin, n).detach();
-  if (!fresh_aligned(rows)) rows = rows.clone();
   at::Tensor w = weight.select(0, e).detach();
   if (!fresh_aligned(w)) w = w.contiguous().clone();
   const at::Tensor w_t = w.t();
@@ -44,7 +67,8 @@ void segment_gemm(at::Tensor& out, const at::Tensor& x, const at::Tensor& weight
 }
 
 at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                              const at::Tensor& offsets_in, bool parallel_segments) {
+                              const at::Tensor& offsets_in, bool parallel_segments,
+                              const std::optional<at::Tensor>& perm_in) {
   constexpr const char* op = "segment_linear";
   TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D tensor [N, K], got ", describe(x_in));
   TORCH_CHECK_VALUE(weight.dim() == 3, op, ": weight must be a 3-D tensor [E, M, K], got ", describe(weight));
@@ -53,8 +77,15 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   check_cpu(op, "x", x_in);
   check_cpu(op, "weight", weight);
   check_index_1d(op, "offsets", offsets_in);
-  const int64_t E = weight.size(0), M = weight.size(1), K = weight.size(2), N = x_in.size(0);
+  const int64_t E = weight.size(0), M = weight.size(1), K = weight.size(2), B = x_in.size(0);
   TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " features but weight expects K = ", K);
+  at::Tensor perm;
+  if (perm_in.has_value()) {
+    check_index_1d(op, "perm", *perm_in);
+    perm = perm_in->contiguous();
+  }
+  // The rows the segments cover: x's own, or those perm names.
+  const int64_t N = perm.defined() ? perm.numel() : B;
   TORCH_CHECK_VALUE(offsets_in.numel() == E + 1, op, ": offsets must have E + 1 = ", E + 1, " entries, got ",
                     offsets_in.numel());
   if (bias.has_value()) {
@@ -65,8 +96,13 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   }
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, ", got ", off[0], " .. ",
-                    off[E]);
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N,
+                    perm.defined() ? " (perm's length)" : "", ", got ", off[0], " .. ", off[E]);
+  const int64_t* idx = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; idx != nullptr && r < N; ++r) {
+    TORCH_CHECK_VALUE(idx[r] >= 0 && idx[r] < B, op, ": perm values must be row indices of x in [0, ", B, "), got perm[",
+                      r, "] = ", idx[r]);
+  }
   for (int64_t e = 0; e < E; ++e) {
     TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
                       " > offsets[", e + 1, "] = ", off[e + 1]);
@@ -77,17 +113,24 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({N, M}, x.options());
   if (N == 0) return out;
+  auto run_segment = [&](int64_t e, const at::Tensor& scratch) {
+    const int64_t n = off[e + 1] - off[e];
+    if (n > 0) segment_gemm(out, segment_rows(x, idx, off[e], n, scratch), weight, bias, e, off[e], n);
+  };
   if (!parallel_segments) {
-    for (int64_t e = 0; e < E; ++e) {
-      if (off[e + 1] > off[e]) segment_gemm(out, x, weight, bias, e, off[e], off[e + 1] - off[e]);
+    at::Tensor scratch;  // one buffer for every segment's rows, sized by the largest
+    if (idx != nullptr) {
+      int64_t largest = 0;
+      for (int64_t e = 0; e < E; ++e) largest = std::max(largest, off[e + 1] - off[e]);
+      scratch = at::empty({largest, K}, x.options());
     }
+    for (int64_t e = 0; e < E; ++e) run_segment(e, scratch);
     return out;
   }
-  // Grain 1: one segment is already thousands of multiply-adds.
+  // Grain 1: one segment is already thousands of multiply-adds. Segments run at once, so each
+  // copies its rows into a buffer of its own.
   at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t e = begin; e < end; ++e) {
-      if (off[e + 1] > off[e]) segment_gemm(out, x, weight, bias, e, off[e], off[e + 1] - off[e]);
-    }
+    for (int64_t e = begin; e < end; ++e) run_segment(e, at::Tensor());
   });
   return out;
 }

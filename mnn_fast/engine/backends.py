@@ -32,9 +32,11 @@ class Backend:
 
     ``segment_linear`` (the grouped executor's matmul, ``docs/ops.md``): the C++/torch ones call
     BLAS per segment on CPU (bitwise the naive loop on aligned operands); triton's (also the cuda
-    backend's, where Triton imports) is one grouped kernel on CUDA that can read its rows through
-    ``perm`` (``segment_linear_gather``), equal to float32 rounding. ``segment_linear_devices``: where
-    it runs. The row ops
+    backend's, where Triton imports) is one grouped kernel on CUDA, equal to float32 rounding
+    (``segment_linear_tiled``: it sums in tiles, so it is not bitwise and needs no alignment).
+    ``segment_linear_gather`` is the same matmul reading its rows of ``x`` through ``perm`` (C++:
+    each segment's rows copied just before its GEMM; Triton: inside the kernel), so the gathered
+    buffer is never built. ``segment_linear_devices``: where it runs. The row ops
     ``recombine``, ``contributions`` and ``log_softmax_rows`` default to the torch ones (rowmath's
     arithmetic, the same bits): a backend brings its own where it has a kernel.
     """
@@ -50,6 +52,7 @@ class Backend:
     recombine: Callable[..., Tensor] = ops.torch_recombine
     contributions: Callable[..., Tensor] = ops.torch_contributions
     log_softmax_rows: Callable[[Tensor], Tensor] = ops.torch_log_softmax_rows
+    segment_linear_tiled: bool = False
 
 
 def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
@@ -70,13 +73,13 @@ def _checked(check: Callable, fn: Callable) -> Callable:
 def _with_checks(backend: Backend) -> Backend:
     # The C++ and CUDA kernels check their inputs themselves; torch and Triton get the same
     # checks here, so one bad input raises one exception type whichever backend runs it.
-    return Backend(backend.name, _checked(checks.check_group_scores, backend.group_scores),
-                   _checked(checks.check_route, backend.route), _checked(checks.check_gather, backend.gather),
-                   _checked(checks.check_combine, backend.combine), backend.segment_linear,
-                   backend.segment_linear_gather, backend.segment_linear_devices,
-                   _checked(checks.check_recombine, backend.recombine),
-                   _checked(checks.check_contributions, backend.contributions),
-                   _checked(checks.check_log_softmax_rows, backend.log_softmax_rows))
+    return dataclasses.replace(
+        backend, group_scores=_checked(checks.check_group_scores, backend.group_scores),
+        route=_checked(checks.check_route, backend.route), gather=_checked(checks.check_gather, backend.gather),
+        combine=_checked(checks.check_combine, backend.combine),
+        recombine=_checked(checks.check_recombine, backend.recombine),
+        contributions=_checked(checks.check_contributions, backend.contributions),
+        log_softmax_rows=_checked(checks.check_log_softmax_rows, backend.log_softmax_rows))
 
 
 def _ops_backend(name: str, prefix: str, segment_linear=None, row_ops: bool = False) -> Backend:
@@ -168,8 +171,10 @@ def _triton_segment_linear() -> dict:
     op = torch.ops.mnn_fast.triton_segment_linear
     # parallel_segments is the CPU kernel's thread choice; one grouped launch has none to make.
     return {"segment_linear": lambda x, weight, bias, offsets, parallel_segments=False: op(x, weight, bias, offsets, None),
-            "segment_linear_gather": lambda x, perm, weight, bias, offsets: op(x, weight, bias, offsets, perm),
-            "segment_linear_devices": ("cuda", "cpu")}  # cpu: only under TRITON_INTERPRET=1, for tests
+            "segment_linear_gather": lambda x, perm, weight, bias, offsets, parallel_segments=False: op(
+                x, weight, bias, offsets, perm),
+            "segment_linear_devices": ("cuda", "cpu"),  # cpu: only under TRITON_INTERPRET=1, for tests
+            "segment_linear_tiled": True}
 
 
 def get_backend(name: str) -> Backend:
@@ -178,7 +183,10 @@ def get_backend(name: str) -> Backend:
         return _with_checks(Backend("torch", group_scores_torch, _torch_route, gather_torch, combine_torch,
                                     segment_linear_torch))  # row ops: the torch defaults
     if name == "cpp":
-        return _ops_backend(name, "", torch.ops.mnn_fast.segment_linear, row_ops=True)
+        op = torch.ops.mnn_fast.segment_linear
+        gathered = lambda x, perm, weight, bias, offsets, parallel_segments=False: op(  # noqa: E731
+            x, weight, bias, offsets, parallel_segments, perm)
+        return dataclasses.replace(_ops_backend(name, "", op, row_ops=True), segment_linear_gather=gathered)
     if name == "cuda":
         backend = _ops_backend(name, "")
         # The grouped Linear executor's kernel is Triton's: the CUDA extension has none of its own.

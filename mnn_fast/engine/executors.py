@@ -54,7 +54,7 @@ def linear_stack_reason(experts: Sequence[nn.Module], ops: Backend, runs: bool =
     if devices - set(ops.segment_linear_devices):
         return (f"backend {ops.name!r}'s segment_linear runs on {list(ops.segment_linear_devices)}; the specialists "
                 f"are on {sorted(devices)}")
-    blas = ops.segment_linear_gather is None  # BLAS per segment: bitwise only on operands aligned as fresh ones
+    blas = not ops.segment_linear_tiled  # BLAS per segment: bitwise only on operands aligned as fresh ones
     layouts = []
     for e, expert in enumerate(experts):
         layers = _layers(expert)
@@ -129,7 +129,7 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
     # The Triton kernel sums in tiles, not as the naive loop's BLAS calls: auto groups with it on CUDA
     # (nothing there is bitwise across kernels anyway) but not on CPU, where it runs only under
     # TRITON_INTERPRET for testing and the sequential executor keeps the naive loop's bits.
-    tiled_on_cpu = ops.segment_linear_gather is not None and device != "cuda"
+    tiled_on_cpu = ops.segment_linear_tiled and device != "cuda"
     if stack_reason is None and tiled_on_cpu:
         skipped["grouped"] = ("the Triton grouped kernel is not bitwise the naive loop; on CPU (TRITON_INTERPRET, "
                               "for tests) auto keeps the sequential executor: request executor='grouped'")
@@ -299,7 +299,7 @@ class GroupedLinearStack:
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
                 if perm is not None:
-                    h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets), None
+                    h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets, self.parallel), None
                 else:
                     h = self.segment_linear(h, weight, bias, offsets, self.parallel)
             else:

@@ -239,7 +239,8 @@ class MetaNeuralNetwork(nn.Module):
         return (out, routing) if return_routing else out
 
     def _fused_gather(self, x: Tensor) -> bool:
-        """The grouped Linear kernel reads the routed rows of ``x`` itself (Triton, inference only)."""
+        """The grouped Linear kernel reads the routed rows of ``x`` itself (inference only: the C++
+        kernel copies each expert's rows just before its GEMM, Triton's reads them in the kernel)."""
         grouped = self._grouped
         return isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x) and not self._records_grad(x)
 

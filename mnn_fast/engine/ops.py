@@ -144,9 +144,10 @@ def _backward_log_softmax_rows(ctx, grad):
     return grad - out.exp() * grad.sum(1, keepdim=True)
 
 
-def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, parallel_segments: bool = False) -> Tensor:
+def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, parallel_segments: bool = False,
+                         perm: Tensor | None = None) -> Tensor:
     torch._check(x.shape[1] == weight.shape[2])
-    return x.new_empty(x.shape[0], weight.shape[1])
+    return x.new_empty(x.shape[0] if perm is None else perm.shape[0], weight.shape[1])
 
 
 @torch.library.custom_op("mnn_fast::segment_linear_param_grads", mutates_args=())
@@ -170,20 +171,26 @@ def _(x, grad, offsets):
 
 
 def _setup_segment_linear(ctx, inputs, output):
-    x, weight, bias, offsets, _ = inputs
+    x, weight, bias, offsets, _, perm = inputs
     ctx.has_bias = bias is not None
-    ctx.save_for_backward(x, weight, offsets)
+    ctx.has_perm = perm is not None
+    ctx.save_for_backward(x, weight, offsets, *([perm] if perm is not None else []))
 
 
 def _backward_segment_linear(ctx, grad):
-    x, weight, offsets = ctx.saved_tensors
+    x, weight, offsets, *perm = ctx.saved_tensors
+    perm = perm[0] if ctx.has_perm else None
     grad = grad.contiguous()
-    # d/dx of x @ W^T is grad @ W: the same op with each weight transposed ([E, K, M] as [E, M', K']).
-    grad_x = torch.ops.mnn_fast.segment_linear(grad, weight.transpose(1, 2), None, offsets) if ctx.needs_input_grad[0] else None
+    grad_x = None
+    if ctx.needs_input_grad[0]:
+        # d/dx of x @ W^T is grad @ W: the same op with each weight transposed ([E, K, M] as [E, M', K']),
+        # scattered back to x's rows through perm when the rows were read through it.
+        rows = torch.ops.mnn_fast.segment_linear(grad, weight.transpose(1, 2), None, offsets)
+        grad_x = rows if perm is None else x.new_zeros(x.shape).index_add_(0, perm, rows)
     grad_w = grad_b = None
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        grad_w, grad_b = segment_linear_param_grads(x, grad, offsets)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
+        grad_w, grad_b = segment_linear_param_grads(x if perm is None else x[perm], grad, offsets)
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None
 
 
 def _setup_gather_segment_linear(ctx, inputs, output):

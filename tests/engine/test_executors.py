@@ -193,6 +193,55 @@ def test_segment_linear_is_each_segments_linear_and_passes_opcheck(counts, with_
         torch.testing.assert_close(a, c, **TOL)
 
 
+# The rows read through perm (the module's fused gather): perm repeats rows (a sample routed to two
+# experts), skips some (routed nowhere) and covers empty segments; x is wider than any segment.
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 0], [7, 0, 0, 0]])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_segment_linear_through_perm_is_it_on_the_gathered_rows(counts, with_bias, parallel):
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(9, 13, generator=gen)  # 13 features: rows start off 64-byte boundaries in x
+    w = torch.randn(len(counts), 5, 13, generator=gen)
+    b = torch.randn(len(counts), 5, generator=gen) if with_bias else None
+    perm = torch.randint(0, 9, (sum(counts),), generator=gen)
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    got = segment_linear(x, w, b, offsets, parallel, perm)
+    assert got.shape == (sum(counts), 5)
+    # Fresh operands, as the naive loop's x[mask] and each expert's own weight are (MKL rounds a
+    # misaligned operand differently).
+    parts = [nn.functional.linear(a.clone(), w[e].clone(), None if b is None else b[e].clone())
+             for e, a in enumerate(torch.split(x[perm], counts))]
+    if parallel:
+        torch.testing.assert_close(got, torch.cat(parts), **TOL)
+    else:
+        assert torch.equal(got, torch.cat(parts))
+    torch.library.opcheck(segment_linear, (x, w, b, offsets, parallel, perm))
+    grads = [t.requires_grad_() for t in (x, w) + ((b,) if with_bias else ())]
+    torch.library.opcheck(segment_linear, (x, w, b, offsets, parallel, perm))
+    g = torch.randn(sum(counts), 5, generator=gen)
+    got = torch.autograd.grad(segment_linear(x, w, b, offsets, parallel, perm), grads, g, allow_unused=True)
+    parts = [nn.functional.linear(a, w[e], None if b is None else b[e])
+             for e, a in enumerate(torch.split(x[perm], counts))]
+    want = torch.autograd.grad(torch.cat(parts), grads, g, allow_unused=True)
+    for a, c in zip(got, want):
+        if c is None:  # no rows at all: nothing reaches the parameters
+            assert a is None or not a.any()
+        else:
+            torch.testing.assert_close(a, c, **TOL)
+
+
+def test_segment_linear_refuses_a_bad_perm():
+    x, w, offsets = torch.randn(5, 4), torch.randn(2, 3, 4), torch.tensor([0, 2, 3])
+    with pytest.raises(ValueError, match="perm values must be row indices of x in \\[0, 5\\), got perm\\[1\\] = 5"):
+        segment_linear(x, w, None, offsets, False, torch.tensor([0, 5, 1]))
+    with pytest.raises(ValueError, match="perm values must be row indices"):
+        segment_linear(x, w, None, offsets, False, torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match="offsets must run from 0 to N = 4 \\(perm's length\\)"):
+        segment_linear(x, w, None, offsets, False, torch.tensor([0, 1, 2, 3]))
+    with pytest.raises(TypeError, match="perm must be a 1-D int64"):
+        segment_linear(x, w, None, offsets, False, torch.tensor([0, 1, 2], dtype=torch.int32))
+
+
 def test_segment_linear_refuses_bad_offsets():
     x, w = torch.randn(5, 4), torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match="offsets must run from 0 to N"):
