@@ -8,9 +8,10 @@
 //    naive loop runs them (MKL's result depends on its thread count).
 // parallel_segments=true spreads segments over the cores, each GEMM single-threaded: faster for
 // thousands of tiny GEMMs, but bitwise only where one-thread and n-thread GEMMs agree (opt-in).
-// With perm, segment e's rows are x[perm[offsets[e]:offsets[e+1]]], copied into a fresh buffer per
-// segment just before its GEMM (the operand nn.Linear gets from x[mask]): the [N, K] gathered buffer
-// is never built, and each segment's rows are still in cache when BLAS reads them.
+// With perm, segment e's rows are x[perm[offsets[e]:offsets[e+1]]], copied just before its GEMM to
+// the start of a buffer (aligned as the operand nn.Linear gets from x[mask]): one scratch buffer
+// reused by every segment, or one per segment with parallel_segments. The [N, K] gathered buffer is
+// never built.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/LegacyTypeDispatch.h>

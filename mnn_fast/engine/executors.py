@@ -246,17 +246,24 @@ class GroupedLinearStack:
         # ~1 us (38 us a call at E=10, 4 ms at E=1000); the dict lookup is ~20x cheaper and still
         # sees a parameter assigned anew.
         self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
+        self._has_bias = [linears[0].bias is not None for linears in self._linears]
         self._cache = _StackCache()
-        # The first Linear must see 2-D rows for its kernel to read them through perm.
         first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        # Reading x's rows through perm runs the layers before the first Linear on the caller's x
+        # itself: an in-place one there (ReLU(inplace=True), after a Flatten's view) would write to it.
+        self._writes_input = any(getattr(layer, "inplace", False) for layer in self.layers[:first])
+        # The first Linear must see 2-D rows for its kernel to read them through perm.
         self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
-        for params in self._linear_params:
-            per_layer.append([p["weight"] for p in params])
-            if params[0]["bias"] is not None:
-                per_layer.append([p["bias"] for p in params])
+        for params, linears, has_bias in zip(self._linear_params, self._linears, self._has_bias):
+            names = ("weight", "bias") if has_bias else ("weight",)
+            for name in names:
+                try:
+                    per_layer.append([p[name] for p in params])
+                except KeyError:  # parametrized or pruned: the module computes the tensor on access
+                    per_layer.append([getattr(lin, name) for lin in linears])
         return per_layer
 
     def _stacked(self) -> list[Tensor]:
@@ -283,7 +290,8 @@ class GroupedLinearStack:
     def fuses_gather(self, x: Tensor) -> bool:
         """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, and
         a first Linear that sees 2-D rows), so the module need not gather the buffer first."""
-        return self.segment_linear_gather is not None and (x.dim() == 2 or self._flattens_before_first)
+        return (self.segment_linear_gather is not None and not self._writes_input
+                and (x.dim() == 2 or self._flattens_before_first))
 
     def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.utils.prune  # noqa: F401  (a submodule torch does not import)
 from hypothesis import given, settings, strategies as st
 from torch import nn
 
@@ -299,3 +300,38 @@ def test_grouped_linear_needs_cpu_specialists_even_on_the_torch_backend():
 
     assert "runs on ['cpu']" in linear_stack_reason([OnMeta(), OnMeta()], get_backend("torch"))
     assert linear_stack_reason([nn.Linear(4, 3), nn.Linear(4, 3)], get_backend("torch")) is None
+
+
+# Linears whose weight is not a plain parameter: weight_norm computes it on access, pruning keeps
+# weight_orig and a mask. The grouped executor must read what the module computes, as the naive
+# loop's call does.
+@pytest.mark.parametrize("kind", ["weight_norm", "pruned"])
+def test_grouped_reads_parametrized_and_pruned_weights(kind):
+    switch, specialists = mlp_mnn(4, seed=8)
+    for s in specialists:
+        if kind == "weight_norm":
+            nn.utils.parametrizations.weight_norm(s[0])
+        else:
+            torch.nn.utils.prune.l1_unstructured(s[-1], "weight", amount=0.5)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    assert mnn.executor == "grouped"
+    x = torch.randn(30, 24)
+    with torch.no_grad():
+        assert torch.equal(mnn(x), naive_forward(switch, specialists, x, threshold=0.05))
+
+
+# Reading the rows through perm runs the layers before the first Linear on the caller's x: an
+# in-place one there must send the module back to gathering first, never write to x.
+def test_grouped_never_writes_to_the_callers_input():
+    torch.manual_seed(9)
+    specialists = [nn.Sequential(nn.ReLU(inplace=True), nn.Linear(24, 8), nn.ReLU(), nn.Linear(8, 4)).eval()
+                   for _ in range(4)]
+    switch = mlp(24, 4)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    assert mnn.executor == "grouped"
+    x = torch.randn(30, 24)
+    kept = x.clone()
+    with torch.no_grad():
+        got = mnn(x)
+        assert torch.equal(x, kept)
+        assert torch.equal(got, naive_forward(switch, specialists, x, threshold=0.05))
