@@ -27,6 +27,11 @@ EXECUTOR_NAMES = ("auto", "sequential", "grouped", "grouped_parallel", "streams"
 # Layers a grouped Linear stack may hold between its Linears: stateless and applied row by row, so
 # one call on the whole buffer equals one call per expert slice.
 _ROWWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Identity, nn.Dropout)
+# Of those, the ones whose every element is one exact operation (a compare, a select, a multiply):
+# the same bits wherever the element sits. ATen computes the others with a vector formula except
+# past a tensor's last whole vector, where a scalar one (different in the last bit) takes over, so
+# an element's bits depend on the tensor it is computed in: bitwise executors call them per expert.
+_EXACT_ROWWISE = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten)
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
@@ -151,9 +156,10 @@ def grouped_executor(experts: Sequence[nn.Module], ops: Backend, parallel: bool 
     for: one :class:`GroupedLinearStack` for identical Linear stacks, :class:`GroupedLinearRuns` for
     runs of them, else :class:`VmapExperts`."""
     if linear_stack_reason(experts, ops) is None:
-        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather)
+        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather,
+                                  bitwise=not (parallel or ops.segment_linear_tiled))
     if linear_stack_reason(experts, ops, runs=True) is None:
-        return GroupedLinearRuns(experts, ops.segment_linear, parallel)
+        return GroupedLinearRuns(experts, ops.segment_linear, parallel, bitwise=not (parallel or ops.segment_linear_tiled))
     return VmapExperts(experts)
 
 
@@ -223,15 +229,16 @@ class GroupedLinearStack:
     """Runs ``E`` identical Linear stacks as segment matmuls over the expert-major buffer.
 
     Each Linear: ``y[r] = h[r] @ W[e(r)]^T + b[e(r)]`` for all ``N`` rows in one ``segment_linear``
-    op (offsets = expert boundaries, so no padding; one ``addmm`` per expert, experts spread over
-    the cores); row-wise layers run once on the whole buffer. ``addmm`` is the call ``nn.Linear``
-    makes, on operands aligned as fresh tensors and at the caller's thread count, so the output is
-    bitwise the sequential executor's. ``parallel=True`` runs experts on all cores, each GEMM on one
-    thread: faster for many small experts, equal to float32 rounding only.
+    op (offsets = expert boundaries, so no padding; one ``addmm`` per expert, at the caller's thread
+    count); ReLU-like row-wise layers run once on the whole buffer, transcendental ones (Tanh, GELU,
+    ...) once per expert (``bitwise``; see ``_EXACT_ROWWISE``). ``addmm`` is the call ``nn.Linear``
+    makes, on operands aligned as fresh tensors, so the output is bitwise the sequential executor's.
+    ``parallel=True`` runs experts on all cores, each GEMM on one thread: faster for many small
+    experts, equal to float32 rounding only.
     """
 
     def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False,
-                 segment_linear_gather: Callable | None = None):
+                 segment_linear_gather: Callable | None = None, bitwise: bool = True):
         self.experts = list(experts)
         self.segment_linear = segment_linear
         self.segment_linear_gather = segment_linear_gather
@@ -252,8 +259,12 @@ class GroupedLinearStack:
         # Reading x's rows through perm runs the layers before the first Linear on the caller's x
         # itself: an in-place one there (ReLU(inplace=True), after a Flatten's view) would write to it.
         self._writes_input = any(getattr(layer, "inplace", False) for layer in self.layers[:first])
+        # bitwise: each expert's elements of a non-exact row-wise layer (Tanh, GELU, ...) computed in
+        # a tensor of that expert's rows alone, as the naive loop computes them (see _EXACT_ROWWISE).
+        self._per_expert = [bitwise and not isinstance(layer, (nn.Linear, *_EXACT_ROWWISE)) for layer in self.layers]
         # The first Linear must see 2-D rows for its kernel to read them through perm.
         self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
+        self._first = first
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
@@ -291,7 +302,7 @@ class GroupedLinearStack:
         """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, and
         a first Linear that sees 2-D rows), so the module need not gather the buffer first."""
         return (self.segment_linear_gather is not None and not self._writes_input
-                and (x.dim() == 2 or self._flattens_before_first))
+                and not any(self._per_expert[:self._first]) and (x.dim() == 2 or self._flattens_before_first))
 
     def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]
@@ -302,7 +313,8 @@ class GroupedLinearStack:
     def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None) -> Tensor:
         stacked = iter(self._stacked())
         offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        for layer in self.layers:
+        bounds = None
+        for layer, per_expert in zip(self.layers, self._per_expert):
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
@@ -310,6 +322,9 @@ class GroupedLinearStack:
                     h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets, self.parallel), None
                 else:
                     h = self.segment_linear(h, weight, bias, offsets, self.parallel)
+            elif per_expert and not torch.compiler.is_compiling():  # compiled code fuses: not bitwise anyway
+                bounds = offsets.tolist() if bounds is None else bounds
+                h = torch.cat([layer(h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
             else:
                 h = layer(h)
         return h
@@ -323,9 +338,10 @@ class GroupedLinearRuns:
     so under ``torch.compile`` it runs eagerly (a graph break, like the vmap form).
     """
 
-    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False):
+    def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False,
+                 bitwise: bool = True):
         self.runs = layout_runs(experts)
-        self.stacks = [GroupedLinearStack(experts[a:b], segment_linear, parallel) for a, b in self.runs]
+        self.stacks = [GroupedLinearStack(experts[a:b], segment_linear, parallel, bitwise=bitwise) for a, b in self.runs]
 
     @torch.compiler.disable
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:

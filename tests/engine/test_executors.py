@@ -335,3 +335,42 @@ def test_grouped_never_writes_to_the_callers_input():
         got = mnn(x)
         assert torch.equal(x, kept)
         assert torch.equal(got, naive_forward(switch, specialists, x, threshold=0.05))
+
+
+# Row-wise layers that are not one exact operation per element (Tanh, GELU, ...): ATen computes a
+# tensor's elements past its last whole vector with a scalar formula whose last bit can differ, so
+# on the whole buffer an element's bits depended on where its expert's rows ended. Odd hidden widths
+# put those tails mid-row; before the per-expert calls, Sigmoid, SiLU and ELU mismatched here.
+# The large case (66,000 elements an expert) has ATen split each call over the threads, at 1 and 3.
+@pytest.mark.parametrize("act", [nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.ELU, nn.LeakyReLU])
+@pytest.mark.parametrize("threads", [1, 3])
+def test_grouped_activations_are_bitwise_the_naive_loop(act, threads):
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        cases = [(hidden, 6, 301, seed) for hidden in (5, 9, 13) for seed in range(3)] + [(33, 2, 4000, 0)]
+        for hidden, experts, batch, seed in cases:
+            torch.manual_seed(seed)
+            specialists = [nn.Sequential(nn.Linear(24, hidden), act(), nn.Linear(hidden, experts)).eval()
+                           for _ in range(experts)]
+            switch = mlp(24, experts)
+            mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+            assert mnn.executor == "grouped"
+            x = torch.randn(batch, 24)
+            with torch.no_grad():
+                got, want = mnn(x), naive_forward(switch, specialists, x, threshold=0.05)
+            assert torch.equal(got, want), (hidden, experts, batch, seed)
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_grouped_activation_before_the_first_linear_gathers_first():
+    # The rows through perm would meet Tanh on the caller's whole x, not per expert: not bitwise.
+    torch.manual_seed(12)
+    specialists = [nn.Sequential(nn.Tanh(), nn.Linear(13, 5), nn.ReLU(), nn.Linear(5, 4)).eval() for _ in range(4)]
+    switch = mlp(13, 4)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    x = torch.randn(203, 13)
+    assert mnn.executor == "grouped" and not mnn._grouped.fuses_gather(x)
+    with torch.no_grad():
+        assert torch.equal(mnn(x), naive_forward(switch, specialists, x, threshold=0.05))
