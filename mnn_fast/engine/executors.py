@@ -181,15 +181,20 @@ class _StackCache:
     def __init__(self):
         self._key = None
         self._value: list[Tensor] = []
-        # Read by traced code (dynamo guards on it), so a plain bool; _holders counts the calls
-        # holding it, from any thread, so one call's exit never releases another's.
-        self.fresh_for_traced_calls = False
-        self._holders = 0
-        self._lock = threading.Lock()
+        # Per thread: a compiled call another thread makes without holding must never read stacks
+        # this thread refreshed (the weights may have changed since). Dynamo evaluates its guard on
+        # `held` in the calling thread. `depth` lets holds nest.
+        self._thread = threading.local()
+        self._lock = threading.Lock()  # one refresh at a time
 
     @property
     def value(self) -> list[Tensor]:
         return self._value
+
+    @property
+    def fresh_for_traced_calls(self) -> bool:
+        """Whether the calling thread holds the stacks (:meth:`held`)."""
+        return getattr(self._thread, "held", False)
 
     def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
         recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
@@ -210,14 +215,14 @@ class _StackCache:
             return
         with self._lock:
             self.get(groups_of_tensors)
-            self._holders += 1
-            self.fresh_for_traced_calls = True
+        local = self._thread
+        local.depth = getattr(local, "depth", 0) + 1
+        local.held = True
         try:
             yield
         finally:
-            with self._lock:
-                self._holders -= 1
-                self.fresh_for_traced_calls = self._holders > 0
+            local.depth -= 1
+            local.held = local.depth > 0
 
 
 def recording_grad(experts: Sequence[nn.Module]) -> bool:
@@ -291,7 +296,7 @@ class GroupedLinearStack:
 
     @property
     def stacks_held(self) -> bool:
-        """Whether a call holds :meth:`weights_stacked_for_compiled_calls` now (from any thread)."""
+        """Whether this thread holds :meth:`weights_stacked_for_compiled_calls` now."""
         return self._cache.fresh_for_traced_calls
 
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:

@@ -281,11 +281,21 @@ class MetaNeuralNetwork(nn.Module):
         next forward allocates afresh."""
         self._workspaces = {}
 
+    # Derived from the specialists, the device and the requested backend and executor, and rebuilt
+    # from them on load: the executor holds a lock and thread-local state, the backend record holds
+    # the extension's op handles, none of which pickle; the scratch buffers stay behind.
+    _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
+                      "_tables", "_workspaces", "_module_device", "_switch_param")
+
     def __getstate__(self):
-        # Copies and pickles of the module (deepcopy, torch.save) leave the scratch buffers behind.
         state = self.__dict__.copy()
-        state["_workspaces"] = {}
+        for key in self._DERIVED_STATE:
+            state.pop(key, None)
         return state
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._resolve_backend()
 
     def switch_scores(self, x: Tensor) -> stages.SwitchScores:
         """Checks ``x: Tensor[B, ...]``, runs the switch: ``(log_probs: Tensor[B, C], scores: Tensor[B, E])`` float32."""

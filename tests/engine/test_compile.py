@@ -2,6 +2,7 @@
 the settings it needs stay scoped to its own calls."""
 import subprocess
 import sys
+import threading
 
 import pytest
 import torch
@@ -161,3 +162,17 @@ def test_held_stacks_nest_and_release():
         assert not mnn._grouped.stacks_held
     with mnn.weights_stacked_for_compiled_calls():  # autograd on: nothing held
         assert not mnn._grouped.stacks_held
+
+
+def test_held_stacks_belong_to_the_holding_thread():
+    # A compiled call from another thread that did not refresh the stacks must not be told they are
+    # fresh: the weights may have changed since this thread's refresh.
+    switch, specialists = mlp_mnn(3, seed=6)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    seen = []
+    with torch.no_grad(), mnn.weights_stacked_for_compiled_calls():
+        worker = threading.Thread(target=lambda: seen.append(mnn._grouped.stacks_held))
+        worker.start()
+        worker.join()
+        assert mnn._grouped.stacks_held
+    assert seen == [False]

@@ -6,6 +6,9 @@ makes, per expert); the vmap executor within float32 rounding (batched kernels r
 """
 from __future__ import annotations
 
+import copy
+import pickle
+
 import pytest
 import torch
 import torch.nn.utils.prune  # noqa: F401  (a submodule torch does not import)
@@ -374,3 +377,19 @@ def test_grouped_activation_before_the_first_linear_gathers_first():
     assert mnn.executor == "grouped" and not mnn._grouped.fuses_gather(x)
     with torch.no_grad():
         assert torch.equal(mnn(x), naive_forward(switch, specialists, x, threshold=0.05))
+
+
+# The executor holds a lock and thread-local state, the backend the extension's op handles: none
+# pickle, so the module rebuilds them on load. A deepcopy or pickle of a grouped module must work
+# and give the original's bits.
+@pytest.mark.parametrize("how", ["deepcopy", "pickle"])
+def test_grouped_module_copies_and_pickles(how):
+    switch, specialists = mlp_mnn(4, seed=13)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    x = torch.randn(50, 24)
+    with torch.no_grad():
+        want = mnn(x)
+        other = copy.deepcopy(mnn) if how == "deepcopy" else pickle.loads(pickle.dumps(mnn))
+        assert other.executor == "grouped" and other.backend == mnn.backend
+        assert other._grouped is not mnn._grouped
+        assert torch.equal(other(x), want)
