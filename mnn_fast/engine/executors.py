@@ -155,11 +155,11 @@ def grouped_executor(experts: Sequence[nn.Module], ops: Backend, parallel: bool 
     """The grouped executor :func:`select_executor` chose ``"grouped"`` (or ``"grouped_parallel"``)
     for: one :class:`GroupedLinearStack` for identical Linear stacks, :class:`GroupedLinearRuns` for
     runs of them, else :class:`VmapExperts`."""
+    bitwise = not (parallel or ops.segment_linear_tiled)
     if linear_stack_reason(experts, ops) is None:
-        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather,
-                                  bitwise=not (parallel or ops.segment_linear_tiled))
+        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather, bitwise=bitwise)
     if linear_stack_reason(experts, ops, runs=True) is None:
-        return GroupedLinearRuns(experts, ops.segment_linear, parallel, bitwise=not (parallel or ops.segment_linear_tiled))
+        return GroupedLinearRuns(experts, ops.segment_linear, parallel, bitwise=bitwise)
     return VmapExperts(experts)
 
 
@@ -260,16 +260,18 @@ class GroupedLinearStack:
         self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
         self._has_bias = [linears[0].bias is not None for linears in self._linears]
         self._cache = _StackCache()
-        first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
-        # Reading x's rows through perm runs the layers before the first Linear on the caller's x
-        # itself: an in-place one there (ReLU(inplace=True), after a Flatten's view) would write to it.
-        self._writes_input = any(getattr(layer, "inplace", False) for layer in self.layers[:first])
         # bitwise: each expert's elements of a non-exact row-wise layer (Tanh, GELU, ...) computed in
         # a tensor of that expert's rows alone, as the naive loop computes them (see _EXACT_ROWWISE).
         self._per_expert = [bitwise and not isinstance(layer, (nn.Linear, *_EXACT_ROWWISE)) for layer in self.layers]
+        first = next(i for i, layer in enumerate(self.layers) if isinstance(layer, nn.Linear))
+        before = self.layers[:first]
+        # Reading x's rows through perm runs the layers before the first Linear on the caller's whole
+        # x: not for an in-place one (it would write to x, also through a Flatten's view) nor for one
+        # that must run per expert.
+        self._reads_through_perm = (segment_linear_gather is not None and not any(self._per_expert[:first])
+                                    and not any(getattr(layer, "inplace", False) for layer in before))
         # The first Linear must see 2-D rows for its kernel to read them through perm.
-        self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in self.layers[:first])
-        self._first = first
+        self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in before)
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
@@ -304,10 +306,10 @@ class GroupedLinearStack:
         return self._run(xg, counts, None)
 
     def fuses_gather(self, x: Tensor) -> bool:
-        """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, and
-        a first Linear that sees 2-D rows), so the module need not gather the buffer first."""
-        return (self.segment_linear_gather is not None and not self._writes_input
-                and not any(self._per_expert[:self._first]) and (x.dim() == 2 or self._flattens_before_first))
+        """Whether :meth:`run_gathered` can read ``x``'s rows itself (a kernel with a gathered form, no
+        in-place or per-expert layer before the first Linear, and a first Linear that sees 2-D rows),
+        so the module need not gather the buffer first."""
+        return self._reads_through_perm and (x.dim() == 2 or self._flattens_before_first)
 
     def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]

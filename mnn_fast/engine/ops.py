@@ -170,27 +170,34 @@ def _(x, grad, offsets):
     return x.new_empty(experts, grad.shape[1], x.shape[1]), x.new_empty(experts, grad.shape[1])
 
 
-def _setup_segment_linear(ctx, inputs, output):
-    x, weight, bias, offsets, _, perm = inputs
-    ctx.has_bias = bias is not None
-    ctx.has_perm = perm is not None
-    ctx.save_for_backward(x, weight, offsets, *([perm] if perm is not None else []))
-
-
-def _backward_segment_linear(ctx, grad):
-    x, weight, offsets, *perm = ctx.saved_tensors
-    perm = perm[0] if ctx.has_perm else None
+def _segment_linear_grads(ctx, grad: Tensor, rows_op) -> tuple:
+    """``(grad_x, grad_w, grad_b)`` of ``segment_linear`` (C++ or Triton: ``rows_op(grad, weight^T,
+    offsets)`` is that op without bias or ``perm``) from ``ctx.saved_tensors = (x, weight, offsets,
+    perm)``: d/dx of ``x @ W^T`` is ``grad @ W``, the same op with each weight transposed ([E, K, M] as
+    [E, M', K']), scattered back to ``x``'s rows through ``perm`` when the rows were read through it;
+    the loop of :func:`segment_linear_param_grads` for the weights (training is not the grouped
+    path's hot loop)."""
+    x, weight, offsets, perm = ctx.saved_tensors
     grad = grad.contiguous()
     grad_x = None
     if ctx.needs_input_grad[0]:
-        # d/dx of x @ W^T is grad @ W: the same op with each weight transposed ([E, K, M] as [E, M', K']),
-        # scattered back to x's rows through perm when the rows were read through it.
-        rows = torch.ops.mnn_fast.segment_linear(grad, weight.transpose(1, 2), None, offsets)
+        rows = rows_op(grad, weight.transpose(1, 2), offsets)
         grad_x = rows if perm is None else x.new_zeros(x.shape).index_add_(0, perm, rows)
     grad_w = grad_b = None
     if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
         grad_w, grad_b = segment_linear_param_grads(x if perm is None else x[perm], grad, offsets)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None, None
+    return grad_x, grad_w, (grad_b if ctx.has_bias else None)
+
+
+def _setup_segment_linear(ctx, inputs, output):
+    x, weight, bias, offsets, _, perm = inputs
+    ctx.has_bias = bias is not None
+    ctx.save_for_backward(x, weight, offsets, perm)
+
+
+def _backward_segment_linear(ctx, grad):
+    op = torch.ops.mnn_fast.segment_linear
+    return _segment_linear_grads(ctx, grad, lambda g, w_t, offsets: op(g, w_t, None, offsets)) + (None,) * 3
 
 
 def _setup_gather_segment_linear(ctx, inputs, output):
@@ -200,20 +207,9 @@ def _setup_gather_segment_linear(ctx, inputs, output):
 
 
 def _backward_gather_segment_linear(ctx, grad):
-    """The Triton ``segment_linear``'s backward (rows read through ``perm`` when given): the same op
-    with each weight transposed for ``x``, scattered back through ``perm``; the loop of
-    :func:`segment_linear_param_grads` for the weights (training is not the grouped path's hot loop)."""
-    x, weight, offsets, perm = ctx.saved_tensors
-    grad = grad.contiguous()
+    """The Triton ``segment_linear``'s backward (rows read through ``perm`` when given)."""
     op = torch.ops.mnn_fast.triton_segment_linear
-    grad_x = None
-    if ctx.needs_input_grad[0]:
-        rows = op(grad, weight.transpose(1, 2), None, offsets, None)
-        grad_x = rows if perm is None else x.new_zeros(x.shape).index_add_(0, perm, rows)
-    grad_w = grad_b = None
-    if ctx.needs_input_grad[1] or (ctx.has_bias and ctx.needs_input_grad[2]):
-        grad_w, grad_b = segment_linear_param_grads(x if perm is None else x[perm], grad, offsets)
-    return grad_x, grad_w, (grad_b if ctx.has_bias else None), None, None
+    return _segment_linear_grads(ctx, grad, lambda g, w_t, offsets: op(g, w_t, None, offsets, None)) + (None,) * 2
 
 
 def register_triton_segment_linear_autograd() -> None:
