@@ -12,6 +12,7 @@ import torch
 
 from .engine import stages
 from .engine.backends import get_backend
+from .engine.torch_ops import segment_linear_grouped_mm
 
 THRESHOLD = 0.25
 
@@ -156,23 +157,11 @@ def peak_rss_growth(fn) -> int:
 
 # ------------------------------------------------------------------------------ grouped-GEMM peers
 
-def grouped_mm_segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                              offsets: torch.Tensor, parallel: bool = False) -> torch.Tensor:
-    """``segment_linear`` by ``torch._grouped_mm`` (PyTorch's grouped GEMM; on CPU a loop of ``mm``),
-    the bias added per row afterwards: ``x: Tensor[N, K]``, ``weight: Tensor[E, M, K]``, ``bias:
-    Tensor[E, M]``, ``offsets: Tensor[E+1] int64`` -> ``Tensor[N, M]``. A peer for the benchmarks only:
-    not bitwise ``nn.Linear`` (no bias inside the GEMM); ``K`` must be a multiple of 4 (torch's
-    16-byte stride rule)."""
-    out = torch._grouped_mm(x, weight.transpose(1, 2), offs=offsets[1:].to(torch.int32))
-    if bias is None:
-        return out
-    return out + torch.repeat_interleave(bias, offsets.diff(), dim=0, output_size=x.shape[0])
-
-
 def padded_bmm_segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                               offsets: torch.Tensor, parallel: bool = False) -> torch.Tensor:
     """``segment_linear`` as one ``baddbmm`` over every expert's rows padded to the largest count
-    (shapes as :func:`grouped_mm_segment_linear`): the batched-GEMM peer, for the benchmarks only."""
+    (shapes as :func:`~mnn_fast.engine.torch_ops.segment_linear_grouped_mm`): the batched-GEMM peer,
+    for the benchmarks only."""
     counts = offsets.diff()
     n, experts = x.shape[0], weight.shape[0]
     longest = int(counts.max()) if n else 0
@@ -187,7 +176,8 @@ def padded_bmm_segment_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch
     return out[expert, slot]
 
 
-PEERS = {"peer_grouped_mm": grouped_mm_segment_linear, "peer_padded_bmm": padded_bmm_segment_linear}
+# The grouped_mm peer is the op the GPU backends use for bfloat16; on CPU F.grouped_mm is a loop of mm.
+PEERS = {"peer_grouped_mm": segment_linear_grouped_mm, "peer_padded_bmm": padded_bmm_segment_linear}
 
 
 def end_to_end_impls(w: dict, executors=("sequential", "grouped", "grouped_parallel"), peers: bool = True) -> dict:

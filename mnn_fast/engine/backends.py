@@ -18,9 +18,10 @@ from torch import Tensor
 
 from . import checks, ops
 from .routing import Routing
-from .torch_ops import combine_torch, gather_torch, group_scores_torch, route_torch, segment_linear_torch
+from .torch_ops import (combine_torch, gather_torch, group_scores_torch, route_torch, segment_linear_grouped_mm,
+                        segment_linear_torch)
 
-__all__ = ["Backend", "BACKEND_NAMES", "backend_status", "get_backend", "select_backend"]
+__all__ = ["Backend", "BACKEND_NAMES", "backend_status", "get_backend", "select_backend", "grouped_mm_reason"]
 
 BACKEND_NAMES = ("torch", "cpp", "cuda", "triton")
 _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpp", "torch")}
@@ -165,14 +166,48 @@ def _import_kernels() -> None:
         _TRITON_AUTOGRAD.append(True)
 
 
+@torch.compiler.assume_constant_result  # traced code takes the answer as a constant
+def _grouped_mm_device_ok(device: torch.device) -> bool:
+    # torch 2.14 runs bfloat16 F.grouped_mm as one CUTLASS grouped kernel on compute capability 9.x
+    # and 10.x only; elsewhere it falls back to a loop of mm after copying the offsets to the host.
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+
+
+def grouped_mm_reason(x: Tensor, weight: Tensor) -> str | None:
+    """``None`` when ``F.grouped_mm`` serves a grouped Linear on ``x: Tensor[N, K]`` and ``weight:
+    Tensor[E, M, K]`` in place of the Triton kernel, else why not. It serves bfloat16 inference on
+    GPUs where PyTorch's grouped GEMM is one CUTLASS kernel (compute capability 9.x/10.x); elsewhere
+    torch falls back to a loop of ``mm`` that reads the offsets on the host (a sync per call)."""
+    if x.dtype != torch.bfloat16:
+        return f"F.grouped_mm serves bfloat16 only (float32 and float16 keep the Triton kernel), got {x.dtype}"
+    if not _grouped_mm_device_ok(x.device):
+        return "F.grouped_mm is one grouped kernel only on CUDA GPUs of compute capability 9.x/10.x"
+    if x.shape[1] % 8 or weight.shape[1] % 8:
+        return f"F.grouped_mm needs 16-byte strides: K={x.shape[1]} and M={weight.shape[1]} must be multiples of 8"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+        return "autograd records this call: the Triton kernel's backward serves training"
+    return None
+
+
 def _triton_segment_linear() -> dict:
-    """The Backend fields of the Triton grouped Linear kernel (``mnn_fast::triton_segment_linear``)."""
+    """The Backend fields of the grouped Linear on a GPU: ``F.grouped_mm`` where
+    :func:`grouped_mm_reason` allows it (bfloat16 on Hopper/Blackwell), else the Triton kernel
+    (``mnn_fast::triton_segment_linear``, which reads the rows through ``perm`` itself)."""
     _import_kernels()
     op = torch.ops.mnn_fast.triton_segment_linear
+
     # parallel_segments is the CPU kernel's thread choice; one grouped launch has none to make.
-    return {"segment_linear": lambda x, weight, bias, offsets, parallel_segments=False: op(x, weight, bias, offsets, None),
-            "segment_linear_gather": lambda x, perm, weight, bias, offsets, parallel_segments=False: op(
-                x, weight, bias, offsets, perm),
+    def segment_linear(x, weight, bias, offsets, parallel_segments=False):
+        if grouped_mm_reason(x, weight) is None:
+            return segment_linear_grouped_mm(x, weight, bias, offsets)
+        return op(x, weight, bias, offsets, None)
+
+    def segment_linear_gather(x, perm, weight, bias, offsets, parallel_segments=False):
+        if grouped_mm_reason(x, weight) is None:  # it has no gathered form: the rows are gathered first
+            return segment_linear_grouped_mm(x.index_select(0, perm), weight, bias, offsets)
+        return op(x, weight, bias, offsets, perm)
+
+    return {"segment_linear": segment_linear, "segment_linear_gather": segment_linear_gather,
             "segment_linear_devices": ("cuda", "cpu"),  # cpu: only under TRITON_INTERPRET=1, for tests
             "segment_linear_tiled": True}
 

@@ -15,7 +15,7 @@ from .alignment import as_fresh_aligned
 from .routing import Routing
 
 __all__ = ["topk_mask", "active_mask_torch", "group_scores_torch", "route_torch", "gather_torch", "combine_torch",
-           "segment_linear_torch"]
+           "segment_linear_torch", "segment_linear_grouped_mm"]
 
 
 def topk_mask(scores: Tensor, top_k: int) -> Tensor:
@@ -113,8 +113,27 @@ def segment_linear_torch(x: Tensor, weight: Tensor, bias: Tensor | None, offsets
     return out
 
 
-def _check_segment_linear(x: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor) -> None:
-    """The C++ kernel's checks, with its exception types (TypeError for dtypes, ValueError otherwise)."""
+def segment_linear_grouped_mm(x: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor,
+                              parallel_segments: bool = False) -> Tensor:
+    """``segment_linear`` (shapes as :func:`segment_linear_torch`) by PyTorch's grouped GEMM,
+    ``F.grouped_mm``, the bias added per row afterwards (it takes none itself).
+
+    No host read of the counts: the group ends go to it as an int32 device tensor and the bias rows
+    are repeated to the known ``N``. Rounding: the GEMM's output is rounded to ``x.dtype`` before
+    the bias is added (``nn.Linear`` adds it first), so for bfloat16 one more rounding step.
+    ``K`` and ``M`` must keep 16-byte strides (multiples of 8 for 16-bit types, 4 for float32).
+    """
+    _check_segment_linear(x, weight, bias, offsets, read_offsets=False)
+    out = torch.nn.functional.grouped_mm(x, weight.transpose(1, 2), offs=offsets[1:].to(torch.int32))
+    if bias is None:
+        return out
+    return out + torch.repeat_interleave(bias, offsets.diff(), dim=0, output_size=x.shape[0])
+
+
+def _check_segment_linear(x: Tensor, weight: Tensor, bias: Tensor | None, offsets: Tensor,
+                          read_offsets: bool = True) -> None:
+    """The C++ kernel's checks, with its exception types (TypeError for dtypes, ValueError otherwise);
+    ``read_offsets=False`` checks shapes and dtypes only (reading the values is a host sync on a GPU)."""
     op = "segment_linear"
     if x.dim() != 2:
         raise ValueError(f"{op}: x must be a 2-D tensor [N, K], got shape {tuple(x.shape)}")
@@ -132,6 +151,8 @@ def _check_segment_linear(x: Tensor, weight: Tensor, bias: Tensor | None, offset
         raise ValueError(f"{op}: offsets must have E + 1 = {experts + 1} entries, got {offsets.numel()}")
     if bias is not None and (bias.dim() != 2 or tuple(bias.shape) != tuple(weight.shape[:2])):
         raise ValueError(f"{op}: bias must be a 2-D tensor [E, M] = {list(weight.shape[:2])}, got {tuple(bias.shape)}")
+    if not read_offsets:
+        return
     bounds = offsets.tolist()
     if bounds[0] != 0 or bounds[-1] != x.shape[0]:
         raise ValueError(f"{op}: offsets must run from 0 to N = {x.shape[0]}, got {bounds[0]} .. {bounds[-1]}")
