@@ -311,15 +311,17 @@ class GroupedLinearStack:
         so the module need not gather the buffer first."""
         return self._reads_through_perm and (x.dim() == 2 or self._flattens_before_first)
 
-    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor) -> Tensor:
+    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor, offsets: Tensor | None = None) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]
         int64`` expert-major -> ``Tensor[N, out]``. The first Linear reads its rows through ``perm``; the
-        row-wise layers before it run on ``x``'s ``B`` rows (row-wise, so the same rows result)."""
-        return self._run(x, counts, perm)
+        row-wise layers before it run on ``x``'s ``B`` rows (row-wise, so the same rows result).
+        ``offsets: Tensor[E+1] int64``, the routing's (computed from ``counts`` when not given)."""
+        return self._run(x, counts, perm, offsets)
 
-    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None) -> Tensor:
+    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None) -> Tensor:
         stacked = iter(self._stacked())
-        offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        if offsets is None:
+            offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         bounds = None
         for layer, per_expert in zip(self.layers, self._per_expert):
             if isinstance(layer, nn.Linear):

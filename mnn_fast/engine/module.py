@@ -230,7 +230,8 @@ class MetaNeuralNetwork(nn.Module):
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
         num_classes = log_probs.shape[1]
         if self._fused_gather(x):
-            outputs = self._grouped.run_gathered(x, routing.perm, routing.counts)  # never builds x[perm]
+            # The kernel reads x's routed rows itself: x[perm] is never built.
+            outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets)
             stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)
         else:
             xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
