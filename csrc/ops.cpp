@@ -17,6 +17,7 @@ TORCH_LIBRARY(mnn_fast, m) {
       "route(Tensor scores, float threshold, int top_k) -> "
       "(Tensor counts, Tensor offsets, Tensor perm, Tensor sample_offsets, Tensor sample_rows)");
   m.def("gather(Tensor x, Tensor perm) -> Tensor");
+  m.def("gather_split(Tensor x, Tensor perm, Tensor offsets) -> Tensor[]");
   m.def("combine(Tensor logp, Tensor logv, Tensor perm, Tensor sample_offsets, Tensor sample_rows) -> Tensor");
   m.def(
       "recombine(Tensor logp, Tensor[] logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, "

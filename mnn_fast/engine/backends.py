@@ -39,7 +39,8 @@ class Backend:
     each segment's rows copied just before its GEMM; Triton: inside the kernel), so the gathered
     buffer is never built. ``segment_linear_devices``: where it runs. The row ops
     ``recombine``, ``contributions`` and ``log_softmax_rows`` default to the torch ones (rowmath's
-    arithmetic, the same bits): a backend brings its own where it has a kernel.
+    arithmetic, the same bits): a backend brings its own where it has a kernel. ``gather_split``
+    (C++ CPU only) gives each expert its rows as a fresh tensor, for the sequential executor.
     """
 
     name: str
@@ -54,6 +55,7 @@ class Backend:
     contributions: Callable[..., Tensor] = ops.torch_contributions
     log_softmax_rows: Callable[[Tensor], Tensor] = ops.torch_log_softmax_rows
     segment_linear_tiled: bool = False
+    gather_split: Callable[[Tensor, Tensor, Tensor], list[Tensor]] | None = None
 
 
 def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
@@ -244,7 +246,8 @@ def get_backend(name: str) -> Backend:
         op = _direct_when_grad_off(torch.ops.mnn_fast.segment_linear)
         gathered = lambda x, perm, weight, bias, offsets, parallel_segments=False: op(  # noqa: E731
             x, weight, bias, offsets, parallel_segments, perm)
-        return dataclasses.replace(_ops_backend(name, "", op, row_ops=True), segment_linear_gather=gathered)
+        return dataclasses.replace(_ops_backend(name, "", op, row_ops=True), segment_linear_gather=gathered,
+                                   gather_split=torch.ops.mnn_fast.gather_split)
     if name == "cuda":
         backend = _ops_backend(name, "")
         # The grouped Linear executor's kernel is Triton's: the CUDA extension has none of its own.

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import stages
+from .alignment import FRESH_ALIGNMENT
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
 from .contributions import ClassTables, class_tables, specialist_contributions
 from .executors import (EXECUTOR_NAMES, GroupedLinearStack, grouped_executor, new_stream_pool, recording_grad,
@@ -234,8 +235,7 @@ class MetaNeuralNetwork(nn.Module):
             outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets)
             stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)
         else:
-            xg = stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
-            outputs = self.specialist_outputs(xg, routing, num_classes)
+            outputs = self.specialist_outputs(self._gathered(x, routing), routing, num_classes)
         out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend)
         return (out, routing) if return_routing else out
 
@@ -244,6 +244,20 @@ class MetaNeuralNetwork(nn.Module):
         kernel copies each expert's rows just before its GEMM, Triton's reads them in the kernel)."""
         grouped = self._grouped
         return isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x) and not self._records_grad(x)
+
+    def _gathered(self, x: Tensor, routing: Routing) -> Tensor | list[Tensor]:
+        """The routed rows for the executor: one buffer ``x[perm]``, or, for the sequential executor in
+        CPU inference when a row's bytes are not a multiple of the fresh alignment (so most segments
+        of one buffer would need realigning copies), each expert's rows as a fresh tensor."""
+        row_bytes = math.prod(x.shape[1:]) * x.element_size()
+        if (self._grouped is None and self._streams is None and self._backend.gather_split is not None
+                and row_bytes % FRESH_ALIGNMENT and self._eager_cpu_inference(x)):
+            return stages.gather_expert_rows(x, routing.perm, routing.offsets, self._backend)
+        return stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
+
+    def _eager_cpu_inference(self, x: Tensor) -> bool:
+        """CPU, eager, and nothing that autograd records: where gathered rows need no autograd."""
+        return x.device.type == "cpu" and not torch.compiler.is_compiling() and not self._records_grad(x)
 
     def _records_grad(self, x: Tensor) -> bool:
         """Whether autograd records this forward (through ``x`` or the specialists' parameters)."""
@@ -262,8 +276,7 @@ class MetaNeuralNetwork(nn.Module):
         """The calling thread's gather buffer, grown to this batch's size (its high-water mark), for
         CPU inference in eager mode; ``None`` (a fresh buffer) where autograd may save the gathered rows
         for a backward or ``torch.compile`` traces. One per thread, so concurrent calls never share one."""
-        if (x.device.type != "cpu" or torch.compiler.is_compiling()
-                or self._records_grad(x)):
+        if not self._eager_cpu_inference(x):
             return None
         need = rows * math.prod(x.shape[1:])
         key = threading.get_ident()

@@ -47,6 +47,11 @@ def _fake_gather(x: Tensor, perm: Tensor) -> Tensor:
     return x.new_empty(perm.shape[0], x.shape[1])
 
 
+def _fake_gather_split(x: Tensor, perm: Tensor, offsets: Tensor) -> list[Tensor]:
+    ctx = torch.library.get_ctx()  # each expert's row count depends on the routing's values
+    return [x.new_empty(ctx.new_dynamic_size(), x.shape[1]) for _ in range(offsets.shape[0] - 1)]
+
+
 def _fake_combine(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
     return torch.empty_like(logp)
 
@@ -255,6 +260,7 @@ if EXTENSION_ERROR is None:
     torch.library.register_fake("mnn_fast::group_scores")(_fake_group_scores)
     torch.library.register_fake("mnn_fast::route")(_fake_route)
     torch.library.register_fake("mnn_fast::gather")(_fake_gather)
+    torch.library.register_fake("mnn_fast::gather_split")(_fake_gather_split)
     torch.library.register_fake("mnn_fast::combine")(_fake_combine)
     torch.library.register_autograd("mnn_fast::gather", _backward_gather, setup_context=_setup_gather)
     torch.library.register_autograd("mnn_fast::combine", _backward_combine, setup_context=_setup_combine)

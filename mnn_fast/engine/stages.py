@@ -18,7 +18,8 @@ from .contributions import ClassTables, buffer_logits, specialist_contributions
 from .executors import recording_grad, run_on_streams
 from .routing import Routing
 
-__all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "run_specialists", "combine_log_probs",
+__all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "gather_expert_rows", "run_specialists",
+           "combine_log_probs",
            "recombine_log_probs", "check_specialist_output", "expert_sizes"]
 
 
@@ -78,9 +79,22 @@ def gather_rows(x: Tensor, perm: Tensor, ops: Backend, workspace: Tensor | None 
     return torch.index_select(flat, 0, perm, out=out).view(-1, *x.shape[1:])
 
 
-def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor, sizes: Sequence[int] | None = None,
-                    *, grouped=None, streams: list | None = None) -> list[Tensor | None] | Tensor:
-    """The specialists' logits on their rows of ``xg: Tensor[N, ...]``.
+def gather_expert_rows(x: Tensor, perm: Tensor, offsets: Tensor, ops: Backend) -> list[Tensor]:
+    """Per expert ``e`` a fresh ``Tensor[n_e, ...]`` holding ``x[perm[offsets[e]:offsets[e+1]]]`` (the
+    tensors the naive loop's ``x[idx]`` makes), by ``ops.gather_split`` (C++, CPU): a segment cut from
+    one gathered buffer starts on any byte, and the sequential executor would copy it again to give
+    the specialist a fresh tensor's alignment. ``x: Tensor[B, ...]``, ``perm: Tensor[N]``, ``offsets:
+    Tensor[E+1]`` int64."""
+    width = math.prod(x.shape[1:])
+    flat = x.reshape(x.shape[0], width)  # not -1: B may be 0
+    return [rows.view(rows.shape[0], *x.shape[1:]) for rows in ops.gather_split(flat, perm, offsets)]
+
+
+def run_specialists(specialists: Sequence[nn.Module], xg: Tensor | list[Tensor], counts: Tensor,
+                    sizes: Sequence[int] | None = None, *, grouped=None,
+                    streams: list | None = None) -> list[Tensor | None] | Tensor:
+    """The specialists' logits on their rows of ``xg: Tensor[N, ...]``, or of ``xg`` given as each
+    expert's own fresh tensor (:func:`gather_expert_rows`; the sequential executor only).
 
     ``counts: Tensor[E] int64``; ``sizes``: the same counts as Python ints, read from ``counts`` here
     when not given and only on the per-expert path (under ``torch.compile`` each host read makes new
@@ -90,11 +104,15 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor
     executor, :mod:`.executors`) ran them. Grouped executors serve inference: with autograd recording
     the experts run one by one, so training never re-stacks weights every step.
     """
-    if grouped is not None and not recording_grad(specialists):
+    if isinstance(xg, list):
+        sizes = [rows.shape[0] for rows in xg]
+        chunks = xg  # fresh tensors already, as the naive loop's: nothing to realign
+    elif grouped is not None and not recording_grad(specialists):
         outputs = grouped(xg, counts)
         return [None] * len(specialists) if outputs is None else outputs  # None: the vmap form had no rows
-    sizes = expert_sizes(counts) if sizes is None else list(sizes)
-    chunks = torch.split(xg, sizes)
+    else:
+        sizes = expert_sizes(counts) if sizes is None else list(sizes)
+        chunks = torch.split(xg, sizes)
     if torch.compiler.is_compiling():
         # Under torch.compile a count is a symbol that may be 0, and some layers (BatchNorm, for
         # one) branch on "is the batch empty?", which cannot be traced. Each expert runs on its
@@ -105,7 +123,7 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor, counts: Tensor
         # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
         # alignment (a segment of one buffer may start anywhere), or BLAS may round differently. CPU
         # only: that is where the bitwise promise is made, and on a GPU it would be a copy per expert.
-        if xg.device.type == "cpu":
+        if not isinstance(xg, list) and xg.device.type == "cpu":
             chunks = [as_fresh_aligned(rows) for rows in chunks]
         if streams is not None:
             outputs = run_on_streams(specialists, chunks, streams)

@@ -1,0 +1,84 @@
+// gather_split on CPU: for each expert e, a fresh tensor of its rows x[perm[offsets[e]:offsets[e+1]]].
+// The sequential executor hands each specialist such a tensor; cut from one gathered buffer, a
+// segment starts on an arbitrary byte and must be copied again to reach the alignment of a fresh
+// allocation (where BLAS rounds as in the naive loop). Allocating per expert, as the naive loop
+// does, and copying each row once into place skips that second copy. Rows are independent, so the
+// copy is parallel over the N rows; out-of-range indices are raised afterwards, never dereferenced.
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "common.h"
+
+namespace mnn_fast {
+namespace cpu {
+namespace {
+
+std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tensor& perm_in, const at::Tensor& offsets_in) {
+  constexpr const char* op = "gather_split";
+  TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D tensor [B, D], got ", describe(x_in));
+  check_cpu(op, "x", x_in);
+  check_index_1d(op, "perm", perm_in);
+  check_index_1d(op, "offsets", offsets_in);
+  TORCH_CHECK_VALUE(offsets_in.numel() >= 1, op, ": offsets must have E + 1 >= 1 entries, got ", describe(offsets_in));
+  const at::Tensor x = (x_in.stride(1) == 1 || x_in.size(1) <= 1) ? x_in : x_in.contiguous();
+  const at::Tensor perm = perm_in.contiguous();
+  const at::Tensor offsets = offsets_in.contiguous();
+  const int64_t B = x.size(0), D = x.size(1), N = perm.numel(), E = offsets.numel() - 1;
+  const int64_t* off = offsets.data_ptr<int64_t>();
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, " (perm's length), got ",
+                    off[0], " .. ", off[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
+                      " > offsets[", e + 1, "] = ", off[e + 1]);
+  }
+  std::vector<at::Tensor> out;
+  out.reserve(E);
+  std::vector<char*> base(E);
+  std::vector<int32_t> expert_of(N);  // the segment of each row, looked up in the parallel copy
+  for (int64_t e = 0; e < E; ++e) {
+    out.push_back(at::empty({off[e + 1] - off[e], D}, x.options()));
+    base[e] = static_cast<char*>(out.back().data_ptr());
+    std::fill(expert_of.begin() + off[e], expert_of.begin() + off[e + 1], static_cast<int32_t>(e));
+  }
+  if (N == 0 || D == 0) return out;
+
+  const int64_t row_bytes = D * static_cast<int64_t>(x.element_size());
+  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
+  const char* src = static_cast<const char*>(x.data_ptr());
+  const int64_t* idx = perm.data_ptr<int64_t>();
+  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
+  // As gather: at least 256 KiB per task, or the fork/join costs more than the copy.
+  constexpr int64_t kGrainBytes = 256 * 1024;
+  const int64_t grain = std::max<int64_t>(1, kGrainBytes / row_bytes);
+  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t r = begin; r < end; ++r) {
+      const int64_t i = idx[r];
+      if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(B)) {  // also catches i < 0
+        int64_t cur = bad.load(std::memory_order_relaxed);
+        while (r < cur && !bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
+        }
+        continue;
+      }
+      const int32_t e = expert_of[r];
+      std::memcpy(base[e] + (r - off[e]) * row_bytes, src + i * src_stride_bytes, row_bytes);
+    }
+  });
+  const int64_t r = bad.load();
+  TORCH_CHECK_VALUE(r == std::numeric_limits<int64_t>::max(), op, ": perm values must be in [0, B) with B = ", B,
+                    ", got perm[", r, "] = ", idx[r]);
+  return out;
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace mnn_fast
+
+TORCH_LIBRARY_IMPL(mnn_fast, CPU, m) {
+  m.impl("gather_split", &mnn_fast::cpu::gather_split_cpu);
+}
