@@ -1,15 +1,10 @@
 // gather on CPU: out[r] = x[perm[r]] for every buffer row r, one memcpy of D elements per row.
-// Rows are independent, so the copy is parallel over r; being a byte copy it is dtype-agnostic.
-// Out-of-range indices are recorded during the copy and raised afterwards (never dereferenced).
-#include <ATen/Parallel.h>
+// Rows are independent, so the copy is parallel over r (copy_rows.h); being a byte copy it is
+// dtype-agnostic. Out-of-range indices are recorded during the copy and raised afterwards.
 #include <torch/library.h>
 
-#include <algorithm>
-#include <atomic>
-#include <cstring>
-#include <limits>
-
 #include "common.h"
+#include "copy_rows.h"
 
 namespace mnn_fast {
 namespace cpu {
@@ -30,32 +25,14 @@ at::Tensor gather_cpu(const at::Tensor& x_in, const at::Tensor& perm_in) {
   if (N == 0) return out;
 
   const int64_t row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
-  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
-  const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(out.data_ptr());
   const int64_t* idx = perm.data_ptr<int64_t>();
-  // First offending position; checking inline avoids a separate pass over perm.
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-
-  // At least kGrainBytes per task: a copy that small finishes before a second thread gets going.
-  constexpr int64_t kGrainBytes = 256 * 1024;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / std::max<int64_t>(row_bytes, 1));
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = idx[r];
-      if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(B)) {  // also catches i < 0
-        int64_t cur = bad.load(std::memory_order_relaxed);
-        while (r < cur && !bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
-        }
-        continue;
-      }
-      std::memcpy(dst + r * row_bytes, src + i * src_stride_bytes, row_bytes);
-    }
-  });
-
-  const int64_t r = bad.load();
-  TORCH_CHECK_VALUE(r == std::numeric_limits<int64_t>::max(), op, ": perm values must be in [0, B) with B = ", B,
-              ", got perm[", r, "] = ", idx[r]);
+  const char* src = static_cast<const char*>(x.data_ptr());
+  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
+  const int64_t r = copy_rows(src, src_stride_bytes, B, idx, N, row_bytes,
+                              [&](int64_t row) { return dst + row * row_bytes; });
+  TORCH_CHECK_VALUE(r < 0, op, ": perm values must be in [0, B) with B = ", B, ", got perm[", r, "] = ",
+                    r < 0 ? 0 : idx[r]);
   return out;
 }
 

@@ -2,24 +2,22 @@
 // The sequential executor hands each specialist such a tensor; cut from one gathered buffer, a
 // segment starts on an arbitrary byte and must be copied again to reach the alignment of a fresh
 // allocation (where BLAS rounds as in the naive loop). Allocating per expert, as the naive loop
-// does, and copying each row once into place skips that second copy. Rows are independent, so the
-// copy is parallel over the N rows; out-of-range indices are raised afterwards, never dereferenced.
-#include <ATen/Parallel.h>
+// does, and copying each row once into place skips that second copy (copy_rows.h, as gather:
+// parallel over the N rows, out-of-range indices raised afterwards, never dereferenced).
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
-#include <cstring>
-#include <limits>
 #include <vector>
 
 #include "common.h"
+#include "copy_rows.h"
 
 namespace mnn_fast {
 namespace cpu {
 namespace {
 
-std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tensor& perm_in, const at::Tensor& offsets_in) {
+std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tensor& perm_in,
+                                         const at::Tensor& offsets_in) {
   constexpr const char* op = "gather_split";
   TORCH_CHECK_VALUE(x_in.dim() == 2, op, ": x must be a 2-D tensor [B, D], got ", describe(x_in));
   check_cpu(op, "x", x_in);
@@ -46,32 +44,18 @@ std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tenso
     base[e] = static_cast<char*>(out.back().data_ptr());
     std::fill(expert_of.begin() + off[e], expert_of.begin() + off[e + 1], static_cast<int32_t>(e));
   }
-  if (N == 0 || D == 0) return out;
+  if (N == 0) return out;  // with D == 0 the indices are still checked, as gather checks them
 
   const int64_t row_bytes = D * static_cast<int64_t>(x.element_size());
-  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
-  const char* src = static_cast<const char*>(x.data_ptr());
   const int64_t* idx = perm.data_ptr<int64_t>();
-  std::atomic<int64_t> bad{std::numeric_limits<int64_t>::max()};
-  // As gather: at least 256 KiB per task, or the fork/join costs more than the copy.
-  constexpr int64_t kGrainBytes = 256 * 1024;
-  const int64_t grain = std::max<int64_t>(1, kGrainBytes / row_bytes);
-  at::parallel_for(0, N, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
-      const int64_t i = idx[r];
-      if (static_cast<uint64_t>(i) >= static_cast<uint64_t>(B)) {  // also catches i < 0
-        int64_t cur = bad.load(std::memory_order_relaxed);
-        while (r < cur && !bad.compare_exchange_weak(cur, r, std::memory_order_relaxed)) {
-        }
-        continue;
-      }
-      const int32_t e = expert_of[r];
-      std::memcpy(base[e] + (r - off[e]) * row_bytes, src + i * src_stride_bytes, row_bytes);
-    }
+  const char* src = static_cast<const char*>(x.data_ptr());
+  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
+  const int64_t r = copy_rows(src, src_stride_bytes, B, idx, N, row_bytes, [&](int64_t row) {
+    const int32_t e = expert_of[row];
+    return base[e] + (row - off[e]) * row_bytes;
   });
-  const int64_t r = bad.load();
-  TORCH_CHECK_VALUE(r == std::numeric_limits<int64_t>::max(), op, ": perm values must be in [0, B) with B = ", B,
-                    ", got perm[", r, "] = ", idx[r]);
+  TORCH_CHECK_VALUE(r < 0, op, ": perm values must be in [0, B) with B = ", B, ", got perm[", r, "] = ",
+                    r < 0 ? 0 : idx[r]);
   return out;
 }
 

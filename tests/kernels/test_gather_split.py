@@ -99,6 +99,8 @@ def test_bad_inputs_are_refused():
         run(x, torch.tensor([0, 5, 1, 2, 3]), offsets)
     with pytest.raises(ValueError, match="perm values"):
         run(x, torch.tensor([0, -1, 1, 2, 3]), offsets)
+    with pytest.raises(ValueError, match="perm values"):  # no bytes to copy, still checked
+        run(x[:, :0], torch.tensor([0, 1, 9, 2, 3]), offsets)
     with pytest.raises(ValueError, match="offsets must run from 0 to N = 5"):
         run(x, perm, torch.tensor([0, 2, 4]))
     with pytest.raises(ValueError, match="non-decreasing"):
