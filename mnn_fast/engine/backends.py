@@ -97,11 +97,11 @@ def _direct_when_grad_off(op: Callable) -> Callable:
     if _BELOW_AUTOGRAD is None:
         return op
 
-    def run(*args):
+    def run(*args, **kwargs):
         if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            return op(*args)
+            return op(*args, **kwargs)
         with _BELOW_AUTOGRAD():
-            return op(*args)
+            return op(*args, **kwargs)
 
     return run
 
@@ -193,23 +193,31 @@ def _import_kernels() -> None:
 
 @torch.compiler.assume_constant_result  # traced code takes the answer as a constant
 def _grouped_mm_device_ok(device: torch.device) -> bool:
-    # torch 2.14 runs bfloat16 F.grouped_mm as one CUTLASS grouped kernel on compute capability 9.x
-    # and 10.x only; elsewhere it falls back to a loop of mm after copying the offsets to the host.
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] in (9, 10)
+    # torch 2.14 runs bfloat16 F.grouped_mm as one CUTLASS grouped kernel on NVIDIA compute capability
+    # 9.x and 10.x only; elsewhere (ROCm included, whose MI200/MI300 also report 9.x) it falls back to
+    # a loop of mm after copying the offsets to the host.
+    return (device.type == "cuda" and torch.version.hip is None
+            and torch.cuda.get_device_capability(device)[0] in (9, 10))
 
 
-def grouped_mm_reason(x: Tensor, weight: Tensor) -> str | None:
-    """``None`` when ``F.grouped_mm`` serves a grouped Linear on ``x: Tensor[N, K]`` and ``weight:
-    Tensor[E, M, K]`` in place of the Triton kernel, else why not. It serves bfloat16 inference on
-    GPUs where PyTorch's grouped GEMM is one CUTLASS kernel (compute capability 9.x/10.x); elsewhere
-    torch falls back to a loop of ``mm`` that reads the offsets on the host (a sync per call)."""
+def grouped_mm_reason(x: Tensor, weight: Tensor, bias: Tensor | None = None, rows_copied: bool = False) -> str | None:
+    """``None`` when ``F.grouped_mm`` serves a grouped Linear on ``x: Tensor[N, K]``, ``weight:
+    Tensor[E, M, K]`` and ``bias: Tensor[E, M]`` in place of the Triton kernel, else why not. It serves
+    bfloat16 inference on NVIDIA GPUs where PyTorch's grouped GEMM is one CUTLASS kernel (compute
+    capability 9.x/10.x); elsewhere torch falls back to a loop of ``mm`` that reads the offsets on
+    the host (a sync per call). ``rows_copied``: ``x``'s rows are gathered into a fresh buffer first,
+    so ``x``'s own layout does not matter."""
     if x.dtype != torch.bfloat16:
         return f"F.grouped_mm serves bfloat16 only (float32 and float16 keep the Triton kernel), got {x.dtype}"
     if not _grouped_mm_device_ok(x.device):
         return "F.grouped_mm is one grouped kernel only on CUDA GPUs of compute capability 9.x/10.x"
     if x.shape[1] % 8 or weight.shape[1] % 8:
         return f"F.grouped_mm needs 16-byte strides: K={x.shape[1]} and M={weight.shape[1]} must be multiples of 8"
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad):
+    # Traced code cannot read a storage offset; its tensors are fresh buffers (offset 0) anyway.
+    misaligned = not torch.compiler.is_compiling() and x.storage_offset() % 8
+    if not rows_copied and (not x.is_contiguous() or misaligned):
+        return "F.grouped_mm needs x contiguous and starting on 16 bytes"
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, weight, bias)):
         return "autograd records this call: the Triton kernel's backward serves training"
     return None
 
@@ -223,12 +231,13 @@ def _triton_segment_linear() -> dict:
 
     # parallel_segments is the CPU kernel's thread choice; one grouped launch has none to make.
     def segment_linear(x, weight, bias, offsets, parallel_segments=False):
-        if grouped_mm_reason(x, weight) is None:
+        if grouped_mm_reason(x, weight, bias) is None:
             return segment_linear_grouped_mm(x, weight, bias, offsets)
         return op(x, weight, bias, offsets, None)
 
     def segment_linear_gather(x, perm, weight, bias, offsets, parallel_segments=False):
-        if grouped_mm_reason(x, weight) is None:  # it has no gathered form: the rows are gathered first
+        if grouped_mm_reason(x, weight, bias, rows_copied=True) is None:
+            # F.grouped_mm has no gathered form: the rows are gathered first.
             return segment_linear_grouped_mm(x.index_select(0, perm), weight, bias, offsets)
         return op(x, weight, bias, offsets, perm)
 

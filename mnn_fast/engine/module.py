@@ -231,7 +231,7 @@ class MetaNeuralNetwork(nn.Module):
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
         num_classes = log_probs.shape[1]
         if self._fused_gather(x):
-            # The kernel reads x's routed rows itself: x[perm] is never built.
+            # The kernel reads x's routed rows itself: x[perm] is not built (except for F.grouped_mm).
             outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets)
             stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)
         else:

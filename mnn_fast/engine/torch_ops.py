@@ -122,6 +122,7 @@ def segment_linear_grouped_mm(x: Tensor, weight: Tensor, bias: Tensor | None, of
     are repeated to the known ``N``. Rounding: the GEMM's output is rounded to ``x.dtype`` before
     the bias is added (``nn.Linear`` adds it first), so for bfloat16 one more rounding step.
     ``K`` and ``M`` must keep 16-byte strides (multiples of 8 for 16-bit types, 4 for float32).
+    ``offsets`` are trusted (the routing's): reading them to check would be a host sync on a GPU.
     """
     _check_segment_linear(x, weight, bias, offsets, read_offsets=False)
     out = torch.nn.functional.grouped_mm(x, weight.transpose(1, 2), offs=offsets[1:].to(torch.int32))

@@ -79,12 +79,17 @@ def grouped_mm_calls(monkeypatch):
 
 
 def test_reasons_name_what_keeps_the_triton_kernel(gate_open):
-    x, weight, _, _ = problem([4, 4], 16, 8, torch.bfloat16)
-    assert grouped_mm_reason(x, weight) is None
+    x, weight, bias, _ = problem([4, 4], 16, 8, torch.bfloat16)
+    assert grouped_mm_reason(x, weight, bias) is None
     assert "bfloat16" in grouped_mm_reason(x.float(), weight.float())
+    strided = x.t().contiguous().t()  # same values, column-major: F.grouped_mm would refuse it
+    assert "contiguous" in grouped_mm_reason(strided, weight)
+    assert "contiguous" in grouped_mm_reason(torch.cat([x, x], 1)[:, 8:], weight[:, :, :8])
+    assert grouped_mm_reason(strided, weight, rows_copied=True) is None  # gathered into a fresh buffer first
     assert "16-byte" in grouped_mm_reason(x[:, :12], weight[:, :, :12])
     assert "16-byte" in grouped_mm_reason(x, weight[:, :5])
     assert "autograd" in grouped_mm_reason(x.clone().requires_grad_(), weight)
+    assert "autograd" in grouped_mm_reason(x, weight, bias.clone().requires_grad_())  # bias-only training
     with torch.no_grad():
         assert grouped_mm_reason(x.clone().requires_grad_(), weight) is None
 

@@ -50,12 +50,14 @@ def test_no_workspace_while_autograd_records():
 def test_identity_experts_reading_the_workspace_in_place():
     # Identity specialists return views of the gathered rows: recombine reads them in place, and a
     # second call (which overwrites the workspace) must not change the first call's output.
-    experts = [nn.Identity() for _ in range(6)]
+    # 16 classes: 64-byte rows, so the rows are gathered into the workspace.
+    experts = [nn.Identity() for _ in range(16)]
     mnn = MetaNeuralNetwork(nn.Identity(), experts, threshold=0.1)
-    x1, x2 = torch.randn(300, 6) * 3, torch.randn(300, 6) * 3
+    x1, x2 = torch.randn(300, 16) * 4, torch.randn(300, 16) * 4
     with torch.no_grad():
         first = mnn(x1)
         kept = first.clone()
+        assert mnn.workspace_bytes > 0
         mnn(x2)
     assert torch.equal(first, kept)
     assert torch.equal(first, naive_forward(nn.Identity(), experts, x1, threshold=0.1))
