@@ -163,11 +163,14 @@ def test_auto_picks_grouped_mm_on_hopper_without_a_host_sync(grouped_mm_calls):
     xg = x[routing.perm]
     weight = torch.stack([s[0].weight for s in mnn.specialists])
     bias = torch.stack([s[0].bias for s in mnn.specialists])
+    none = torch.zeros_like(routing.offsets)
     torch.cuda.set_sync_debug_mode("error")  # a device-to-host read inside raises
     try:
         out = segment_linear_grouped_mm(xg, weight, bias, routing.offsets)
+        empty = segment_linear_grouped_mm(xg[:0], weight, bias, none)  # no routed rows
     finally:
         torch.cuda.set_sync_debug_mode("default")
+    assert empty.shape == (0, weight.shape[1])
     torch.testing.assert_close(out.double().cpu(), reference(xg.cpu(), weight.cpu(), bias.cpu(), routing.offsets.cpu()),
                                rtol=2e-2, atol=2e-2 * 4)
     sequential = mnn_fast.MetaNeuralNetwork(mnn.switch, list(mnn.specialists), executor="sequential", threshold=0.1)
