@@ -4,6 +4,8 @@
 #pragma once
 
 #include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
 
 #include <algorithm>
 #include <atomic>
@@ -36,6 +38,18 @@ int64_t copy_rows(const char* src, int64_t src_stride_bytes, int64_t B, const in
   });
   const int64_t r = bad.load();
   return r == std::numeric_limits<int64_t>::max() ? -1 : r;
+}
+
+// Row perm[r] of x: Tensor[B, D] (rows contiguous) to dst_row(r) for r in [0, N) with perm:
+// Tensor[N] int64 contiguous; a ValueError naming `op` and the first out-of-range index otherwise.
+template <typename DstRow>
+void copy_rows_checked(const char* op, const at::Tensor& x, const at::Tensor& perm, DstRow dst_row) {
+  const int64_t B = x.size(0), N = perm.numel(), elem = static_cast<int64_t>(x.element_size());
+  const int64_t* idx = perm.data_ptr<int64_t>();
+  const int64_t r = copy_rows(static_cast<const char*>(x.data_ptr()), x.stride(0) * elem, B, idx, N,
+                              x.size(1) * elem, dst_row);
+  TORCH_CHECK_VALUE(r < 0, op, ": perm values must be in [0, B) with B = ", B, ", got perm[", r, "] = ",
+                    r < 0 ? 0 : idx[r]);
 }
 
 }  // namespace cpu

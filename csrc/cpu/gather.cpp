@@ -19,20 +19,13 @@ at::Tensor gather_cpu(const at::Tensor& x_in, const at::Tensor& perm_in) {
   // Rows only need to be contiguous themselves; a row stride (e.g. a column slice) costs nothing.
   const at::Tensor x = (x_in.stride(1) == 1 || x_in.size(1) <= 1) ? x_in : x_in.contiguous();
   const at::Tensor perm = perm_in.contiguous();
-  const int64_t B = x.size(0);
   const int64_t N = perm.numel();
   at::Tensor out = at::empty({N, x.size(1)}, x.options());
   if (N == 0) return out;
 
   const int64_t row_bytes = x.size(1) * static_cast<int64_t>(x.element_size());
   char* dst = static_cast<char*>(out.data_ptr());
-  const int64_t* idx = perm.data_ptr<int64_t>();
-  const char* src = static_cast<const char*>(x.data_ptr());
-  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
-  const int64_t r = copy_rows(src, src_stride_bytes, B, idx, N, row_bytes,
-                              [&](int64_t row) { return dst + row * row_bytes; });
-  TORCH_CHECK_VALUE(r < 0, op, ": perm values must be in [0, B) with B = ", B, ", got perm[", r, "] = ",
-                    r < 0 ? 0 : idx[r]);
+  copy_rows_checked(op, x, perm, [&](int64_t row) { return dst + row * row_bytes; });
   return out;
 }
 

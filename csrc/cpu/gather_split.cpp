@@ -27,7 +27,7 @@ std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tenso
   const at::Tensor x = (x_in.stride(1) == 1 || x_in.size(1) <= 1) ? x_in : x_in.contiguous();
   const at::Tensor perm = perm_in.contiguous();
   const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t B = x.size(0), D = x.size(1), N = perm.numel(), E = offsets.numel() - 1;
+  const int64_t D = x.size(1), N = perm.numel(), E = offsets.numel() - 1;
   const int64_t* off = offsets.data_ptr<int64_t>();
   TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, " (perm's length), got ",
                     off[0], " .. ", off[E]);
@@ -47,15 +47,10 @@ std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tenso
   if (N == 0) return out;  // with D == 0 the indices are still checked, as gather checks them
 
   const int64_t row_bytes = D * static_cast<int64_t>(x.element_size());
-  const int64_t* idx = perm.data_ptr<int64_t>();
-  const char* src = static_cast<const char*>(x.data_ptr());
-  const int64_t src_stride_bytes = x.stride(0) * static_cast<int64_t>(x.element_size());
-  const int64_t r = copy_rows(src, src_stride_bytes, B, idx, N, row_bytes, [&](int64_t row) {
+  copy_rows_checked(op, x, perm, [&](int64_t row) {
     const int32_t e = expert_of[row];
     return base[e] + (row - off[e]) * row_bytes;
   });
-  TORCH_CHECK_VALUE(r < 0, op, ": perm values must be in [0, B) with B = ", B, ", got perm[", r, "] = ",
-                    r < 0 ? 0 : idx[r]);
   return out;
 }
 
