@@ -1,14 +1,16 @@
-// Input checks shared by the CPU kernels of the mnn_fast ops (semantics: docs/ops.md).
-// Every message names the op, the argument and what was expected, then what was received.
+// Input checks and routing tables shared by the CPU kernels of the mnn_fast ops (semantics:
+// docs/ops.md). Every message names the op, the argument and what was expected, then what was received.
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/util/Exception.h>
 
+#include <algorithm>
 #include <sstream>
 #include <string>
 #include <string_view>
+#include <vector>
 
 namespace mnn_fast {
 namespace cpu {
@@ -40,6 +42,27 @@ inline void check_index_1d(const char* op, const char* name, const at::Tensor& t
   TORCH_CHECK_VALUE(t.dim() == 1, op, ": ", name, " must be a 1-D int64 tensor, got ", describe(t));
   TORCH_CHECK_TYPE(t.scalar_type() == at::kLong, op, ": ", name, " must be a 1-D int64 tensor, got ", describe(t));
   check_cpu(op, name, t);
+}
+
+// The routing's expert boundaries off[0..E]: from 0 to N, non-decreasing. `rows` says what N counts
+// (" (perm's length)"), or "".
+inline void check_offsets(const char* op, const int64_t* off, int64_t E, int64_t N, const char* rows) {
+  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, rows, ", got ", off[0],
+                    " .. ", off[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
+                      " > offsets[", e + 1, "] = ", off[e + 1]);
+  }
+}
+
+// The expert of each of the off[E] buffer rows (checked offsets): a table, because a binary search in
+// offsets per row mispredicts more than a small row's whole work costs.
+inline std::vector<int32_t> expert_of_rows(const int64_t* off, int64_t E) {
+  std::vector<int32_t> expert_of(off[E]);
+  for (int64_t e = 0; e < E; ++e) {
+    std::fill(expert_of.begin() + off[e], expert_of.begin() + off[e + 1], static_cast<int32_t>(e));
+  }
+  return expert_of;
 }
 
 // Work per parallel task, in scalar operations (~20 us): smaller tasks lose more to the fork/join

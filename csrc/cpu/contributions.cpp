@@ -34,13 +34,10 @@ void check_tables(const char* op, int64_t N, int64_t W, const at::Tensor& offset
   const int64_t* o = off.data_ptr<int64_t>();
   const int64_t* g = go.data_ptr<int64_t>();
   const int64_t* cls = gc.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(o[0] == 0 && o[E] == N, op, ": offsets must run from 0 to N = ", N, " (logits rows), got ", o[0],
-                    " ... ", o[E]);
+  check_offsets(op, o, E, N, " (logits rows)");
   TORCH_CHECK_VALUE(g[0] == 0 && g[E] == gc.numel(), op, ": group_offsets must run from 0 to group_classes.numel() = ",
                     gc.numel(), ", got ", g[0], " ... ", g[E]);
   for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(o[e] <= o[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", o[e],
-                      " > offsets[", e + 1, "] = ", o[e + 1]);
     TORCH_CHECK_VALUE(g[e] < g[e + 1], op, ": every group must be non-empty, got an empty group ", e);
     TORCH_CHECK_VALUE(W == C || g[e + 1] - g[e] == 1, op, ": binary logits (1 column) need one-class groups, group ", e,
                       " has ", g[e + 1] - g[e], " classes");

@@ -29,24 +29,18 @@ std::vector<at::Tensor> gather_split_cpu(const at::Tensor& x_in, const at::Tenso
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t D = x.size(1), N = perm.numel(), E = offsets.numel() - 1;
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N, " (perm's length), got ",
-                    off[0], " .. ", off[E]);
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
-                      " > offsets[", e + 1, "] = ", off[e + 1]);
-  }
+  check_offsets(op, off, E, N, " (perm's length)");
   std::vector<at::Tensor> out;
   out.reserve(E);
   std::vector<char*> base(E);
-  std::vector<int32_t> expert_of(N);  // the segment of each row, looked up in the parallel copy
   for (int64_t e = 0; e < E; ++e) {
     out.push_back(at::empty({off[e + 1] - off[e], D}, x.options()));
     base[e] = static_cast<char*>(out.back().data_ptr());
-    std::fill(expert_of.begin() + off[e], expert_of.begin() + off[e + 1], static_cast<int32_t>(e));
   }
   if (N == 0) return out;  // with D == 0 the indices are still checked, as gather checks them
 
   const int64_t row_bytes = D * static_cast<int64_t>(x.element_size());
+  const std::vector<int32_t> expert_of = expert_of_rows(off, E);  // each row's segment, for the parallel copy
   copy_rows_checked(op, x, perm, [&](int64_t row) {
     const int32_t e = expert_of[row];
     return base[e] + (row - off[e]) * row_bytes;

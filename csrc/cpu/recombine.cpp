@@ -76,10 +76,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   std::atomic<int64_t> bad{-1};
   const int64_t avg_rows = N / B + 1;
 
-  // The expert of each buffer row, looked up rather than searched in offsets per row (the binary
-  // search's mispredicted branches cost more than the row's arithmetic at small C).
-  std::vector<int32_t> expert_of(N);
-  for (int64_t e = 0; e < E; ++e) std::fill(expert_of.begin() + off[e], expert_of.begin() + off[e + 1], static_cast<int32_t>(e));
+  const std::vector<int32_t> expert_of = expert_of_rows(off, E);  // rows::check_tables checked offsets
   // Row r of the logits, and its expert.
   const auto logits_row = [&](int64_t r, int64_t e) { return parts == 1 ? base[0] + r * W : base[e] + (r - off[e]) * W; };
   const auto group_of = [&](int64_t e) { return rows::ExpertGroup{gc + go[e], go[e + 1] - go[e], spread[e]}; };

@@ -97,16 +97,11 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   }
   const at::Tensor offsets = offsets_in.contiguous();
   const int64_t* off = offsets.data_ptr<int64_t>();
-  TORCH_CHECK_VALUE(off[0] == 0 && off[E] == N, op, ": offsets must run from 0 to N = ", N,
-                    perm.defined() ? " (perm's length)" : "", ", got ", off[0], " .. ", off[E]);
+  check_offsets(op, off, E, N, perm.defined() ? " (perm's length)" : "");
   const int64_t* idx = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
   for (int64_t r = 0; idx != nullptr && r < N; ++r) {
     TORCH_CHECK_VALUE(idx[r] >= 0 && idx[r] < B, op, ": perm values must be row indices of x in [0, ", B, "), got perm[",
                       r, "] = ", idx[r]);
-  }
-  for (int64_t e = 0; e < E; ++e) {
-    TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
-                      " > offsets[", e + 1, "] = ", off[e + 1]);
   }
   // The ATen calls below are this kernel's own arithmetic: autograd is handled by the op (ops.py).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
