@@ -26,6 +26,7 @@ TORCH_LIBRARY(mnn_fast, m) {
       "contributions(Tensor logits, Tensor offsets, Tensor group_offsets, Tensor group_classes, Tensor log_spread, "
       "int num_classes) -> Tensor");
   m.def("log_softmax_rows(Tensor x) -> Tensor");
+  m.def("softmax_rows(Tensor x) -> (Tensor log_probs, Tensor probs)");
   m.def(
       "segment_linear(Tensor x, Tensor weight, Tensor? bias, Tensor offsets, bool parallel_segments=False, "
       "Tensor? perm=None) -> Tensor");

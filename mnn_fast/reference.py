@@ -2,9 +2,10 @@
 
 Per expert, in increasing order: boolean mask -> index (a fresh ``x[idx]``) -> run -> add its
 contribution. Nothing in the engine imports this module, so editing it never changes the fast path.
-Each row's contribution and the final log_softmax use the engine's row ops on that expert's rows
-alone (``contributions``, ``log_softmax_rows``: rowmath's arithmetic), as SPEC section 5 allows; that
-arithmetic is itself tested against the section 4 formula in plain torch.
+The switch's log-probabilities and probabilities, each row's contribution and the final log_softmax
+use the engine's row ops (``softmax_rows``; ``contributions`` on that expert's rows alone;
+``log_softmax_rows``: rowmath's arithmetic), as SPEC section 5 allows; that arithmetic is itself
+tested against the section 4 formula in plain torch.
 """
 from __future__ import annotations
 
@@ -86,14 +87,13 @@ def naive_forward(
     replaces the threshold/top-k rule.
     """
     z = switch(x).float()
-    logp = torch.log_softmax(z, dim=1)
-    probs = torch.softmax(z, dim=1)
+    ops = get_backend(select_backend("auto", z.device)[0])
+    logp, probs = ops.softmax_rows(z)
     num_classes = z.shape[1]
     groups = _default_groups(len(specialists)) if groups is None else [list(g) for g in groups]
     acc = logp.clone()
     scores = torch.stack([group_score_loop(probs, g) for g in groups], 1)
     active = switch_fn(scores) if switch_fn is not None else active_mask(scores, threshold, top_k)
-    ops = get_backend(select_backend("auto", z.device)[0])
     spread = log_spread_table(torch.tensor([0] + [len(g) for g in groups]).cumsum(0), num_classes).to(z.device)
     for e, (expert, group) in enumerate(zip(specialists, groups)):
         idx = active[:, e].nonzero().squeeze(1)

@@ -131,12 +131,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
         }
       }
       if (count > 0) flush();
-      float* samples[tile8::kRows];
-      for (int64_t i = begin; i < end; i += tile8::kRows) {
-        const int n = static_cast<int>(std::min<int64_t>(tile8::kRows, end - i));
-        for (int r = 0; r < n; ++r) samples[r] = dst + (i + r) * C;
-        tile8::log_softmax_rows(samples, n, C, tile.data());
-      }
+      tile8::log_softmax_matrix_rows(dst, begin, end, C, tile.data());
       return;
     }
 #endif

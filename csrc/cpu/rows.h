@@ -231,6 +231,21 @@ inline void log_softmax_row(const float* x, int64_t n, float* out) {
   for (int64_t c = 0; c < n; ++c) out[c] = rowmath::sub(rowmath::sub(x[c], m), log_s);
 }
 
+// log_softmax_row and, from the same lane sum s, the softmax: prob[c] = exp(x[c] - m) * (1 / s)
+// (rowmath.softmax_rows). This row path recomputes each exp one at a time; AVX2 CPUs take
+// tile8::softmax_rows, which keeps the exps of its one pass.
+inline void softmax_row(const float* x, int64_t n, float* log_out, float* prob_out) {
+  const float m = row_max(x, n);
+  const float s = lane_sum_exp(x, n, m);
+  const float log_s = rowmath::log1p_nonnegative(rowmath::sub(s, 1.0f));
+  const float inverse = rowmath::div(1.0f, s);
+  for (int64_t c = 0; c < n; ++c) {
+    const float shifted = rowmath::sub(x[c], m);
+    log_out[c] = rowmath::sub(shifted, log_s);
+    prob_out[c] = rowmath::mul(rowmath::exp_nonpositive(shifted), inverse);
+  }
+}
+
 // The group tables of one expert: its classes, log(C - |G|), and a per-thread membership scratch.
 struct ExpertGroup {
   const int64_t* classes;

@@ -22,26 +22,33 @@ using rowmath::kLanes;
 
 #define MNN_AVX2 __attribute__((target("avx2")))
 
+// An 8x8 block transposed in registers: out[k] element i = in[i] element k.
+MNN_AVX2 inline void transpose8(const __m256* in, __m256* out) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(in[i], in[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(in[i], in[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    out[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
 // tile[8 c + r] = rows[r][c] for c < C: eight rows of C floats as C columns of eight.
 MNN_AVX2 inline void load(const float* const* rows, int64_t C, float* tile) {
   int64_t c = 0;
-  for (; c + 8 <= C; c += 8) {  // an 8x8 block transposed in registers
-    __m256 r[8], t[8], u[8];
+  for (; c + 8 <= C; c += 8) {
+    __m256 r[8], columns[8];
     for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[i] + c);
-    for (int i = 0; i < 8; i += 2) {
-      t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
-      t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 8; i += 4) {
-      u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
-      u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
-      u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
-      u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
-    }
-    for (int i = 0; i < 4; ++i) {
-      _mm256_storeu_ps(tile + 8 * (c + i), _mm256_permute2f128_ps(u[i], u[i + 4], 0x20));
-      _mm256_storeu_ps(tile + 8 * (c + i + 4), _mm256_permute2f128_ps(u[i], u[i + 4], 0x31));
-    }
+    transpose8(r, columns);
+    for (int i = 0; i < 8; ++i) _mm256_storeu_ps(tile + 8 * (c + i), columns[i]);
   }
   for (; c < C; ++c) {
     for (int r = 0; r < kRows; ++r) tile[8 * c + r] = rows[r][c];
@@ -77,16 +84,22 @@ MNN_AVX2 inline __m256 max(const float* tile, int64_t C) {
 
 // Per row the sum of exp(x - shift) in rowmath's lane order (rows::lane_sum_exp). Lanes past C
 // would hold +0 (what rows.h's -inf padding adds); x + +0 == x for every lane sum (>= +0 or NaN),
-// so the pairwise fold skips them.
-MNN_AVX2 inline __m256 sum_exp(const float* tile, int64_t C, __m256 shift) {
+// so the pairwise fold skips them. kKeep: each exp also replaces its x in the tile.
+template <bool kKeep>
+MNN_AVX2 inline __m256 exp_term(float* column, __m256 shift) {
+  const __m256 v = rows::exp8(_mm256_sub_ps(_mm256_loadu_ps(column), shift));
+  if (kKeep) _mm256_storeu_ps(column, v);
+  return v;
+}
+
+template <bool kKeep = false>
+MNN_AVX2 inline __m256 sum_exp(float* tile, int64_t C, __m256 shift) {
   int used = static_cast<int>(C < kLanes ? C : kLanes);
   __m256 lanes[kLanes];
-  for (int j = 0; j < used; ++j) {
-    lanes[j] = _mm256_add_ps(_mm256_setzero_ps(), rows::exp8(_mm256_sub_ps(_mm256_loadu_ps(tile + 8 * j), shift)));
-  }
+  for (int j = 0; j < used; ++j) lanes[j] = _mm256_add_ps(_mm256_setzero_ps(), exp_term<kKeep>(tile + 8 * j, shift));
   for (int64_t c = kLanes; c < C; ++c) {
     const int j = static_cast<int>(c % kLanes);
-    lanes[j] = _mm256_add_ps(lanes[j], rows::exp8(_mm256_sub_ps(_mm256_loadu_ps(tile + 8 * c), shift)));
+    lanes[j] = _mm256_add_ps(lanes[j], exp_term<kKeep>(tile + 8 * c, shift));
   }
   if (used == 0) return _mm256_setzero_ps();
   for (int h = kLanes / 2; h > 0; h /= 2) {
@@ -113,7 +126,7 @@ MNN_AVX2 inline void shift_scale(float* tile, int64_t C, __m256 m, __m256 log_s)
 }
 
 // log_s = log(sum exp(x - m)) per lane, m the lane's maximum: rows::log_softmax_row's two passes.
-MNN_AVX2 inline __m256 log_sum_exp_shifted(const float* tile, int64_t C, __m256 m) {
+MNN_AVX2 inline __m256 log_sum_exp_shifted(float* tile, int64_t C, __m256 m) {
   const __m256 s = _mm256_sub_ps(sum_exp(tile, C, m), _mm256_set1_ps(1.0f));
   return per_lane(s, rowmath::log1p_nonnegative);
 }
@@ -146,6 +159,45 @@ MNN_AVX2 inline void log_softmax_rows(float* const* rows, int count, int64_t C, 
   _mm256_store_ps(ms, m);
   _mm256_store_ps(ls, log_s);
   for (int r = 0; r < count; ++r) sub2(rows[r], C, ms[r], ls[r], rows[r]);
+}
+
+// softmax_row (rows.h) of up to eight rows of C floats: log_out[r] = log_softmax(x[r]), prob_out[r]
+// = exp(x[r] - m) * (1 / s) from the exps of the one pass that sums s; `count` real rows, the tile
+// (scratch of 8 C floats) padded with the last one.
+MNN_AVX2 inline void softmax_rows(const float* const* x, int count, int64_t C, float* tile, float* const* log_out,
+                                  float* const* prob_out) {
+  const float* padded[kRows];
+  for (int r = 0; r < kRows; ++r) padded[r] = x[r < count ? r : count - 1];
+  load(padded, C, tile);
+  const __m256 m = max(tile, C);
+  const __m256 s = sum_exp<true>(tile, C, m);  // the tile holds exp(x - m) now
+  const __m256 log_s = per_lane(_mm256_sub_ps(s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
+  const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
+  alignas(32) float ms[kRows], ls[kRows], inverses[kRows];
+  _mm256_store_ps(ms, m);
+  _mm256_store_ps(ls, log_s);
+  _mm256_store_ps(inverses, inverse);
+  for (int r = 0; r < count; ++r) sub2(x[r], C, ms[r], ls[r], log_out[r]);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {  // scaled column-wise, transposed back to rows
+    __m256 columns[8], rows_out[8];
+    for (int i = 0; i < 8; ++i) columns[i] = _mm256_mul_ps(_mm256_loadu_ps(tile + 8 * (c + i)), inverse);
+    transpose8(columns, rows_out);
+    for (int r = 0; r < count; ++r) _mm256_storeu_ps(prob_out[r] + c, rows_out[r]);
+  }
+  for (; c < C; ++c) {
+    for (int r = 0; r < count; ++r) prob_out[r][c] = rowmath::mul(tile[8 * c + r], inverses[r]);
+  }
+}
+
+// log_softmax_rows over rows [begin, end) of a row-major matrix of C columns, in place.
+MNN_AVX2 inline void log_softmax_matrix_rows(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile) {
+  float* rows[kRows];
+  for (int64_t i = begin; i < end; i += kRows) {
+    const int n = static_cast<int>(end - i < kRows ? end - i : kRows);
+    for (int r = 0; r < n; ++r) rows[r] = matrix + (i + r) * C;
+    log_softmax_rows(rows, n, C, tile);
+  }
 }
 
 // The contributions log v (SPEC section 4) of up to eight rows of C logits each (rows::

@@ -54,6 +54,7 @@ class Backend:
     recombine: Callable[..., Tensor] = ops.torch_recombine
     contributions: Callable[..., Tensor] = ops.torch_contributions
     log_softmax_rows: Callable[[Tensor], Tensor] = ops.torch_log_softmax_rows
+    softmax_rows: Callable[[Tensor], tuple[Tensor, Tensor]] = ops.torch_softmax_rows
     segment_linear_tiled: bool = False
     gather_split: Callable[[Tensor, Tensor, Tensor], list[Tensor]] | None = None
 
@@ -82,7 +83,8 @@ def _with_checks(backend: Backend) -> Backend:
         combine=_checked(checks.check_combine, backend.combine),
         recombine=_checked(checks.check_recombine, backend.recombine),
         contributions=_checked(checks.check_contributions, backend.contributions),
-        log_softmax_rows=_checked(checks.check_log_softmax_rows, backend.log_softmax_rows))
+        log_softmax_rows=_checked(checks.check_log_softmax_rows, backend.log_softmax_rows),
+        softmax_rows=_checked(checks.check_softmax_rows, backend.softmax_rows))
 
 
 # The guard torch's own Python autograd kernel enters when grad mode is off (torch._library.autograd's
@@ -112,8 +114,8 @@ def _ops_backend(name: str, prefix: str, segment_linear=None, row_ops: bool = Fa
     lib = torch.ops.mnn_fast
     route_op = getattr(lib, prefix + "route")
     direct = _direct_when_grad_off
-    extra = ({"contributions": direct(lib.contributions), "log_softmax_rows": direct(lib.log_softmax_rows)}
-             if row_ops else {})
+    extra = ({"contributions": direct(lib.contributions), "log_softmax_rows": direct(lib.log_softmax_rows),
+              "softmax_rows": direct(lib.softmax_rows)} if row_ops else {})
     return Backend(
         name,
         getattr(lib, prefix + "group_scores"),

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 __all__ = ["check_group_scores", "check_route", "check_gather", "check_combine", "check_recombine",
-           "check_contributions", "check_log_softmax_rows"]
+           "check_contributions", "check_log_softmax_rows", "check_softmax_rows"]
 
 
 def _describe(t: Tensor) -> str:
@@ -180,3 +180,7 @@ def check_contributions(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
 
 def check_log_softmax_rows(x: Tensor) -> None:
     _matrix("log_softmax_rows", "x", x)
+
+
+def check_softmax_rows(x: Tensor) -> None:
+    _matrix("softmax_rows", "x", x)

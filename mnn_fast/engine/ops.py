@@ -11,7 +11,7 @@ from torch import Tensor
 from . import rowmath
 
 __all__ = ["EXTENSION_ERROR", "extension_has_cuda", "register_recombine_autograd", "torch_recombine",
-           "torch_contributions", "torch_log_softmax_rows"]
+           "torch_contributions", "torch_log_softmax_rows", "torch_softmax_rows"]
 
 try:
     from .. import _C  # noqa: F401  (importing runs the TORCH_LIBRARY registrations)
@@ -94,6 +94,11 @@ def _fake_log_softmax_rows(x: Tensor) -> Tensor:
     return torch.empty_like(x, memory_format=torch.contiguous_format)
 
 
+def _fake_softmax_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    return (torch.empty_like(x, memory_format=torch.contiguous_format),
+            torch.empty_like(x, memory_format=torch.contiguous_format))
+
+
 # The row ops' backward differentiates SPEC section 4 written in torch (contributions.recombine_formula):
 # the gradient of the math the ops compute, recomputed from the saved inputs; training is not the hot path.
 def _setup_recombine(ctx, inputs, output):
@@ -147,6 +152,21 @@ def _setup_log_softmax_rows(ctx, inputs, output):
 def _backward_log_softmax_rows(ctx, grad):
     (out,) = ctx.saved_tensors
     return grad - out.exp() * grad.sum(1, keepdim=True)
+
+
+def _setup_softmax_rows(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _backward_softmax_rows(ctx, grad_log_probs, grad_probs):
+    # d log_softmax: g - p * sum(g); d softmax: p * (g - sum(g * p)).
+    (p,) = ctx.saved_tensors
+    grad = torch.zeros_like(p)
+    if grad_log_probs is not None:
+        grad = grad + grad_log_probs - p * grad_log_probs.sum(1, keepdim=True)
+    if grad_probs is not None:
+        grad = grad + p * (grad_probs - (grad_probs * p).sum(1, keepdim=True))
+    return grad
 
 
 def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, parallel_segments: bool = False,
@@ -247,11 +267,21 @@ def _log_softmax_rows_torch(x: Tensor) -> Tensor:
     return rowmath.log_softmax_rows(x)
 
 
+def _softmax_rows_torch(x: Tensor) -> tuple[Tensor, Tensor]:
+    if x.device.type == "cpu":
+        return rowmath.softmax_rows(x)
+    # On a GPU torch's two kernels are two launches, where rowmath's PyTorch spelling is a dozen;
+    # every backend's softmax_rows takes this branch there, so GPU backends still route alike.
+    return torch.log_softmax(x, 1), torch.softmax(x, 1)
+
+
 torch_recombine = _torch_row_op("recombine", _recombine_torch, _fake_recombine, _backward_recombine, _setup_recombine)
 torch_contributions = _torch_row_op("contributions", _contributions_torch, _fake_contributions, _backward_contributions,
                                     _setup_contributions)
 torch_log_softmax_rows = _torch_row_op("log_softmax_rows", _log_softmax_rows_torch, _fake_log_softmax_rows,
                                        _backward_log_softmax_rows, _setup_log_softmax_rows)
+torch_softmax_rows = _torch_row_op("softmax_rows", _softmax_rows_torch, _fake_softmax_rows, _backward_softmax_rows,
+                                   _setup_softmax_rows)
 
 
 if EXTENSION_ERROR is None:
@@ -271,3 +301,5 @@ if EXTENSION_ERROR is None:
     torch.library.register_autograd("mnn_fast::contributions", _backward_contributions, setup_context=_setup_contributions)
     torch.library.register_autograd("mnn_fast::log_softmax_rows", _backward_log_softmax_rows,
                                     setup_context=_setup_log_softmax_rows)
+    torch.library.register_fake("mnn_fast::softmax_rows")(_fake_softmax_rows)
+    torch.library.register_autograd("mnn_fast::softmax_rows", _backward_softmax_rows, setup_context=_setup_softmax_rows)

@@ -16,7 +16,8 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["LANES", "exp_nonpositive", "log1p_nonnegative", "lane_sum", "log_softmax_rows", "contributions_torch",
+__all__ = ["LANES", "exp_nonpositive", "log1p_nonnegative", "lane_sum", "log_softmax_rows", "softmax_rows",
+           "contributions_torch",
            "recombine_torch", "log_spread_table", "expert_of_row", "membership"]
 
 LANES = 16
@@ -120,6 +121,18 @@ def log_softmax_rows(x: Tensor) -> Tensor:
     shifted = x - m
     log_s = log1p_nonnegative(lane_sum(exp_nonpositive(shifted)) - 1.0).unsqueeze(1)
     return shifted - log_s
+
+
+def softmax_rows(x: Tensor) -> tuple[Tensor, Tensor]:
+    """``(log_probs, probs)``, both ``Tensor[n, C] float32``, from one exp pass per row: ``e = exp(x - m)``,
+    ``s`` = its lane sum, ``log_probs = (x - m) - log(s)`` (bitwise :func:`log_softmax_rows`) and
+    ``probs = e * (1 / s)`` (one division a row: a multiply costs a fraction of a division)."""
+    x = x.float()
+    m = torch.amax(x, dim=1, keepdim=True) if x.shape[1] else x
+    shifted = x - m
+    e = exp_nonpositive(shifted)
+    s = lane_sum(e).unsqueeze(1)
+    return shifted - log1p_nonnegative(s - 1.0), e * (1.0 / s)
 
 
 def log_spread_table(group_offsets: Tensor, num_classes: int) -> Tensor:

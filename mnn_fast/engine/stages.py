@@ -24,7 +24,7 @@ __all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "gathe
 
 
 class SwitchScores(NamedTuple):
-    """``log_probs: Tensor[B, C] float32`` (``log_softmax`` of the switch), ``scores: Tensor[B, E] float32``
+    """``log_probs: Tensor[B, C] float32`` (``log_softmax`` of the switch, ``Backend.softmax_rows``), ``scores: Tensor[B, E] float32``
     (group probability sums; the probabilities themselves for one-class-per-expert groups)."""
 
     log_probs: Tensor
@@ -38,9 +38,8 @@ def switch_scores(logits: Tensor, ops: Backend, group_offsets: Tensor | None = N
     ``group_offsets: Tensor[E+1]`` / ``group_classes: Tensor[M]`` int64 (CSR groups) give each expert's
     score as its classes' probabilities summed in listed order; ``None`` = one expert per class.
     """
-    z = logits.float()
-    logp = torch.log_softmax(z, dim=1)
-    probs = torch.softmax(z, dim=1)
+    # One op for both (one exp pass on CPU); the naive loop calls the same one, so routing agrees.
+    logp, probs = ops.softmax_rows(logits.float())
     if group_offsets is None:
         return SwitchScores(logp, probs)
     return SwitchScores(logp, ops.group_scores(probs, group_offsets, group_classes))
