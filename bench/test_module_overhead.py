@@ -91,9 +91,9 @@ def test_identity_module_vs_naive(results, experts):
 
     assert torch.equal(arithmetic(), out)  # the arithmetic timed is the module's own
     arith_ms = _median_ms(arithmetic, 7)
-    # Bytes the module must move, at least: x read and written on the switch side, the gathered rows
-    # written and read back once by recombine, the output and log-probs written; a copy moves each
-    # byte twice (read, write).
+    # Bytes the module must move, at least: x read and its log-probs, probabilities and the output
+    # written (4 B E), the gathered rows written and read back once by recombine (2 N E); a copy
+    # moves each byte twice (read, write).
     floats = 2 * BATCH * experts + 2 * rows * experts + 2 * BATCH * experts
     block = torch.randn(floats // 2)
     # Into a buffer touched before, as the module's own buffers are: a clone's fresh pages would
