@@ -19,6 +19,9 @@ namespace rowmath {
 // Row sums: lane j adds columns j, j+16, ... left to right from 0, then lanes j and j+h pairwise.
 constexpr int kLanes = 16;
 constexpr float kExpFlush = -80.0f;  // exp below this is flushed to 0 (rowmath.EXP_FLUSH)
+// log(1-q) comes from the first exp pass when the outside classes' sum is at least this
+// (rowmath.ONE_PASS_MIN): flushed terms (< 2**-115 each) are then below its last bit.
+constexpr float kOnePassMin = 8.67361737988403547e-19f;  // 2**-60
 
 #if defined(__CUDA_ARCH__)
 MNN_HD float add(float a, float b) { return __fadd_rn(a, b); }
@@ -72,11 +75,9 @@ MNN_HD float exp_nonpositive(float t) {
   return flush ? 0.0f : mul(y, scale);
 }
 
-// log(1 + u) for finite u >= 0 (or NaN): v = 1 + u = 2**e * m with m in [sqrt(1/2), sqrt(2)),
-// Cephes polynomial for log(m), plus the rounding error of 1 + u so tiny u stay exact to first order.
-MNN_HD float log1p_nonnegative(float u) {
-  const float v = add(1.0f, u);
-  const float correction = div(sub(u, sub(v, 1.0f)), v);
+// log(v) + correction for a normal v > 0 (or NaN): v = 2**e * m with m in [sqrt(1/2), sqrt(2)),
+// Cephes polynomial for log(m); `correction` is added next to the polynomial's smallest terms.
+MNN_HD float log_corrected(float v, float correction) {
   const int32_t bits = float_bits(v);
   int32_t e = (bits >> 23) - 127;
   float m = bits_float((bits & 0x007FFFFF) | 0x3F800000);
@@ -101,6 +102,16 @@ MNN_HD float log1p_nonnegative(float u) {
   y = add(y, correction);
   return add(add(f, y), mul(ef, 0.693359375f));
 }
+
+// log(1 + u) for finite u >= 0 (or NaN), plus the rounding error of 1 + u so tiny u stay exact to
+// first order.
+MNN_HD float log1p_nonnegative(float u) {
+  const float v = add(1.0f, u);
+  return log_corrected(v, div(sub(u, sub(v, 1.0f)), v));
+}
+
+// log(x) for a normal x > 0 (or NaN).
+MNN_HD float log_positive(float x) { return log_corrected(x, 0.0f); }
 
 // log of a lane sum s: s >= 1 (the row maximum's own term) or s == 0 (nothing summed: -inf).
 MNN_HD float log_of_sum(float s) {

@@ -46,6 +46,7 @@ _Q6 = tl.constexpr(_f32(2.0000714765e-1))
 _Q7 = tl.constexpr(_f32(-2.4999993993e-1))
 _Q8 = tl.constexpr(_f32(3.3333331174e-1))
 _SQRT2 = tl.constexpr(_f32(1.41421356237309505))
+_ONE_PASS_MIN = tl.constexpr(2.0**-60)
 _NAN_ALL = tl.constexpr(tl.PropagateNan.ALL)
 
 # Compile options of every launch: no fused multiply-add (one rounding per * and per +). The AOT
@@ -77,7 +78,18 @@ def _exp_nonpositive(t):
 def _log1p_nonnegative(u):
     """``rowmath.log1p_nonnegative``: ``log(1 + u)`` for ``u >= 0`` (or NaN), op for op; IEEE division."""
     v = 1.0 + u
-    correction = tl.math.div_rn(u - (v - 1.0), v)
+    return _log_corrected(v, tl.math.div_rn(u - (v - 1.0), v))
+
+
+@triton.jit
+def _log_positive(x):
+    """``rowmath.log_positive``: ``log(x)`` for a normal ``x > 0`` (or NaN), op for op."""
+    return _log_corrected(x, 0.0)
+
+
+@triton.jit
+def _log_corrected(v, correction):
+    """``rowmath._log_corrected``: ``log(v) + correction``, op for op."""
     bits = v.to(tl.int32, bitcast=True)
     e = (bits >> 23) - 127
     m = ((bits & 0x007FFFFF) | 0x3F800000).to(tl.float32, bitcast=True)
@@ -219,17 +231,23 @@ def _recombine_kernel(
             m_row = tl.reduce(lanes_max, 1, _max)
             m = m_row[:, None, None]
             lanes = tl.zeros([BLOCK_B, 16], tl.float32)
+            lanes_outside = tl.zeros([BLOCK_B, 16], tl.float32)  # s_out: the outside classes' exps
             for c0 in range(0, C, 16 * K):
                 cols = (c0 + chunk)[None, :, :]
                 mask = has3 & (cols < C)
                 y = tl.load(y_rows + cols, mask=mask, other=float("-inf"))
-                lanes = _lanes_add(lanes, tl.where(mask, _exp_nonpositive(y - m), 0.0), BLOCK_B, K)
+                inside = tl.load(stamp_rows + cols, mask=mask, other=0) == j + 1
+                terms = _exp_nonpositive(y - m)
+                lanes = _lanes_add(lanes, tl.where(mask, terms, 0.0), BLOCK_B, K)
+                lanes_outside = _lanes_add(lanes_outside, tl.where(mask & ~inside, terms, 0.0), BLOCK_B, K)
             log_s_row = _log1p_nonnegative(_fold_sum(lanes, BLOCK_B) - 1.0)
+            s_out = _fold_sum(lanes_outside, BLOCK_B)
             log_s = log_s_row[:, None, None]
             shift_row = (tl.reduce(lanes_out, 1, _max) - m_row) - log_s_row
             shift_row = tl.where((shift_row == float("inf")) | (shift_row == float("-inf")), 0.0, shift_row)
             shift = shift_row[:, None, None]
-            # log(1 - q) = shift + log of the sum over the outside classes of exp(ls - shift).
+            # The second pass, for rows whose s_out is too small: log(1 - q) = shift + log of the sum over the
+            # outside classes of exp(ls - shift).
             lanes = tl.zeros([BLOCK_B, 16], tl.float32)
             for c0 in range(0, C, 16 * K):
                 cols = (c0 + chunk)[None, :, :]
@@ -240,6 +258,8 @@ def _recombine_kernel(
                 lanes = _lanes_add(lanes, tl.where(mask & ~inside, terms, 0.0), BLOCK_B, K)
             s = _fold_sum(lanes, BLOCK_B)
             log_not_q = tl.where(s == 0.0, float("-inf"), _log1p_nonnegative(s - 1.0)) + shift_row
+            # From the first pass where s_out is large enough to trust (rowmath.contributions_torch).
+            log_not_q = tl.where(s_out >= _ONE_PASS_MIN, _log_positive(s_out) - log_s_row, log_not_q)
             spread = (log_not_q - log_spread)[:, None, None]
 
         # out[i] += log v: ls (or log q) on the group's classes, log(1 - q) - log(C - |G|) elsewhere.

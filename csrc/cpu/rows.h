@@ -275,15 +275,20 @@ inline void contribution_row(const float* y, int64_t width, int64_t C, const Exp
   const float m = row_max(y, C);
   const float log_s = rowmath::log1p_nonnegative(rowmath::sub(lane_sum_exp(y, C, m), 1.0f));
   for (int64_t k = 0; k < g.size; ++k) inside[g.classes[k]] = 1;
-  // ls = log_softmax(y), and the out-of-group part with group columns at -inf (rowmath:
-  // where(keep, ls, -inf)), in one pass.
-  for (int64_t c = 0; c < C; ++c) {
-    ls[c] = rowmath::sub(rowmath::sub(y[c], m), log_s);
-    outside[c] = inside[c] ? -kInf : ls[c];
+  // s_out = the lane sum of exp(y - m) over the outside classes: group columns at -inf add exp = +0
+  // to their lane, as rowmath's where(inside, 0, e) does.
+  for (int64_t c = 0; c < C; ++c) outside[c] = inside[c] ? -kInf : y[c];
+  const float s_out = lane_sum_exp(outside, C, m);
+  for (int64_t c = 0; c < C; ++c) ls[c] = rowmath::sub(rowmath::sub(y[c], m), log_s);
+  float log_not_q;
+  if (s_out >= rowmath::kOnePassMin) {
+    log_not_q = rowmath::sub(rowmath::log_positive(s_out), log_s);
+  } else {  // the second pass: logsumexp of ls over the outside classes, shifted by their maximum
+    for (int64_t c = 0; c < C; ++c) outside[c] = inside[c] ? -kInf : ls[c];
+    float shift = row_max(outside, C);
+    shift = (shift == kInf || shift == -kInf) ? 0.0f : shift;
+    log_not_q = rowmath::add(rowmath::log_of_sum(lane_sum_exp(outside, C, shift)), shift);
   }
-  float shift = row_max(outside, C);
-  shift = (shift == kInf || shift == -kInf) ? 0.0f : shift;
-  const float log_not_q = rowmath::add(rowmath::log_of_sum(lane_sum_exp(outside, C, shift)), shift);
   const float spread = rowmath::sub(log_not_q, g.log_spread);
   for (int64_t c = 0; c < C; ++c) {
     const float v = inside[c] ? ls[c] : spread;

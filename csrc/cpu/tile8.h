@@ -82,24 +82,30 @@ MNN_AVX2 inline __m256 max(const float* tile, int64_t C) {
   return _mm256_blendv_ps(best, _mm256_set1_ps(rows::kNaN), any_nan);
 }
 
-// Per row the sum of exp(x - shift) in rowmath's lane order (rows::lane_sum_exp). Lanes past C
-// would hold +0 (what rows.h's -inf padding adds); x + +0 == x for every lane sum (>= +0 or NaN),
-// so the pairwise fold skips them. kKeep: each exp also replaces its x in the tile.
-template <bool kKeep>
-MNN_AVX2 inline __m256 exp_term(float* column, __m256 shift) {
-  const __m256 v = rows::exp8(_mm256_sub_ps(_mm256_loadu_ps(column), shift));
-  if (kKeep) _mm256_storeu_ps(column, v);
+// What a lane sum adds per cell: exp(x - shift), the same with the exp stored over x (kExpKept),
+// or the cell itself (kAsIs: a tile of exps already).
+enum class Terms { kExp, kExpKept, kAsIs };
+
+template <Terms kTerms>
+MNN_AVX2 inline __m256 term(float* cell, __m256 shift) {
+  const __m256 x = _mm256_loadu_ps(cell);
+  if (kTerms == Terms::kAsIs) return x;
+  const __m256 v = rows::exp8(_mm256_sub_ps(x, shift));
+  if (kTerms == Terms::kExpKept) _mm256_storeu_ps(cell, v);
   return v;
 }
 
-template <bool kKeep = false>
+// Per row the sum of the terms in rowmath's lane order (rows::lane_sum_exp). Lanes past C would
+// hold +0 (what rows.h's -inf padding adds); x + +0 == x for every lane sum (>= +0 or NaN), so the
+// pairwise fold skips them.
+template <Terms kTerms = Terms::kExp>
 MNN_AVX2 inline __m256 sum_exp(float* tile, int64_t C, __m256 shift) {
   int used = static_cast<int>(C < kLanes ? C : kLanes);
   __m256 lanes[kLanes];
-  for (int j = 0; j < used; ++j) lanes[j] = _mm256_add_ps(_mm256_setzero_ps(), exp_term<kKeep>(tile + 8 * j, shift));
+  for (int j = 0; j < used; ++j) lanes[j] = _mm256_add_ps(_mm256_setzero_ps(), term<kTerms>(tile + 8 * j, shift));
   for (int64_t c = kLanes; c < C; ++c) {
     const int j = static_cast<int>(c % kLanes);
-    lanes[j] = _mm256_add_ps(lanes[j], exp_term<kKeep>(tile + 8 * c, shift));
+    lanes[j] = _mm256_add_ps(lanes[j], term<kTerms>(tile + 8 * c, shift));
   }
   if (used == 0) return _mm256_setzero_ps();
   for (int h = kLanes / 2; h > 0; h /= 2) {
@@ -170,7 +176,7 @@ MNN_AVX2 inline void softmax_rows(const float* const* x, int count, int64_t C, f
   for (int r = 0; r < kRows; ++r) padded[r] = x[r < count ? r : count - 1];
   load(padded, C, tile);
   const __m256 m = max(tile, C);
-  const __m256 s = sum_exp<true>(tile, C, m);  // the tile holds exp(x - m) now
+  const __m256 s = sum_exp<Terms::kExpKept>(tile, C, m);  // the tile holds exp(x - m) now
   const __m256 log_s = per_lane(_mm256_sub_ps(s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
   const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
   alignas(32) float ms[kRows], ls[kRows], inverses[kRows];
@@ -203,22 +209,41 @@ MNN_AVX2 inline void log_softmax_matrix_rows(float* matrix, int64_t begin, int64
 // The contributions log v (SPEC section 4) of up to eight rows of C logits each (rows::
 // contribution_row, width C), `count` real rows in y (padded with the last), row r of expert group
 // g[r]. On return: in_group[starts[r] + k] = log_softmax(y_r) at g[r].classes[k], spread[r] = the
-// value of every other class; the tile (8 C floats) and `inside` (C bytes, all 0) are scratch.
+// value of every other class; the tile (8 C floats) is scratch.
 MNN_AVX2 inline void contributions(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C,
                                    float* tile, float* in_group, const int64_t* starts, float* spread) {
   const float* padded[kRows];
   for (int r = 0; r < kRows; ++r) padded[r] = y[r < count ? r : count - 1];
   load(padded, C, tile);
   const __m256 m = max(tile, C);
-  shift_scale(tile, C, m, log_sum_exp_shifted(tile, C, m));  // the tile is log_softmax(y) now
-  // The out-of-group part: the group's columns at -inf (rowmath: where(keep, ls, -inf)), their
-  // log-probabilities kept for the accumulation.
+  const __m256 s = sum_exp<Terms::kExpKept>(tile, C, m);  // the tile holds exp(y - m) now
+  const __m256 log_s = per_lane(_mm256_sub_ps(s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
+  // The group's cells at +0 leave each lane summing the outside classes' exps (rowmath: s_out).
   for (int r = 0; r < count; ++r) {
-    for (int64_t k = 0; k < g[r].size; ++k) {
-      float& cell = tile[8 * g[r].classes[k] + r];
-      in_group[starts[r] + k] = cell;
-      cell = -rows::kInf;
+    for (int64_t k = 0; k < g[r].size; ++k) tile[8 * g[r].classes[k] + r] = 0.0f;
+  }
+  alignas(32) float ms[kRows], log_ss[kRows], s_outs[kRows];
+  _mm256_store_ps(ms, m);
+  _mm256_store_ps(log_ss, log_s);
+  _mm256_store_ps(s_outs, sum_exp<Terms::kAsIs>(tile, C, m));
+  bool second_pass = false;
+  for (int r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < g[r].size; ++k) {  // ls at the group's classes: (y - m) - log_s
+      in_group[starts[r] + k] = rowmath::sub(rowmath::sub(y[r][g[r].classes[k]], ms[r]), log_ss[r]);
     }
+    if (s_outs[r] >= rowmath::kOnePassMin) {
+      spread[r] = rowmath::sub(rowmath::sub(rowmath::log_positive(s_outs[r]), log_ss[r]), g[r].log_spread);
+    } else {
+      second_pass = true;
+    }
+  }
+  if (!second_pass) return;
+  // Rows with nothing outside the group, or an outside sum too small to trust: logsumexp of ls over
+  // the outside classes, shifted by their maximum (rows::contribution_row's second pass).
+  load(padded, C, tile);
+  shift_scale(tile, C, m, log_s);  // the tile is log_softmax(y) now
+  for (int r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < g[r].size; ++k) tile[8 * g[r].classes[k] + r] = -rows::kInf;
   }
   __m256 shift = max(tile, C);
   const __m256 infinite = _mm256_cmp_ps(_mm256_andnot_ps(_mm256_set1_ps(-0.0f), shift), _mm256_set1_ps(rows::kInf),
@@ -227,7 +252,9 @@ MNN_AVX2 inline void contributions(const float* const* y, const rows::ExpertGrou
   const __m256 log_not_q = _mm256_add_ps(per_lane(sum_exp(tile, C, shift), rowmath::log_of_sum), shift);
   alignas(32) float q[kRows];
   _mm256_store_ps(q, log_not_q);
-  for (int r = 0; r < count; ++r) spread[r] = rowmath::sub(q[r], g[r].log_spread);
+  for (int r = 0; r < count; ++r) {
+    if (!(s_outs[r] >= rowmath::kOnePassMin)) spread[r] = rowmath::sub(q[r], g[r].log_spread);
+  }
 }
 
 // dst[c] = dst[c] + v[c], v = in_group[k] at the group's classes[k] and `spread` elsewhere (one

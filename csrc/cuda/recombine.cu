@@ -216,11 +216,18 @@ __global__ void __launch_bounds__(kThreads)
         float m, log_s;
         warp_log_softmax_stats(GlobalRow{y}, C, mask, t, m, log_s);
         const LogSoftmaxRow ls{y, m, log_s};
-        // log(1 - q) = logsumexp of ls over the classes outside the group, shifted by their maximum.
-        float shift = warp_row_max<true>(ls, C, mask, t);
-        shift = (shift == pos_inf() || shift == neg_inf()) ? 0.0f : shift;
-        const float log_not_q =
-            rowmath::add(rowmath::log_of_sum(warp_lane_sum_exp<true>(ls, C, shift, mask, t)), shift);
+        // log(1 - q) = log(s_out) - log_s, s_out the lane sum of exp(y - m) over the outside classes
+        // (group columns add exp(-inf) = 0); where s_out is too small to trust, logsumexp of ls over
+        // the outside classes shifted by their maximum. s_out is the same on every thread: no divergence.
+        const float s_out = warp_lane_sum_exp<true>(GlobalRow{y}, C, m, mask, t);
+        float log_not_q;
+        if (s_out >= rowmath::kOnePassMin) {
+          log_not_q = rowmath::sub(rowmath::log_positive(s_out), log_s);
+        } else {
+          float shift = warp_row_max<true>(ls, C, mask, t);
+          shift = (shift == pos_inf() || shift == neg_inf()) ? 0.0f : shift;
+          log_not_q = rowmath::add(rowmath::log_of_sum(warp_lane_sum_exp<true>(ls, C, shift, mask, t)), shift);
+        }
         const float spread = rowmath::sub(log_not_q, log_spread_e);
         for (int base = 0; base < C; base += kWarp) {
           mask.cover(base, t);

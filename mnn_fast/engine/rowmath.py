@@ -1,6 +1,6 @@
 """The recombination's float32 row arithmetic, written so every backend computes the same bits.
 
-exp and log1p are Cody-Waite reduction plus Cephes polynomials, one rounding per +, -, *, / (no
+exp, log1p and log are Cody-Waite reduction plus Cephes polynomials, one rounding per +, -, *, / (no
 fused multiply-add); every row sum runs over 16 lanes in column order, then a fixed pairwise tree.
 C++ (``csrc/rowmath.h``), CUDA and Triton (``kernels/recombine.py``) spell out exactly these steps.
 
@@ -16,7 +16,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["LANES", "exp_nonpositive", "log1p_nonnegative", "lane_sum", "log_softmax_rows", "softmax_rows",
+__all__ = ["LANES", "exp_nonpositive", "log1p_nonnegative", "log_positive", "lane_sum", "log_softmax_rows", "softmax_rows",
            "contributions_torch",
            "recombine_torch", "log_spread_table", "expert_of_row", "membership"]
 
@@ -24,6 +24,9 @@ LANES = 16
 # Below this exp(t) < 2**-115: flushed to 0, so 2**n stays a normal number. Nothing is lost: every
 # sum it enters already holds a 1 (the row's maximum), and 2**-115 is far below its last bit.
 EXP_FLUSH = -80.0
+# log(1 - q) comes from the first exp pass when the outside classes' sum is at least this: the
+# flushed terms (each < 2**-115, at most 2**31 of them) are then below its last bit.
+ONE_PASS_MIN = 2.0**-60
 
 _LOG2E = 1.44269504088896341
 # ln 2 split so that n * _LN2_HI is exact for |n| < 2**15 (_LN2_HI has 9 significant bits).
@@ -62,7 +65,17 @@ def log1p_nonnegative(u: Tensor) -> Tensor:
     """``log(1 + u)`` for finite ``u: Tensor float32 >= 0`` (or NaN), within ~1 ulp, exact to first order
     for tiny ``u`` (the rounding of ``1 + u`` is added back)."""
     v = 1.0 + u
-    correction = (u - (v - 1.0)) / v
+    return _log_corrected(v, (u - (v - 1.0)) / v)
+
+
+def log_positive(x: Tensor) -> Tensor:
+    """``log(x)`` for normal ``x: Tensor float32 > 0`` (or NaN), within ~1 ulp."""
+    return _log_corrected(x, torch.zeros_like(x))
+
+
+def _log_corrected(v: Tensor, correction: Tensor) -> Tensor:
+    """``log(v) + correction``: ``v = 2**e * m``, ``m`` in ``[sqrt(1/2), sqrt(2))``, Cephes ``logf`` on ``m``,
+    the correction added next to the polynomial's smallest terms."""
     bits = v.view(torch.int32)
     e = torch.bitwise_right_shift(bits, 23) - 127
     m = torch.bitwise_or(torch.bitwise_and(bits, 0x007FFFFF), 0x3F800000).view(torch.float32)
@@ -166,8 +179,11 @@ def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
     ``W = C``, or ``W = 1`` (binary specialists, every group one class; then ``num_classes`` gives
     ``C``). ``offsets: Tensor[E+1] int64`` (expert ``e`` owns rows ``offsets[e]:offsets[e+1]``),
     ``group_offsets / group_classes`` the CSR groups, ``log_spread`` from :func:`log_spread_table`.
-    Per row: ``ls = log_softmax(y)``; group classes keep ``ls[c]``; the others get
-    ``logsumexp(ls[outside]) - log_spread[e]``. Binary: ``log q = logsigmoid(y)`` and
+    Per row: ``ls = log_softmax(y)``; group classes keep ``ls[c]``; the others get ``log(1 - q) -
+    log_spread[e]``, with ``log(1 - q) = log(s_out) - log(s)`` from the one exp pass (``s`` and
+    ``s_out`` the lane sums of ``exp(y - m)`` over every class and over the outside ones) where
+    ``s_out >= ONE_PASS_MIN``, else ``logsumexp(ls[outside])`` shifted by its own maximum (a second
+    pass: nothing outside, or every outside term too small to trust). Binary: ``log q = logsigmoid(y)`` and
     ``log(1 - q) = logsigmoid(-y)``, computed as ``min(+-y, 0) - log1p(exp(-|y|))``.
     """
     rows, width = logits.shape
@@ -181,9 +197,14 @@ def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
         log_q = torch.minimum(y, torch.zeros_like(y)) - log_term
         log_not_q = torch.minimum(-y, torch.zeros_like(y)) - log_term
         return torch.where(inside, log_q, log_not_q - spread)
-    ls = log_softmax_rows(y)
-    shift, log_s = _log_sum_shifted(ls, ~inside)
-    log_not_q = log_s + shift
+    m = torch.amax(y, dim=1, keepdim=True) if width else y
+    shifted = y - m
+    terms = exp_nonpositive(shifted)
+    log_s = log1p_nonnegative(lane_sum(terms) - 1.0).unsqueeze(1)
+    ls = shifted - log_s  # log_softmax_rows(y), bit for bit
+    s_out = lane_sum(torch.where(inside, torch.zeros_like(terms), terms)).unsqueeze(1)
+    shift, log_sum = _log_sum_shifted(ls, ~inside)  # the second pass, for the rows below ONE_PASS_MIN
+    log_not_q = torch.where(s_out >= ONE_PASS_MIN, log_positive(s_out) - log_s, log_sum + shift)
     return torch.where(inside, ls, log_not_q - spread)
 
 

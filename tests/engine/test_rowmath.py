@@ -76,6 +76,16 @@ def test_log1p_is_within_one_ulp_of_float64_including_tiny_arguments():
     assert ((got - want).abs() / (want.abs() * 2.0**-23).clamp_min(1e-45)).max() <= 1.0
 
 
+def test_log_positive_is_within_one_ulp_of_float64():
+    # log(s_out) of the one-pass log(1 - q): s_out runs from ONE_PASS_MIN (2**-60) up to C.
+    x = torch.cat([torch.rand(200_000) * 5000, torch.rand(1000) * 1e-17 + 2.0**-60,
+                   torch.tensor([2.0**-60, 0.5, 1.0, 2.0, 3.0e38])])
+    got = rowmath.log_positive(x).double()
+    want = torch.log(x.double())
+    assert ((got - want).abs() / (want.abs() * 2.0**-23).clamp_min(1e-45)).max() <= 1.0
+    assert rowmath.log_positive(torch.tensor([1.0])).item() == 0.0
+
+
 def test_lane_sum_follows_the_documented_order():
     v = torch.rand(3, 37)
     lanes = torch.zeros(3, 16)
@@ -121,6 +131,37 @@ def test_at_five_thousand_classes_no_less_accurate_than_torch():
     truth = torch.log_softmax(y.double(), 1).float()
     ours = ulps(rowmath.log_softmax_rows(y), truth)
     assert ours <= ulps(torch.log_softmax(y, 1), truth) + 1
+
+
+def one_and_two_pass_rows(classes, seed):
+    """Width-C rows whose group (class 0) holds the maximum and whose outside classes sit ``gap``
+    below it, so the outside sum ``s_out ~ exp(-gap)`` falls on either side of ONE_PASS_MIN = 2**-60
+    (gap = 60 ln 2 = 41.59): one-pass rows, second-pass rows and rows at the boundary, interleaved
+    so that eight-row tiles hold both kinds. Gaps past 80 flush every outside term (s_out = 0)."""
+    gen = torch.Generator().manual_seed(seed)
+    boundary = 60 * math.log(2)
+    gaps = torch.tensor([5.0, 41.0, boundary - 1e-5, boundary, boundary + 1e-5, 42.0, 79.0, 85.0, 200.0])
+    gaps = gaps.repeat(7)[torch.randperm(63, generator=gen)]
+    y = torch.randn(63, classes, generator=gen) * 0.01 - gaps[:, None]
+    y[:, 0] = 0.0
+    return y
+
+
+# The one-pass log(1 - q) = log(s_out) - log(s) holds where s_out >= 2**-60; below it (outside terms
+# flushed, or tiny) the second pass over ls takes over. Both kinds in one tile, and the boundary.
+@pytest.mark.parametrize("classes", [2, 9, 40])
+def test_one_pass_and_second_pass_rows_are_accurate_and_bitwise(classes):
+    y = one_and_two_pass_rows(classes, seed=classes)
+    go, gc, spread = tables_for([[0]], classes)
+    offsets = torch.tensor([0, y.shape[0]])
+    got = rowmath.contributions_torch(y, offsets, go, gc, spread)
+    # Accurate on both sides: finite where the outside classes are (even when every term is flushed).
+    assert ulps(got, formula(y, [0], classes)) <= 2
+    assert torch.isfinite(got).all()
+    assert torch.equal(CPP.contributions(y, offsets, go, gc, spread, classes), got)
+    r = route(torch.ones(y.shape[0], 1), groups=None, threshold=0.5)  # every row to the one expert
+    logp = torch.log_softmax(torch.randn(y.shape[0], classes), 1)
+    _assert_cpp_equals_reference((logp, y, r.offsets, go, gc, spread, r.sample_offsets, r.sample_rows))
 
 
 def test_contributions_are_distributions_that_keep_the_group_log_probs():
