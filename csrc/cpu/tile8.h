@@ -167,17 +167,31 @@ MNN_AVX2 inline void log_softmax_rows(float* const* rows, int count, int64_t C, 
   for (int r = 0; r < count; ++r) sub2(rows[r], C, ms[r], ls[r], rows[r]);
 }
 
+// The one exp pass over up to eight rows of C floats (`count` real ones; `padded` is filled with
+// them, padded with the last): leaves exp(x - m) in the tile and gives per lane the row maximum m,
+// the lane sum s and log_s = log(s) as rows::log_softmax_row computes them.
+struct ExpPass {
+  __m256 m, s, log_s;
+};
+
+MNN_AVX2 inline ExpPass exp_pass(const float* const* rows, int count, int64_t C, float* tile, const float** padded) {
+  for (int r = 0; r < kRows; ++r) padded[r] = rows[r < count ? r : count - 1];
+  load(padded, C, tile);
+  ExpPass pass;
+  pass.m = max(tile, C);
+  pass.s = sum_exp<Terms::kExpKept>(tile, C, pass.m);
+  pass.log_s = per_lane(_mm256_sub_ps(pass.s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
+  return pass;
+}
+
 // softmax_row (rows.h) of up to eight rows of C floats: log_out[r] = log_softmax(x[r]), prob_out[r]
 // = exp(x[r] - m) * (1 / s) from the exps of the one pass that sums s; `count` real rows, the tile
 // (scratch of 8 C floats) padded with the last one.
 MNN_AVX2 inline void softmax_rows(const float* const* x, int count, int64_t C, float* tile, float* const* log_out,
                                   float* const* prob_out) {
   const float* padded[kRows];
-  for (int r = 0; r < kRows; ++r) padded[r] = x[r < count ? r : count - 1];
-  load(padded, C, tile);
-  const __m256 m = max(tile, C);
-  const __m256 s = sum_exp<Terms::kExpKept>(tile, C, m);  // the tile holds exp(x - m) now
-  const __m256 log_s = per_lane(_mm256_sub_ps(s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
+  const ExpPass pass = exp_pass(x, count, C, tile, padded);  // the tile holds exp(x - m) now
+  const __m256 m = pass.m, s = pass.s, log_s = pass.log_s;
   const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
   alignas(32) float ms[kRows], ls[kRows], inverses[kRows];
   _mm256_store_ps(ms, m);
@@ -213,11 +227,8 @@ MNN_AVX2 inline void log_softmax_matrix_rows(float* matrix, int64_t begin, int64
 MNN_AVX2 inline void contributions(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C,
                                    float* tile, float* in_group, const int64_t* starts, float* spread) {
   const float* padded[kRows];
-  for (int r = 0; r < kRows; ++r) padded[r] = y[r < count ? r : count - 1];
-  load(padded, C, tile);
-  const __m256 m = max(tile, C);
-  const __m256 s = sum_exp<Terms::kExpKept>(tile, C, m);  // the tile holds exp(y - m) now
-  const __m256 log_s = per_lane(_mm256_sub_ps(s, _mm256_set1_ps(1.0f)), rowmath::log1p_nonnegative);
+  const ExpPass pass = exp_pass(y, count, C, tile, padded);  // the tile holds exp(y - m) now
+  const __m256 m = pass.m, log_s = pass.log_s;
   // The group's cells at +0 leave each lane summing the outside classes' exps (rowmath: s_out).
   for (int r = 0; r < count; ++r) {
     for (int64_t k = 0; k < g[r].size; ++k) tile[8 * g[r].classes[k] + r] = 0.0f;
