@@ -131,12 +131,6 @@ MNN_AVX2 inline void shift_scale(float* tile, int64_t C, __m256 m, __m256 log_s)
   }
 }
 
-// log_s = log(sum exp(x - m)) per lane, m the lane's maximum: rows::log_softmax_row's two passes.
-MNN_AVX2 inline __m256 log_sum_exp_shifted(float* tile, int64_t C, __m256 m) {
-  const __m256 s = _mm256_sub_ps(sum_exp(tile, C, m), _mm256_set1_ps(1.0f));
-  return per_lane(s, rowmath::log1p_nonnegative);
-}
-
 // dst[c] = dst[c] + value for c < n (one float32 add each, as the scalar loop).
 MNN_AVX2 inline void add_scalar(float* dst, int64_t n, float value) {
   const __m256 v = _mm256_set1_ps(value);
@@ -151,20 +145,6 @@ MNN_AVX2 inline void sub2(const float* src, int64_t n, float m, float log_s, flo
   int64_t c = 0;
   for (; c + 8 <= n; c += 8) _mm256_storeu_ps(dst + c, _mm256_sub_ps(_mm256_sub_ps(_mm256_loadu_ps(src + c), vm), vl));
   for (; c < n; ++c) dst[c] = rowmath::sub(rowmath::sub(src[c], m), log_s);
-}
-
-// log_softmax of up to eight rows of C floats, each in place (rows::log_softmax_row); `count`
-// real rows, the tile (scratch of 8 C floats) padded with the last one.
-MNN_AVX2 inline void log_softmax_rows(float* const* rows, int count, int64_t C, float* tile) {
-  const float* padded[kRows];
-  for (int r = 0; r < kRows; ++r) padded[r] = rows[r < count ? r : count - 1];
-  load(padded, C, tile);
-  const __m256 m = max(tile, C);
-  const __m256 log_s = log_sum_exp_shifted(tile, C, m);
-  alignas(32) float ms[kRows], ls[kRows];
-  _mm256_store_ps(ms, m);
-  _mm256_store_ps(ls, log_s);
-  for (int r = 0; r < count; ++r) sub2(rows[r], C, ms[r], ls[r], rows[r]);
 }
 
 // The one exp pass over up to eight rows of C floats (`count` real ones; `padded` is filled with
@@ -184,6 +164,22 @@ MNN_AVX2 inline ExpPass exp_pass(const float* const* rows, int count, int64_t C,
   return pass;
 }
 
+// out[r] = (x[r] - m) - log_s for the `count` real rows: their log_softmax from an exp_pass.
+MNN_AVX2 inline void write_log_softmax(const float* const* x, float* const* out, int count, int64_t C,
+                                       const ExpPass& pass) {
+  alignas(32) float ms[kRows], ls[kRows];
+  _mm256_store_ps(ms, pass.m);
+  _mm256_store_ps(ls, pass.log_s);
+  for (int r = 0; r < count; ++r) sub2(x[r], C, ms[r], ls[r], out[r]);
+}
+
+// log_softmax of up to eight rows of C floats, each in place (rows::log_softmax_row); `count`
+// real rows, the tile (scratch of 8 C floats) padded with the last one.
+MNN_AVX2 inline void log_softmax_rows(float* const* rows, int count, int64_t C, float* tile) {
+  const float* padded[kRows];
+  write_log_softmax(rows, rows, count, C, exp_pass(rows, count, C, tile, padded));
+}
+
 // softmax_row (rows.h) of up to eight rows of C floats: log_out[r] = log_softmax(x[r]), prob_out[r]
 // = exp(x[r] - m) * (1 / s) from the exps of the one pass that sums s; `count` real rows, the tile
 // (scratch of 8 C floats) padded with the last one.
@@ -191,13 +187,10 @@ MNN_AVX2 inline void softmax_rows(const float* const* x, int count, int64_t C, f
                                   float* const* prob_out) {
   const float* padded[kRows];
   const ExpPass pass = exp_pass(x, count, C, tile, padded);  // the tile holds exp(x - m) now
-  const __m256 m = pass.m, s = pass.s, log_s = pass.log_s;
-  const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), s);
-  alignas(32) float ms[kRows], ls[kRows], inverses[kRows];
-  _mm256_store_ps(ms, m);
-  _mm256_store_ps(ls, log_s);
+  write_log_softmax(x, log_out, count, C, pass);
+  const __m256 inverse = _mm256_div_ps(_mm256_set1_ps(1.0f), pass.s);
+  alignas(32) float inverses[kRows];
   _mm256_store_ps(inverses, inverse);
-  for (int r = 0; r < count; ++r) sub2(x[r], C, ms[r], ls[r], log_out[r]);
   int64_t c = 0;
   for (; c + 8 <= C; c += 8) {  // scaled column-wise, transposed back to rows
     __m256 columns[8], rows_out[8];

@@ -127,12 +127,19 @@ def _log_sum_shifted(x: Tensor, keep: Tensor | None = None) -> tuple[Tensor, Ten
     return m, log_s.unsqueeze(1)
 
 
-def log_softmax_rows(x: Tensor) -> Tensor:
-    """``Tensor[n, C] float32``: ``(x - m) - log(sum exp(x - m))`` per row, ``m`` the row maximum."""
-    x = x.float()
+def _exp_pass(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The one exp pass of a row op over ``x: Tensor[n, C] float32``: ``(shifted = x - m, e = exp(shifted),
+    s, log_s)``, ``m`` the row maximum, ``s: Tensor[n, 1]`` the lane sum of ``e`` and ``log_s = log(s)``."""
     m = torch.amax(x, dim=1, keepdim=True) if x.shape[1] else x
     shifted = x - m
-    log_s = log1p_nonnegative(lane_sum(exp_nonpositive(shifted)) - 1.0).unsqueeze(1)
+    e = exp_nonpositive(shifted)
+    s = lane_sum(e).unsqueeze(1)
+    return shifted, e, s, log1p_nonnegative(s - 1.0)
+
+
+def log_softmax_rows(x: Tensor) -> Tensor:
+    """``Tensor[n, C] float32``: ``(x - m) - log(sum exp(x - m))`` per row, ``m`` the row maximum."""
+    shifted, _, _, log_s = _exp_pass(x.float())
     return shifted - log_s
 
 
@@ -140,12 +147,8 @@ def softmax_rows(x: Tensor) -> tuple[Tensor, Tensor]:
     """``(log_probs, probs)``, both ``Tensor[n, C] float32``, from one exp pass per row: ``e = exp(x - m)``,
     ``s`` = its lane sum, ``log_probs = (x - m) - log(s)`` (bitwise :func:`log_softmax_rows`) and
     ``probs = e * (1 / s)`` (one division a row: a multiply costs a fraction of a division)."""
-    x = x.float()
-    m = torch.amax(x, dim=1, keepdim=True) if x.shape[1] else x
-    shifted = x - m
-    e = exp_nonpositive(shifted)
-    s = lane_sum(e).unsqueeze(1)
-    return shifted - log1p_nonnegative(s - 1.0), e * (1.0 / s)
+    shifted, e, s, log_s = _exp_pass(x.float())
+    return shifted - log_s, e * (1.0 / s)
 
 
 def log_spread_table(group_offsets: Tensor, num_classes: int) -> Tensor:
@@ -197,11 +200,8 @@ def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, 
         log_q = torch.minimum(y, torch.zeros_like(y)) - log_term
         log_not_q = torch.minimum(-y, torch.zeros_like(y)) - log_term
         return torch.where(inside, log_q, log_not_q - spread)
-    m = torch.amax(y, dim=1, keepdim=True) if width else y
-    shifted = y - m
-    terms = exp_nonpositive(shifted)
-    log_s = log1p_nonnegative(lane_sum(terms) - 1.0).unsqueeze(1)
-    ls = shifted - log_s  # log_softmax_rows(y), bit for bit
+    shifted, terms, _, log_s = _exp_pass(y)
+    ls = shifted - log_s  # log_softmax_rows(y)
     s_out = lane_sum(torch.where(inside, torch.zeros_like(terms), terms)).unsqueeze(1)
     shift, log_sum = _log_sum_shifted(ls, ~inside)  # the second pass, for the rows below ONE_PASS_MIN
     log_not_q = torch.where(s_out >= ONE_PASS_MIN, log_positive(s_out) - log_s, log_sum + shift)
