@@ -41,6 +41,8 @@ class Backend:
     ``recombine``, ``contributions`` and ``log_softmax_rows`` default to the torch ones (rowmath's
     arithmetic, the same bits): a backend brings its own where it has a kernel. ``gather_split``
     (C++ CPU only) gives each expert its rows as a fresh tensor, for the sequential executor.
+    ``segment_stack`` (C++ CPU only) runs a whole Linear/activation stack per tile of an expert's rows
+    on one core, for ``grouped_parallel`` (not bitwise).
     """
 
     name: str
@@ -57,6 +59,7 @@ class Backend:
     softmax_rows: Callable[[Tensor], tuple[Tensor, Tensor]] = ops.torch_softmax_rows
     segment_linear_tiled: bool = False
     gather_split: Callable[[Tensor, Tensor, Tensor], list[Tensor]] | None = None
+    segment_stack: Callable[..., Tensor] | None = None
 
 
 def _torch_route(scores: Tensor, threshold: float, top_k: int) -> Routing:
@@ -258,7 +261,8 @@ def get_backend(name: str) -> Backend:
         gathered = lambda x, perm, weight, bias, offsets, parallel_segments=False: op(  # noqa: E731
             x, weight, bias, offsets, parallel_segments, perm)
         return dataclasses.replace(_ops_backend(name, "", op, row_ops=True), segment_linear_gather=gathered,
-                                   gather_split=torch.ops.mnn_fast.gather_split)
+                                   gather_split=torch.ops.mnn_fast.gather_split,
+                                   segment_stack=_direct_when_grad_off(torch.ops.mnn_fast.segment_stack))
     if name == "cuda":
         backend = _ops_backend(name, "")
         # The grouped Linear executor's kernel is Triton's: the CUDA extension has none of its own.

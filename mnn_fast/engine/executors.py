@@ -4,7 +4,9 @@ sequential: each expert on its slice, one call after another (the baseline; bitw
 grouped: experts sharing one architecture run as one computation over stacked weights: Linear stacks
 as segment matmuls (the ``mnn_fast::segment_linear`` op, no padding, bitwise the naive loop), anything
 else via ``torch.func`` + ``vmap`` on count-bucketed padded batches (float32 rounding, not bitwise).
-grouped_parallel: Linear stacks with experts spread over the cores (opt-in, not bitwise). streams: CUDA.
+grouped_parallel: Linear stacks with experts spread over the cores (opt-in, not bitwise): on the C++
+backend each tile of an expert's rows runs the whole stack on one core (``mnn_fast::segment_stack``).
+streams: CUDA.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from torch import Tensor, nn
 from .alignment import FRESH_ALIGNMENT, aligned_stack
 from .backends import Backend
 
-__all__ = ["EXECUTOR_NAMES", "select_executor", "recording_grad", "linear_stack_reason", "same_architecture_reason",
+__all__ = ["EXECUTOR_NAMES", "select_executor", "stack_plan", "recording_grad", "linear_stack_reason", "same_architecture_reason",
            "grouped_executor", "GroupedLinearStack", "GroupedLinearRuns", "layout_runs", "VmapExperts", "run_on_streams",
            "new_stream_pool", "bucket_experts"]
 
@@ -32,6 +34,39 @@ _ROWWISE = (nn.ReLU, nn.GELU, nn.Tanh, nn.Sigmoid, nn.SiLU, nn.LeakyReLU, nn.ELU
 # past a tensor's last whole vector, where a scalar one (different in the last bit) takes over, so
 # an element's bits depend on the tensor it is computed in: bitwise executors call them per expert.
 _EXACT_ROWWISE = (nn.ReLU, nn.LeakyReLU, nn.Identity, nn.Dropout, nn.Flatten)
+
+
+# segment_stack's activation after a Linear: its name and argument, per layer type.
+_STACK_ACTIVATIONS: dict[type, Callable[[nn.Module], tuple[str, float]]] = {
+    nn.ReLU: lambda m: ("relu", 0.0),
+    nn.LeakyReLU: lambda m: ("leaky_relu", float(m.negative_slope)),
+    nn.Tanh: lambda m: ("tanh", 0.0),
+    nn.Sigmoid: lambda m: ("sigmoid", 0.0),
+    nn.SiLU: lambda m: ("silu", 0.0),
+    nn.GELU: lambda m: ("gelu" if m.approximate == "none" else "gelu_tanh", 0.0),
+    nn.ELU: lambda m: ("elu", float(m.alpha)),
+}
+
+
+def stack_plan(layers: Sequence[nn.Module]) -> tuple[list[str], list[float]] | None:
+    """``(activations, activation_args)`` for ``mnn_fast::segment_stack``: one entry per Linear from
+    the first on, the activation that follows it ("none" if nothing does; Identity and Dropout are
+    nothing in inference); ``None`` when a layer after the first Linear is something else or two
+    activations follow one Linear."""
+    first = next(i for i, layer in enumerate(layers) if isinstance(layer, nn.Linear))
+    names: list[str] = []
+    args: list[float] = []
+    for layer in layers[first:]:
+        if isinstance(layer, nn.Linear):
+            names.append("none")
+            args.append(0.0)
+        elif isinstance(layer, (nn.Identity, nn.Dropout)):
+            continue
+        elif type(layer) in _STACK_ACTIVATIONS and names[-1] == "none":
+            names[-1], args[-1] = _STACK_ACTIVATIONS[type(layer)](layer)
+        else:
+            return None
+    return names, args
 
 
 def _layers(module: nn.Module) -> list[nn.Module]:
@@ -156,10 +191,12 @@ def grouped_executor(experts: Sequence[nn.Module], ops: Backend, parallel: bool 
     for: one :class:`GroupedLinearStack` for identical Linear stacks, :class:`GroupedLinearRuns` for
     runs of them, else :class:`VmapExperts`."""
     bitwise = not (parallel or ops.segment_linear_tiled)
+    segment_stack = ops.segment_stack if parallel else None
     if linear_stack_reason(experts, ops) is None:
-        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather, bitwise=bitwise)
+        return GroupedLinearStack(experts, ops.segment_linear, parallel, ops.segment_linear_gather, bitwise=bitwise,
+                                  segment_stack=segment_stack)
     if linear_stack_reason(experts, ops, runs=True) is None:
-        return GroupedLinearRuns(experts, ops.segment_linear, parallel, bitwise=bitwise)
+        return GroupedLinearRuns(experts, ops.segment_linear, parallel, bitwise=bitwise, segment_stack=segment_stack)
     return VmapExperts(experts)
 
 
@@ -239,11 +276,15 @@ class GroupedLinearStack:
     ...) once per expert (``bitwise``; see ``_EXACT_ROWWISE``). ``addmm`` is the call ``nn.Linear``
     makes, on operands aligned as fresh tensors, so the output is bitwise the sequential executor's.
     ``parallel=True`` runs experts on all cores, each GEMM on one thread: faster for many small
-    experts, equal to float32 rounding only.
+    experts, equal to float32 rounding only. With ``segment_stack`` (``parallel`` on the C++
+    backend) the whole stack is one op: each tile of an expert's rows runs every layer on one core,
+    its activations in that core's cache (the stacks :func:`stack_plan` describes; others run layer
+    by layer).
     """
 
     def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False,
-                 segment_linear_gather: Callable | None = None, bitwise: bool = True):
+                 segment_linear_gather: Callable | None = None, bitwise: bool = True,
+                 segment_stack: Callable | None = None):
         self.experts = list(experts)
         self.segment_linear = segment_linear
         self.segment_linear_gather = segment_linear_gather
@@ -272,6 +313,10 @@ class GroupedLinearStack:
                                     and not any(getattr(layer, "inplace", False) for layer in before))
         # The first Linear must see 2-D rows for its kernel to read them through perm.
         self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in before)
+        self._first_linear = first
+        self.segment_stack = segment_stack
+        self._plan = stack_plan(self.layers) if segment_stack is not None else None
+        self._dropouts = [layer for layer in self.layers if isinstance(layer, nn.Dropout)]
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
@@ -319,11 +364,22 @@ class GroupedLinearStack:
         return self._run(x, counts, perm, offsets)
 
     def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None) -> Tensor:
-        stacked = iter(self._stacked())
         if offsets is None:
             offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
+        stacked = self._stacked()
+        start = 0
+        # Not for a training-mode Dropout (random per element: the layer-by-layer path calls it as it
+        # is) nor with autograd recording (segment_stack has no backward).
+        recording = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in stacked))
+        if self._plan is not None and not recording and not any(layer.training for layer in self._dropouts):
+            start = self._first_linear
+            for layer in self.layers[:start]:
+                h = layer(h)
+            if h.dim() == 2:
+                return self._run_stack(h, perm, offsets, stacked)
+        stacked = iter(stacked)
         bounds = None
-        for layer, per_expert in zip(self.layers, self._per_expert):
+        for layer, per_expert in zip(self.layers[start:], self._per_expert[start:]):
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
@@ -338,6 +394,14 @@ class GroupedLinearStack:
                 h = layer(h)
         return h
 
+    def _run_stack(self, h: Tensor, perm: Tensor | None, offsets: Tensor, stacked: list[Tensor]) -> Tensor:
+        stacked = iter(stacked)
+        weights, biases = [], []
+        for has_bias in self._has_bias:
+            weights.append(next(stacked))
+            biases.append(next(stacked) if has_bias else None)
+        return self.segment_stack(h, weights, biases, self._plan[0], self._plan[1], offsets, perm)
+
 
 class GroupedLinearRuns:
     """Linear stacks that differ between runs of consecutive experts (identical within a run): one
@@ -348,9 +412,10 @@ class GroupedLinearRuns:
     """
 
     def __init__(self, experts: Sequence[nn.Module], segment_linear: Callable, parallel: bool = False,
-                 bitwise: bool = True):
+                 bitwise: bool = True, segment_stack: Callable | None = None):
         self.runs = layout_runs(experts)
-        self.stacks = [GroupedLinearStack(experts[a:b], segment_linear, parallel, bitwise=bitwise) for a, b in self.runs]
+        self.stacks = [GroupedLinearStack(experts[a:b], segment_linear, parallel, bitwise=bitwise,
+                                          segment_stack=segment_stack) for a, b in self.runs]
 
     @torch.compiler.disable
     def __call__(self, xg: Tensor, counts: Tensor) -> Tensor:

@@ -175,6 +175,24 @@ def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, paral
     return x.new_empty(x.shape[0] if perm is None else perm.shape[0], weight.shape[1])
 
 
+def _fake_segment_stack(x: Tensor, weights: list[Tensor], biases: list, activations: list[str],
+                        activation_args: list[float], offsets: Tensor, perm: Tensor | None = None,
+                        tile_rows: int = 0) -> Tensor:
+    torch._check(x.shape[1] == weights[0].shape[2])
+    return x.new_empty(x.shape[0] if perm is None else perm.shape[0], weights[-1].shape[1])
+
+
+def _setup_segment_stack(ctx, inputs, output):
+    # Reached only when an input requires grad: the op is the inference path of grouped_parallel.
+    raise NotImplementedError(
+        "mnn_fast::segment_stack is inference-only (no backward); with autograd recording, run the stack "
+        "layer by layer (segment_linear), as the grouped executors do")
+
+
+def _backward_segment_stack(ctx, grad):  # never reached: _setup_segment_stack refuses first
+    raise NotImplementedError("mnn_fast::segment_stack has no backward")
+
+
 @torch.library.custom_op("mnn_fast::segment_linear_param_grads", mutates_args=())
 def segment_linear_param_grads(x: Tensor, grad: Tensor, offsets: Tensor) -> tuple[Tensor, Tensor]:
     """Per segment ``e``: ``(grad[seg]^T @ x[seg]: Tensor[E, M, K], grad[seg].sum(0): Tensor[E, M])``.
@@ -287,6 +305,8 @@ torch_softmax_rows = _torch_row_op("softmax_rows", _softmax_rows_torch, _fake_so
 if EXTENSION_ERROR is None:
     torch.library.register_fake("mnn_fast::segment_linear")(_fake_segment_linear)
     torch.library.register_autograd("mnn_fast::segment_linear", _backward_segment_linear, setup_context=_setup_segment_linear)
+    torch.library.register_fake("mnn_fast::segment_stack")(_fake_segment_stack)
+    torch.library.register_autograd("mnn_fast::segment_stack", _backward_segment_stack, setup_context=_setup_segment_stack)
     torch.library.register_fake("mnn_fast::group_scores")(_fake_group_scores)
     torch.library.register_fake("mnn_fast::route")(_fake_route)
     torch.library.register_fake("mnn_fast::gather")(_fake_gather)
