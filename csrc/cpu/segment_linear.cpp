@@ -14,6 +14,7 @@
 // never built.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -125,7 +126,10 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
   }
   // Grain 1: one segment is already thousands of multiply-adds. Segments run at once, so each
   // copies its rows into a buffer of its own.
+  // The workers' ATen calls must see this thread's dispatch state (see segment_stack.cpp).
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, E, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     for (int64_t e = begin; e < end; ++e) run_segment(e, at::Tensor());
   });
   return out;

@@ -8,6 +8,7 @@
 // rounding of it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
@@ -114,7 +115,10 @@ at::Tensor segment_stack_cpu(const at::Tensor& x_in, at::TensorList weights, con
     TORCH_CHECK_TYPE(wi.scalar_type() == x_in.scalar_type(), kOp, ": weights[", i, "] must have x's dtype ",
                      dtype_name(x_in.scalar_type()), ", got ", describe(wi));
     check_cpu(kOp, "weights", wi);
-    w[i] = wi.contiguous().detach();  // out= calls refuse inputs that require grad
+    // Each expert's [M, K] dense is all a GEMM needs: the stack's own padding between experts (the
+    // grouped executor's 64-byte slabs) is kept rather than copied away on every call.
+    const bool experts_dense = wi.stride(2) == 1 && wi.stride(1) == wi.size(2);
+    w[i] = (experts_dense ? wi : wi.contiguous()).detach();  // out= calls refuse inputs that require grad
     const int64_t M = wi.size(1);
     const std::optional<at::Tensor> bi = biases.get(i);
     if (bi.has_value()) {
@@ -151,6 +155,10 @@ at::Tensor segment_stack_cpu(const at::Tensor& x_in, at::TensorList weights, con
   at::Tensor out = at::empty({N, width}, x.options());
   if (N == 0) return out;
   if (tile_rows == 0) tile_rows = auto_tile_rows(K + 2 * widest, x.element_size(), N, at::get_num_threads());
+  // No tile outgrows the largest expert: the buffers are sized by it, and a huge request cannot overflow.
+  int64_t largest = 0;
+  for (int64_t e = 0; e < E; ++e) largest = std::max(largest, off[e + 1] - off[e]);
+  tile_rows = std::min(tile_rows, largest);
   const std::vector<Tile> tiles = cut_tiles(off, E, tile_rows);
   const int64_t T = static_cast<int64_t>(tiles.size());
   const int64_t row_bytes = K * x.element_size();
@@ -160,7 +168,12 @@ at::Tensor segment_stack_cpu(const at::Tensor& x_in, at::TensorList weights, con
   // descheduled core's share is picked up by the others instead of ending the call late.
   std::atomic<int64_t> next{0};
   const int64_t workers = std::min<int64_t>(at::get_num_threads(), T);
+  // The ATen calls on the worker threads must see this thread's dispatch state (below autograd, no
+  // grad, inference mode): OpenMP workers do not inherit it, and under torch.inference_mode() an
+  // addmm into `out` from a worker was refused as an in-place update outside inference mode.
+  const at::ThreadLocalState caller_state;
   at::parallel_for(0, workers, 1, [&](int64_t first, int64_t last) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
     at::Tensor rows_buf = idx != nullptr ? at::empty({tile_rows, K}, x.options()) : at::Tensor();
     at::Tensor hidden[2];
     if (L > 1) {

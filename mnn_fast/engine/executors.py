@@ -315,7 +315,8 @@ class GroupedLinearStack:
         self._flattens_before_first = any(isinstance(layer, nn.Flatten) for layer in before)
         self._first_linear = first
         self.segment_stack = segment_stack
-        self._plan = stack_plan(self.layers) if segment_stack is not None else None
+        # segment_stack is not bitwise: never where the caller asked for the naive loop's bits.
+        self._plan = stack_plan(self.layers) if segment_stack is not None and not bitwise else None
         self._dropouts = [layer for layer in self.layers if isinstance(layer, nn.Dropout)]
 
     def _per_layer(self) -> list[list[Tensor]]:

@@ -127,7 +127,36 @@ def test_opcheck(through_perm):
 def test_refuses_inputs_that_require_grad():
     x, weights, *rest = make_case([3, 2], [4, 3, 2], ["relu", "none"])
     with pytest.raises(NotImplementedError, match="inference-only"):
-        segment_stack(x.requires_grad_(), weights, *rest)
+        segment_stack(x.clone().requires_grad_(), weights, *rest)
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        segment_stack(x, [weights[0], weights[1].clone().requires_grad_()], *rest)
+
+
+def test_strided_inputs_and_a_bias_on_some_layers_only():
+    # x a column slice (not contiguous), weights padded between experts as the grouped executor's
+    # 64-byte slabs are (each expert's [M, K] dense), the first layer without a bias.
+    x, weights, biases, acts, args, offsets, perm = make_case([4, 0, 6], [7, 5, 3], ["silu", "none"], perm_rows=9)
+    wide = torch.randn(9, 12)
+    wide[:, 2:9] = x
+    padded = torch.zeros(3, 5 * 7 + 13)
+    padded[:, :35] = weights[0].reshape(3, 35)
+    w0 = padded[:, :35].view(3, 5, 7)
+    assert not wide[:, 2:9].is_contiguous() and not w0.is_contiguous()
+    case = (wide[:, 2:9], [w0, weights[1]], [None, biases[1]], acts, args, offsets, perm)
+    torch.testing.assert_close(segment_stack(*case, tile_rows=2), stack_reference(*case), **TOL)
+
+
+@pytest.mark.parametrize("threads", [2, 3], indirect=True)
+def test_runs_under_inference_mode_on_every_thread(threads):
+    # Worker threads must see the caller's inference mode: without it, an addmm into the output
+    # from a worker was refused as an in-place update of an inference tensor.
+    case = make_case([40, 30, 50, 20], [13, 9, 5], ["relu", "none"], perm_rows=60)
+    with torch.inference_mode():
+        got = segment_stack(*case, tile_rows=8)
+        parallel_linear = torch.ops.mnn_fast.segment_linear(case[0], case[1][0], case[2][0], case[5], True, case[6])
+    torch.testing.assert_close(got, stack_reference(*case), **TOL)
+    first_linear = stack_reference(case[0], case[1][:1], case[2][:1], ["none"], [0.0], case[5], case[6])
+    torch.testing.assert_close(parallel_linear, first_linear, **TOL)
 
 
 def test_refuses_bad_input_naming_the_argument():
@@ -180,11 +209,12 @@ def _spy(mnn):
 
 
 @pytest.mark.parametrize("threads", [1, 3], indirect=True)
-def test_grouped_parallel_runs_the_stack_op_within_tolerance_of_the_naive_loop(threads):
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_grouped_parallel_runs_the_stack_op_within_tolerance_of_the_naive_loop(threads, mode):
     switch, experts, x = _module(lambda: [nn.Linear(29, 11), nn.SiLU(), nn.Dropout(0.3)])
     mnn = MetaNeuralNetwork(switch, experts, threshold=0.05, executor="grouped_parallel").eval()
     calls = _spy(mnn)
-    with torch.no_grad():
+    with mode():
         got, routing = mnn(x, return_routing=True)
         want = naive_forward(switch, experts, x, threshold=0.05)
     assert calls and routing.perm.numel() > 0
@@ -212,6 +242,18 @@ def test_grouped_parallel_falls_back_layer_by_layer_where_the_op_does_not_apply(
 def test_grouped_parallel_compiles_with_the_stack_op():
     switch, experts, x = _module(lambda: [nn.Linear(29, 11), nn.ReLU()], seed=3)
     mnn = MetaNeuralNetwork(switch, experts, threshold=0.05, executor="grouped_parallel").eval()
+    calls = _spy(mnn)  # traced once: the compiled graph holds the op itself
     compiled = torch.compile(mnn, fullgraph=True)
     with torch.no_grad():
-        torch.testing.assert_close(compiled(x), mnn(x), **TOL)
+        got = compiled(x)
+        want = naive_forward(switch, experts, x, threshold=0.05)
+    assert calls
+    torch.testing.assert_close(got, want, **TOL)
+
+
+def test_a_bitwise_stack_never_takes_the_op():
+    from mnn_fast.engine.executors import GroupedLinearStack
+
+    experts = [nn.Sequential(nn.Linear(4, 3), nn.ReLU(), nn.Linear(3, 2)) for _ in range(2)]
+    stack = GroupedLinearStack(experts, torch.ops.mnn_fast.segment_linear, bitwise=True, segment_stack=segment_stack)
+    assert stack._plan is None
