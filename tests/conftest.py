@@ -40,3 +40,15 @@ def serial(tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("serial") / "run"
     train(TrainConfig(**TINY_RUN), run_dir)
     return specialist_bytes(run_dir)
+
+
+@pytest.fixture
+def threads(request):
+    """Intra-op thread count for one test (``parametrize("threads", [...], indirect=True)``): kernels
+    split work by it, and a bitwise or tolerance claim must hold at any count."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    yield request.param
+    torch.set_num_threads(before)

@@ -28,14 +28,6 @@ THREADS = (1, 2, 3)  # 3 on a 2-core machine: more threads than cores is still a
 NUM_CLASSES = 10
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 class AlignmentProbe(nn.Module):
     """Records where each call's input starts (modulo the fresh alignment) before running ``inner``."""
 

@@ -59,14 +59,6 @@ def make_case(counts, widths, activations, with_bias=True, perm_rows=None, seed=
     return x, weights, biases, list(activations), args, offsets, perm
 
 
-@pytest.fixture
-def threads(request):
-    before = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    yield request.param
-    torch.set_num_threads(before)
-
-
 # Each counts case is an edge of the tiling: empty experts between full ones, nothing routed (N = 0),
 # one expert taking every row, a single expert (E = 1), many small experts (E = 300).
 COUNTS = [[3, 0, 5, 2], [0, 0, 0, 0], [40, 0, 0, 0], [17], [1, 2, 0, 3] * 75]
