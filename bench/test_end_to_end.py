@@ -6,6 +6,9 @@ every sample. overhead = engine / floor - 1. Memory = growth of peak RSS during 
 """
 from __future__ import annotations
 
+import statistics
+import time
+
 import pytest
 import torch
 
@@ -25,6 +28,12 @@ IMPLS = ["naive", "engine_sequential", "engine_grouped", "engine_grouped_paralle
 # Dense runs B x E expert rows: past this many it takes minutes and tells nothing new.
 DENSE_MAX_ROWS = 300_000
 
+# The same MLP cells again, the engine and the floor called in turn within each round: on a shared
+# machine the load drifts between one implementation's rounds and the next's, which moves the
+# per-implementation table's overhead column by +-10%; taking turns puts all three under one load.
+INTERLEAVED = "end_to_end_interleaved"
+TURNS = ("engine_grouped", "engine_grouped_parallel", "floor")
+
 _CACHE: dict = {}
 
 
@@ -43,6 +52,9 @@ def pytest_generate_tests(metafunc):
         cases = QUICK if is_quick(metafunc.config) else FULL
         grid = [(c, i) for c in cases for i in IMPLS]
         metafunc.parametrize("case,impl", grid, ids=[f"{c[0]}-E{c[1]}-B{c[2]}-a{c[3]}-{i}" for c, i in grid])
+    if "mlp_case" in metafunc.fixturenames:
+        cases = [c for c in (QUICK if is_quick(metafunc.config) else FULL) if c[0] == "mlp"]
+        metafunc.parametrize("mlp_case", cases, ids=[f"{c[0]}-E{c[1]}-B{c[2]}-a{c[3]}" for c in cases])
 
 
 def _fmt(rows):
@@ -103,3 +115,39 @@ def test_end_to_end(benchmark, results, case, impl):
         seconds = benchmark.stats.stats.min
         memory = peak_rss_growth(fn)
     results.record(TABLE, key, rows=w["rows"], threshold=w["threshold"], **{impl: seconds, f"mem_{impl}": memory})
+
+
+def _fmt_interleaved(rows):
+    head = (f"{'model':>6} {'E':>5} {'B':>5} {'rounds':>6} | {'grouped':>8} {'grp-par':>8} {'floor':>8} | "
+            f"{'grouped ovh':>11} {'grp-par ovh':>11}")
+    lines = ["medians in ms of rounds calling grouped, grp-par (grouped_parallel) and the compute floor in turn; "
+             "ovh = over the floor", head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{r['model']:>6} {r['E']:>5} {r['B']:>5} {r['rounds']:>6} | {r['engine_grouped'] * 1e3:>8.2f} "
+                     f"{r['engine_grouped_parallel'] * 1e3:>8.2f} {r['floor'] * 1e3:>8.2f} | "
+                     f"{100 * r['overhead_grouped']:>10.1f}% {100 * r['overhead_parallel']:>10.1f}%")
+    return lines
+
+
+def test_overhead_interleaved(results, mlp_case, request):
+    model, experts, batch, active = mlp_case
+    w = workload(mlp_case)
+    turns = {name: w["impls"][name] for name in TURNS}
+    quick = is_quick(request.config)
+    rounds = (7 if quick else 31) if batch <= 256 else (3 if quick else 11)
+    times: dict[str, list[float]] = {name: [] for name in turns}
+    with torch.no_grad():
+        want = w["impls"]["naive"]()
+        assert torch.equal(turns["engine_grouped"](), want)
+        torch.testing.assert_close(turns["engine_grouped_parallel"](), want, atol=1e-5, rtol=1e-5)
+        turns["floor"]()  # warm-up, as the engine calls above were
+        for _ in range(rounds):
+            for name, fn in turns.items():
+                start = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - start)
+    median = {name: statistics.median(ts) for name, ts in times.items()}
+    results.formatters[INTERLEAVED] = _fmt_interleaved
+    results.record(INTERLEAVED, dict(model=model, E=experts, B=batch, active=active), rounds=rounds, **median,
+                   overhead_grouped=median["engine_grouped"] / median["floor"] - 1,
+                   overhead_parallel=median["engine_grouped_parallel"] / median["floor"] - 1)
