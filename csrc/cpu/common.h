@@ -7,6 +7,7 @@
 #include <c10/util/Exception.h>
 
 #include <algorithm>
+#include <optional>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -53,6 +54,38 @@ inline void check_offsets(const char* op, const int64_t* off, int64_t E, int64_t
     TORCH_CHECK_VALUE(off[e] <= off[e + 1], op, ": offsets must be non-decreasing, got offsets[", e, "] = ", off[e],
                       " > offsets[", e + 1, "] = ", off[e + 1]);
   }
+}
+
+// The rows the segment ops (segment_linear, segment_stack) cut into E segments: x's own B rows, or
+// the N that `perm` names (1-D int64, values in [0, B)); `offsets` (E + 1 entries, from 0 to N,
+// non-decreasing) bounds the segments. Holds the contiguous copies the raw pointers read.
+struct SegmentRows {
+  at::Tensor perm, offsets;    // perm undefined without one
+  const int64_t* idx;          // perm's values, or nullptr
+  const int64_t* off;          // E + 1 segment bounds
+  int64_t N;
+};
+
+inline SegmentRows check_segment_rows(const char* op, int64_t B, int64_t E, const at::Tensor& offsets_in,
+                                      const std::optional<at::Tensor>& perm_in) {
+  SegmentRows rows;
+  check_index_1d(op, "offsets", offsets_in);
+  if (perm_in.has_value()) {
+    check_index_1d(op, "perm", *perm_in);
+    rows.perm = perm_in->contiguous();
+  }
+  rows.N = rows.perm.defined() ? rows.perm.numel() : B;
+  TORCH_CHECK_VALUE(offsets_in.numel() == E + 1, op, ": offsets must have E + 1 = ", E + 1, " entries, got ",
+                    offsets_in.numel());
+  rows.offsets = offsets_in.contiguous();
+  rows.off = rows.offsets.data_ptr<int64_t>();
+  check_offsets(op, rows.off, E, rows.N, rows.perm.defined() ? " (perm's length)" : "");
+  rows.idx = rows.perm.defined() ? rows.perm.data_ptr<int64_t>() : nullptr;
+  for (int64_t r = 0; rows.idx != nullptr && r < rows.N; ++r) {
+    TORCH_CHECK_VALUE(rows.idx[r] >= 0 && rows.idx[r] < B, op, ": perm values must be row indices of x in [0, ", B,
+                      "), got perm[", r, "] = ", rows.idx[r]);
+  }
+  return rows;
 }
 
 // The expert of each of the off[E] buffer rows (checked offsets): a table, because a binary search in

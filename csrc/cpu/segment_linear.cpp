@@ -78,32 +78,19 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
                    dtype_name(x_in.scalar_type()), ", got ", describe(weight));
   check_cpu(op, "x", x_in);
   check_cpu(op, "weight", weight);
-  check_index_1d(op, "offsets", offsets_in);
   const int64_t E = weight.size(0), M = weight.size(1), K = weight.size(2), B = x_in.size(0);
   TORCH_CHECK_VALUE(x_in.size(1) == K, op, ": x has ", x_in.size(1), " features but weight expects K = ", K);
-  at::Tensor perm;
-  if (perm_in.has_value()) {
-    check_index_1d(op, "perm", *perm_in);
-    perm = perm_in->contiguous();
-  }
-  // The rows the segments cover: x's own, or those perm names.
-  const int64_t N = perm.defined() ? perm.numel() : B;
-  TORCH_CHECK_VALUE(offsets_in.numel() == E + 1, op, ": offsets must have E + 1 = ", E + 1, " entries, got ",
-                    offsets_in.numel());
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->dim() == 2 && bias->size(0) == E && bias->size(1) == M, op,
                       ": bias must be a 2-D tensor [E, M] = [", E, ", ", M, "], got ", describe(*bias));
     TORCH_CHECK_TYPE(bias->scalar_type() == x_in.scalar_type(), op, ": bias must have x's dtype, got ", describe(*bias));
     check_cpu(op, "bias", *bias);
   }
-  const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_offsets(op, off, E, N, perm.defined() ? " (perm's length)" : "");
-  const int64_t* idx = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
-  for (int64_t r = 0; idx != nullptr && r < N; ++r) {
-    TORCH_CHECK_VALUE(idx[r] >= 0 && idx[r] < B, op, ": perm values must be row indices of x in [0, ", B, "), got perm[",
-                      r, "] = ", idx[r]);
-  }
+  // The rows the segments cover: x's own, or those perm names.
+  const SegmentRows segments = check_segment_rows(op, B, E, offsets_in, perm_in);
+  const int64_t N = segments.N;
+  const int64_t* off = segments.off;
+  const int64_t* idx = segments.idx;
   // The ATen calls below are this kernel's own arithmetic: autograd is handled by the op (ops.py).
   at::AutoDispatchBelowADInplaceOrView below_autograd;
   at::NoGradGuard no_grad;

@@ -102,7 +102,6 @@ at::Tensor segment_stack_cpu(const at::Tensor& x_in, at::TensorList weights, con
                     kOp, ": activations and activation_args must have one entry per weight, ", L, ", got ",
                     activation_names.size(), " and ", activation_args.size());
   TORCH_CHECK_VALUE(tile_rows >= 0, kOp, ": tile_rows must be >= 0 (0: chosen by the kernel), got ", tile_rows);
-  check_index_1d(kOp, "offsets", offsets_in);
   const int64_t E = weights[0].dim() == 3 ? weights[0].size(0) : -1;
   std::vector<at::Tensor> w(L), b(L);
   std::vector<Activation> act(L);
@@ -133,22 +132,11 @@ at::Tensor segment_stack_cpu(const at::Tensor& x_in, at::TensorList weights, con
     width = M;
     if (i + 1 < L) widest = std::max(widest, M);
   }
-  at::Tensor perm;
-  if (perm_in.has_value()) {
-    check_index_1d(kOp, "perm", *perm_in);
-    perm = perm_in->contiguous();
-  }
-  const int64_t B = x_in.size(0), K = x_in.size(1), N = perm.defined() ? perm.numel() : B;
-  TORCH_CHECK_VALUE(offsets_in.numel() == E + 1, kOp, ": offsets must have E + 1 = ", E + 1, " entries, got ",
-                    offsets_in.numel());
-  const at::Tensor offsets = offsets_in.contiguous();
-  const int64_t* off = offsets.data_ptr<int64_t>();
-  check_offsets(kOp, off, E, N, perm.defined() ? " (perm's length)" : "");
-  const int64_t* idx = perm.defined() ? perm.data_ptr<int64_t>() : nullptr;
-  for (int64_t r = 0; idx != nullptr && r < N; ++r) {
-    TORCH_CHECK_VALUE(idx[r] >= 0 && idx[r] < B, kOp, ": perm values must be row indices of x in [0, ", B,
-                      "), got perm[", r, "] = ", idx[r]);
-  }
+  const int64_t B = x_in.size(0), K = x_in.size(1);
+  const SegmentRows segments = check_segment_rows(kOp, B, E, offsets_in, perm_in);
+  const int64_t N = segments.N;
+  const int64_t* off = segments.off;
+  const int64_t* idx = segments.idx;
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // inference only: the op has no backward
   at::NoGradGuard no_grad;
   const at::Tensor x = x_in.contiguous().detach();

@@ -369,10 +369,7 @@ class GroupedLinearStack:
             offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
         stacked = self._stacked()
         start = 0
-        # Not for a training-mode Dropout (random per element: the layer-by-layer path calls it as it
-        # is) nor with autograd recording (segment_stack has no backward).
-        recording = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in stacked))
-        if self._plan is not None and not recording and not any(layer.training for layer in self._dropouts):
+        if self._plan is not None and self._stack_op_applies(h, stacked):
             start = self._first_linear
             for layer in self.layers[:start]:
                 h = layer(h)
@@ -394,6 +391,12 @@ class GroupedLinearStack:
             else:
                 h = layer(h)
         return h
+
+    def _stack_op_applies(self, h: Tensor, stacked: list[Tensor]) -> bool:
+        # Not for a training-mode Dropout (random per element: the layer-by-layer path calls it as it
+        # is) nor with autograd recording (segment_stack has no backward).
+        recording = torch.is_grad_enabled() and (h.requires_grad or any(t.requires_grad for t in stacked))
+        return not recording and not any(layer.training for layer in self._dropouts)
 
     def _run_stack(self, h: Tensor, perm: Tensor | None, offsets: Tensor, stacked: list[Tensor]) -> Tensor:
         stacked = iter(stacked)
