@@ -1,11 +1,12 @@
 """Builds the `mnn_fast._C` extension from csrc/ (CPU always; CUDA when usable or FORCE_CUDA=1).
 
-The Triton kernels in kernels/ ship as the `mnn_fast.kernels` subpackage.
+Packages are discovered, not listed: every package under mnn_fast/, and kernels/ (the Triton kernels)
+as `mnn_fast.kernels`. The version comes from mnn_fast/_version.py (pyproject.toml).
 """
 import glob
 import os
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -48,6 +49,12 @@ def _extensions():
     return [CppExtension("mnn_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
 
 
+def _packages():
+    """mnn_fast and every package below it, plus kernels/ (and any package below it) as mnn_fast.kernels."""
+    kernels = ["mnn_fast.kernels"] + [f"mnn_fast.kernels.{p}" for p in find_packages(os.path.join(ROOT, "kernels"))]
+    return find_packages(ROOT, include=["mnn_fast", "mnn_fast.*"]) + kernels
+
+
 def _build_ext():
     from torch.utils.cpp_extension import BuildExtension
 
@@ -55,9 +62,8 @@ def _build_ext():
 
 
 setup(
-    packages=["mnn_fast", "mnn_fast.engine", "mnn_fast.training", "mnn_fast.groups", "mnn_fast.nsn", "mnn_fast.launch",
-              "mnn_fast.kernels"],
-    package_dir={"mnn_fast": "mnn_fast", "mnn_fast.kernels": "kernels"},
+    packages=_packages(),
+    package_dir={"mnn_fast.kernels": "kernels"},
     ext_modules=_extensions(),
     cmdclass={"build_ext": _build_ext()},
 )

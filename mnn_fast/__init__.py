@@ -6,7 +6,7 @@ alone; ``reference.naive_forward`` is the paper's loop that everything is tested
 Importing the package changes no global torch setting.
 """
 from . import reference
+from ._version import __version__
 from .engine import MetaNeuralNetwork, Routing, backend_status, compile, route, select_backend
 
-__version__ = "0.1.0"
 __all__ = ["MetaNeuralNetwork", "Routing", "route", "reference", "backend_status", "select_backend", "compile"]
