@@ -24,6 +24,14 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached (default ~/.cache/mnn_fast)")
 
 
+def _run_dir(text: str) -> str:
+    """argparse type of a run-directory argument: an empty one would put the run in the working
+    directory (``Path("")`` is ``.``)."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a non-empty directory path, got ''")
+    return text
+
+
 def _config(args):
     """The checked :class:`TrainConfig` of the training arguments (one-line errors naming the field)."""
     from .training.config import TrainConfig
@@ -174,20 +182,20 @@ def _add_groups_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
     p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
     p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) for the base (no training unless --base-epochs)")
-    p.add_argument("--num-groups", type=int, default=3)
+    p.add_argument("--num-groups", type=int, default=3, help="label groups to learn from the confusions")
     p.add_argument("--k", type=int, default=2, help="top-k predictions counted as confusions / co-detections")
     p.add_argument("--epochs", type=int, default=10, help="epochs for the heads (and the base, unless --base-epochs)")
     p.add_argument("--base-epochs", type=int, default=None, help="epochs for the base (default: --epochs; 0 with --pretrained)")
     p.add_argument("--head-hidden", type=int, default=DEFAULT_HEAD_HIDDEN, help="hidden units per group head")
     p.add_argument("--head-depth", type=int, default=1, help="hidden layers per group head")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+    p.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
+    p.add_argument("--lr", type=float, default=1e-3, help="learning rate")
+    p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="the optimiser")
     p.add_argument("--with-mnn", action="store_true", help="also train MNNs with group and per-class specialists (slower)")
     p.add_argument("--dataset-threshold", type=float, default=0.1, help="MNN: specialist training-set threshold")
     p.add_argument("--test-threshold", type=float, default=0.25, help="MNN: test threshold")
-    p.add_argument("--out", default="groups_out")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="groups_out", help="where the tables, figures and JSON go")
+    p.add_argument("--seed", type=int, default=0, help="seeds every initialisation, split and batch order")
     p.set_defaults(func=cmd_groups)
     return p
 
@@ -202,21 +210,66 @@ def cmd_groups(args) -> None:
                       test_threshold=args.test_threshold, seed=args.seed, cache_dir=args.cache_dir)
 
 
+class _Parser(argparse.ArgumentParser):
+    """Every sub-command's help shows each option's default beside its text."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def version_text() -> str:
+    """``mnn-fast --version``: the package, torch and Python versions, and which backends can run here
+    (with the reason for each that cannot)."""
+    import platform
+
+    import torch
+
+    from . import __version__
+    from .engine.backends import backend_status
+
+    lines = [f"mnn-fast {__version__} (torch {torch.__version__}, Python {platform.python_version()})"]
+    devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+    for device in devices:
+        status = backend_status(device)
+        usable = [name for name, reason in status.items() if reason is None]
+        lines.append(f"backends on {device}: {', '.join(usable) or 'none'}")
+        lines += [f"  {name}: unavailable ({reason})" for name, reason in status.items()
+                  if reason is not None and not (device == "cpu" and name == "cuda")]
+    if not torch.cuda.is_available():
+        lines.append("cuda: no CUDA device visible to torch")
+    return "\n".join(lines)
+
+
+class _VersionAction(argparse.Action):
+    # argparse's own "version" action formats its string when the parser is built; this one imports
+    # torch only when --version is asked for, so `--help` stays fast.
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest=dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mnn-fast", description=__doc__.splitlines()[0])
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="mnn-fast", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print the version, torch's version and the backends usable here, then exit")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def training_args(p):
         _add_data_args(p)
         p.add_argument("--model", default="small_cnn", help="mlp, nsn_mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
-        p.add_argument("--switch-epochs", type=int, default=10)
-        p.add_argument("--specialist-epochs", type=int, default=5)
-        p.add_argument("--batch-size", type=int, default=64)
-        p.add_argument("--lr", type=float, default=1e-3)
-        p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam")
+        p.add_argument("--switch-epochs", type=int, default=10, help="epochs of the switch's training")
+        p.add_argument("--specialist-epochs", type=int, default=5, help="epochs of each specialist's training")
+        p.add_argument("--batch-size", type=int, default=64, help="training mini-batch size")
+        p.add_argument("--lr", type=float, default=1e-3, help="learning rate (switch and specialists)")
+        p.add_argument("--optimizer", choices=["adam", "sgd"], default="adam", help="the optimiser")
         p.add_argument("--dataset-threshold", type=float, default=0.1, help="a specialist trains on samples whose score exceeds this")
         p.add_argument("--groups", default=None, help='JSON list of class lists, one per specialist, e.g. "[[0,1],[2]]"')
-        p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--seed", type=int, default=0,
+                       help="seeds every initialisation, split and batch order (same seed, same bytes)")
         p.add_argument("--augment", action="store_true", help="random crop + flip (CIFAR)")
         p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) to start the switch from")
         p.add_argument("--specialist-threads", type=int, default=1,
@@ -240,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--ghn-steps", type=int, default=700, help="with --specialist-init ghn: GHN training steps")
 
     p = sub.add_parser("train", help="train the switch and specialists (resumable)", description=cmd_train.__doc__)
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=_run_dir, help="the run directory: created, or resumed where it holds this config")
     training_args(p)
     p.add_argument("--expert", type=int, action="append", help="train only this specialist (repeatable; for job arrays)")
     p.add_argument("--workers", type=int, default=1,
@@ -258,29 +311,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("sweep", help="accuracy over dataset x test thresholds: CSV and PNG figures")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=_run_dir, help="a trained run directory (with --dataset-thresholds: one run per value inside it)")
     training_args(p)
     p.add_argument("--dataset-thresholds", type=float, nargs="*", default=None, help="train one set of specialists per value (grid)")
     p.add_argument("--test-thresholds", type=float, nargs="*", default=None, help="default: 0.00, 0.05, ..., 1.00")
-    p.add_argument("--out", default="sweep_out")
+    p.add_argument("--out", default="sweep_out", help="where sweep.csv and the figures go")
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("baselines", help="MNN vs its switch vs a compute-matched switch over seeds (CSV, table, figure)",
                        description=cmd_baselines.__doc__)
     training_args(p)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--specialist-losses", nargs="+", choices=["ce", "binary"], default=["ce", "binary"])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one switch and its MNNs per seed")
+    p.add_argument("--specialist-losses", nargs="+", choices=["ce", "binary"], default=["ce", "binary"],
+                   help="one MNN row per specialist loss")
     p.add_argument("--specialist-models", nargs="+", default=None,
                    help="one MNN row per specialist architecture x --specialist-inits (default: --specialist-model)")
     p.add_argument("--specialist-inits", nargs="+", choices=["switch", "ghn", "random"], default=None,
                    help="one MNN row per init (default: --specialist-init); 'switch' only for the switch's architecture")
-    p.add_argument("--test-threshold", type=float, default=0.25)
+    p.add_argument("--test-threshold", type=float, default=0.25, help="the MNNs' test threshold")
     p.add_argument("--out", default="baselines_out", help="runs/ (resumable) and baselines.{csv,md,png,json} go here")
     p.set_defaults(func=cmd_baselines)
 
     p = sub.add_parser("eval", help="switch-only and MNN accuracy of a trained run at one test threshold")
-    p.add_argument("run_dir")
-    p.add_argument("--test-threshold", type=float, default=0.25)
+    p.add_argument("run_dir", type=_run_dir, help="a trained run directory")
+    p.add_argument("--test-threshold", type=float, default=0.25,
+                   help="a specialist runs on samples whose score exceeds this")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", help="routing core: engine vs naive loop on the same inputs")
@@ -291,21 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_groups_parser(sub)
 
     p = sub.add_parser("nsn", help="networks with sub-networks: NSN vs separate models vs layers removed (CSV + figure)")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="an embedded data set")
     p.add_argument("--out", default="nsn_out", help="where nsn.csv, nsn.png and nsn.json go")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one model of each kind per seed")
     p.add_argument("--depth", type=int, default=2, help="hidden layers of the base (sub-models: depths 0..depth)")
-    p.add_argument("--epochs", type=int, default=150)
-    p.add_argument("--lr", type=float, default=0.3)
+    p.add_argument("--epochs", type=int, default=150, help="training epochs of every model")
+    p.add_argument("--lr", type=float, default=0.3, help="SGD learning rate")
     p.add_argument("--threads", type=int, default=1, help="intra-op threads while training (small MLPs: 1 is fastest)")
     p.set_defaults(func=cmd_nsn)
 
     p = sub.add_parser("nsn-sweep", help="detachable MNN: accuracy vs multiply-adds over depth x test threshold")
-    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"])
+    p.add_argument("--dataset", default="digits", choices=["digits", "mnist5k"], help="an embedded data set")
     p.add_argument("--out", default="nsn_sweep_out", help="runs/ (resumable), nsn_sweep.csv, .png and .json go here")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--switch-epochs", type=int, default=15)
-    p.add_argument("--specialist-epochs", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0, help="seeds every initialisation, split and batch order")
+    p.add_argument("--switch-epochs", type=int, default=15, help="epochs of the switch's training")
+    p.add_argument("--specialist-epochs", type=int, default=10, help="epochs of each specialist's training")
     p.add_argument("--cutoffs", type=float, nargs="+", default=[0.9, 0.6],
                    help="per-sample budget rule: top score >= cutoffs[0] -> depth 0, >= cutoffs[1] -> depth 1, else full")
     p.set_defaults(func=cmd_nsn_sweep)
@@ -316,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds every initialisation, split and batch order")
     p.set_defaults(func=cmd_demo)
     return parser
 

@@ -71,3 +71,85 @@ def test_bench_quick_writes_rows_for_each_case(tmp_path, capsys, monkeypatch):
     assert cli.main(["bench", "--quick", "--json", str(path)]) == 0
     rows = json.loads(path.read_text())
     assert len(rows) == 4 and all(r["naive_s"] == 1e-3 and r["cpp_speedup"] == 1.0 for r in rows)
+
+
+def _sub_parsers():
+    import argparse
+
+    action = next(a for a in cli.build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_the_sub_command_list_is_the_parser_s():
+    # The parametrised tests below walk the parser itself, so a new sub-command is covered the day
+    # it is added; this pins that the walk finds them all.
+    assert {"train", "sweep", "baselines", "eval", "bench", "groups", "nsn", "nsn-sweep", "ghn", "demo"} <= set(_sub_parsers())
+
+
+@pytest.mark.parametrize("command", sorted(_sub_parsers()))
+def test_every_option_has_help_and_shows_its_default(command, capsys):
+    import argparse
+
+    parser = _sub_parsers()[command]
+    for action in parser._actions:
+        if isinstance(action, argparse._HelpAction):
+            continue
+        assert action.help and action.help != argparse.SUPPRESS, f"{command} {action.dest}: no help text"
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, False, argparse.SUPPRESS):
+            assert f"(default: {action.default})" in shown, f"{command} {action.option_strings[0]}: default not shown"
+
+
+def test_version_names_the_package_torch_and_the_backends(capsys):
+    import torch
+
+    import mnn_fast
+
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"mnn-fast {mnn_fast.__version__} (torch {torch.__version__}")
+    usable = [name for name, reason in mnn_fast.backend_status("cpu").items() if reason is None]
+    assert f"backends on cpu: {', '.join(usable)}" in out
+
+
+def test_the_version_has_one_source():
+    from importlib.metadata import version
+
+    import mnn_fast
+    from mnn_fast._version import __version__
+
+    assert mnn_fast.__version__ == __version__ == version("mnn_fast")
+
+
+@pytest.mark.parametrize("command", ["train", "eval", "sweep"])
+def test_an_empty_run_directory_is_refused_and_nothing_is_written(command, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main([command, "", *(TINY if command != "eval" else [])])
+    assert exit_.value.code == 2
+    assert "argument run_dir: expected a non-empty directory path" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_empty_run_directory_is_refused_from_python_too(tmp_path, monkeypatch):
+    from mnn_fast.training import TrainConfig, train
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ValueError, match="run_dir: expected a non-empty directory path"):
+        train(TrainConfig(model="mlp", switch_epochs=1, specialist_epochs=1), "")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_groups_out_of_range_are_refused_before_anything_is_written(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert cli.main(["train", str(run), *TINY, "--groups", "[[0, 1], [12]]"]) == 2
+    assert "12" in capsys.readouterr().err
+    assert not run.exists()
+    # The corrected command is a new run, not "a different run" in a directory the refusal left.
+    assert cli.main(["train", str(run), *TINY, "--groups", "[[0, 1], [9]]"]) == 0
+    assert sorted(p.name for p in (run / "specialists").iterdir()) == ["expert_0000.safetensors", "expert_0001.safetensors"]

@@ -147,8 +147,14 @@ def _triton_error(device_type: str) -> str | None:
     return None
 
 
-def backend_status(device: torch.device | str) -> dict[str, str | None]:
-    """For each backend name: ``None`` if it can run on ``device``, else the reason it cannot."""
+def backend_status(device: torch.device | str | None = None) -> dict[str, str | None]:
+    """For each backend name: ``None`` if it can run on ``device``, else the reason it cannot.
+
+    ``device=None`` asks about the device a model would most likely run on here: ``"cuda"`` when
+    torch sees a CUDA device, else ``"cpu"``.
+    """
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     device_type = torch.device(device).type
     status: dict[str, str | None] = {"torch": None}
     if ops.EXTENSION_ERROR is not None:

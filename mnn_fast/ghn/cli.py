@@ -12,7 +12,7 @@ def add_ghn_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("ghn", help="graph hypernetwork: predicted vs random init on held-out CNNs",
                               description=cmd_ghn.__doc__)
-    p.add_argument("--dataset", default="digits", choices=list(GHN_DATASETS))
+    p.add_argument("--dataset", default="digits", choices=list(GHN_DATASETS), help="an embedded data set")
     p.add_argument("--out", default="ghn_out", help="where ghn.csv, ghn.json, ghn.md, ghn.png and the checkpoints go")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2],
                    help="one GHN and one held-out architecture sample per seed")

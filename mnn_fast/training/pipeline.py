@@ -1,11 +1,12 @@
-"""The MNN training pipeline (SPEC section 7), resumable and crash-safe.
+"""The MNN training pipeline (docs/training.md), resumable and crash-safe.
 
 1. Train the switch on the training set less a 10% validation split (fixed seed).
 2. Write its softmax over the training set to ``train_probs.safetensors``.
-3-4. Specialist ``e`` starts from the switch's weights (or, with ``specialist_init``, from parameters
+3. Specialist ``e`` starts from the switch's weights (or, with ``specialist_init``, from parameters
    the run's graph hypernetwork ``ghn.safetensors`` predicts for ``specialist_model``, or a random
    init) and trains on the samples whose score for ``e`` exceeds the dataset threshold; each is an
    independent job writing its own file, skipped on resume.
+
 Every file is written to a temporary name and renamed, so a crash never leaves a partial file; every
 file is recorded in the run's manifest (``mnn_fast.training.rundir``) and verified before it is reused on
 resume or loaded by :func:`load_mnn`. A file that fails verification is retrained (logged) on resume,
@@ -80,7 +81,7 @@ def specialist_classes(groups, num_classes: int) -> list[tuple[int, ...]]:
 def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[Tensor]:
     """Per expert, the training indices whose group score exceeds ``dataset_threshold`` (increasing).
 
-    Exactly SPEC section 2 with ``t`` = the dataset threshold: the routing engine's expert-major
+    Exactly the switch function, docs/how-it-works.md with ``t`` = the dataset threshold: the routing engine's expert-major
     ``perm`` split by ``offsets``.
     """
     r = route(probs, groups, threshold=dataset_threshold)
@@ -165,16 +166,17 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     if experts is not None:
         experts = [F.check_int(f"experts[{i}]", e, 0) for i, e in enumerate(experts)]
     run = RunDir(run_dir)
+    splits = data_splits(cfg, splits)
+    # Class indices are checked against the data before anything is written: a refused config must
+    # leave no config.json behind, or its corrected form would be refused as "a different run".
+    groups = config_groups(cfg, splits.num_classes)
+    if cfg.specialist_init == "ghn":
+        _check_ghn_architecture(cfg, splits)
     run.root.mkdir(parents=True, exist_ok=True)
     config_sha = cfg.config_sha256()
     with run.lock(shared=experts is not None):
         with run.writing():
             _start_run(run, cfg)
-        splits = data_splits(cfg, splits)
-        # Class indices are checked against the data before any training is spent.
-        groups = config_groups(cfg, splits.num_classes)
-        if cfg.specialist_init == "ghn":
-            _check_ghn_architecture(cfg, splits)
         train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
         with run.writing():
             model, switch_sha = _ensure_switch(run, cfg, splits, (train_x, train_y, val_x, val_y), switch, repair)
@@ -197,7 +199,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
             except ValueError as exc:
                 _repair_or_refuse(path, exc, repair, f"retraining expert {e}")
             idx = subsets[e]
-            # SPEC 7.4: by default every specialist starts from the switch's weights.
+            # docs/training.md: by default every specialist starts from the switch's weights.
             start = {"switch": model.state_dict, "ghn": lambda: ghn_start,
                      "random": lambda: _random_start(cfg, splits, e)}[cfg.specialist_init]()
             jobs.append(SpecialistJob(e, dataclasses.asdict(cfg), start, splits.num_classes,

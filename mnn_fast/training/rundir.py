@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from pathlib import Path
 
 from torch import Tensor
@@ -31,7 +32,14 @@ class RunDir:
     """Paths inside a run directory, its locks and its manifest."""
 
     def __init__(self, root):
-        self.root = Path(root)
+        try:
+            text = os.fspath(root)
+        except TypeError:
+            raise TypeError(f"run_dir: expected a path (str or os.PathLike), got {type(root).__name__}") from None
+        if not text:
+            # Path("") is the working directory: a run would scatter its files there.
+            raise ValueError("run_dir: expected a non-empty directory path, got ''")
+        self.root = Path(text)
         self.config = self.root / "config.json"
         self.switch = self.root / "switch.safetensors"
         self.probs = self.root / "train_probs.safetensors"

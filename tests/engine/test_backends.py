@@ -79,3 +79,14 @@ def test_the_executor_follows_the_backends_segment_linear():
     assert auto.executor == "sequential" and "bitwise" in auto.executor_skipped["grouped"]
     assert MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="torch").executor == "grouped"
     assert MetaNeuralNetwork(nn.Linear(4, 3), experts, backend="cpp").executor == "grouped"
+
+
+def test_backend_status_without_a_device_asks_about_the_likely_one(monkeypatch):
+    import torch
+
+    from mnn_fast import backend_status
+
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert backend_status() == backend_status(expected)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert backend_status() == backend_status("cuda")
