@@ -14,6 +14,10 @@ except ImportError:  # pragma: no cover
     _HAS_CUDA = False
 if not _HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers on two cores: a second intra-op thread per worker only contends (small models ran
+    # 4-17x slower so). Tests that claim something at a thread count set it themselves (`threads`).
+    torch.set_num_threads(1)
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
