@@ -4,7 +4,7 @@ Per expert, in increasing order: boolean mask -> index (a fresh ``x[idx]``) -> r
 contribution. Nothing in the engine imports this module, so editing it never changes the fast path.
 The switch's log-probabilities and probabilities, each row's contribution and the final log_softmax
 use the engine's row ops (``softmax_rows``; ``contributions`` on that expert's rows alone;
-``log_softmax_rows``: rowmath's arithmetic), as SPEC section 5 allows; that arithmetic is itself
+``log_softmax_rows``: rowmath's arithmetic), as the equivalence rules of docs/how-it-works.md allows; that arithmetic is itself
 tested against the section 4 formula in plain torch.
 """
 from __future__ import annotations
@@ -28,7 +28,7 @@ def _default_groups(num_experts: int) -> list[list[int]]:
 
 
 def active_mask(scores: Tensor, threshold: float | None, top_k: int | None) -> Tensor:
-    """SPEC section 2 as a ``Tensor[B, E] bool`` mask: ``s > threshold`` and among the row's ``top_k``
+    """the switch function, docs/how-it-works.md as a ``Tensor[B, E] bool`` mask: ``s > threshold`` and among the row's ``top_k``
     largest (ties to the lower index; NaN ranks below every number and is never active)."""
     active = ~torch.isnan(scores)
     if threshold is not None:

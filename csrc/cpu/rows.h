@@ -253,7 +253,7 @@ struct ExpertGroup {
   float log_spread;
 };
 
-// log v of one row (SPEC section 4), written to dst[0:C] or, with kAccumulate, added to it
+// log v of one row (the recombination, docs/how-it-works.md), written to dst[0:C] or, with kAccumulate, added to it
 // (dst[c] = dst[c] + v[c], one float32 add: recombine's accumulation). y has W = C or 1 (binary)
 // entries. `ls`, `outside` and `inside` are scratch of C entries; inside is all 0 on entry and return.
 template <bool kAccumulate>

@@ -213,7 +213,7 @@ MNN_AVX2 inline void log_softmax_matrix_rows(float* matrix, int64_t begin, int64
   }
 }
 
-// The contributions log v (SPEC section 4) of up to eight rows of C logits each (rows::
+// The contributions log v (the recombination, docs/how-it-works.md) of up to eight rows of C logits each (rows::
 // contribution_row, width C), `count` real rows in y (padded with the last), row r of expert group
 // g[r]. On return: in_group[starts[r] + k] = log_softmax(y_r) at g[r].classes[k], spread[r] = the
 // value of every other class; the tile (8 C floats) is scratch.

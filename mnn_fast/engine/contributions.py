@@ -1,4 +1,4 @@
-"""The contribution math (SPEC section 4): specialist logits -> ``log v``, in one place.
+"""The contribution math (the recombination, docs/how-it-works.md): specialist logits -> ``log v``, in one place.
 
 Per row: ``ls = log_softmax(y)``; group classes keep ``ls[c]`` (or ``log q = logsigmoid(y)`` for a
 binary specialist); the rest share ``log(1 - q) = logsumexp(ls[not G])`` evenly, minus ``log(C - |G|)``.
@@ -40,7 +40,7 @@ def expert_log_contribution(
     outside_idx: Tensor | None = None,
 ) -> Tensor:
     """``log v_e: Tensor[n, C] float32`` from specialist logits ``y: Tensor[n, C]`` or ``Tensor[n, 1]``,
-    SPEC section 4 in differentiable torch ops (``log_softmax``, ``logsumexp``, ``logsigmoid``).
+    the recombination, docs/how-it-works.md in differentiable torch ops (``log_softmax``, ``logsumexp``, ``logsigmoid``).
 
     Classes in the group keep the specialist's log-probabilities (width ``C``) or ``log q`` (width 1,
     a binary specialist); the rest share ``log(1 - q)`` evenly. ``group_idx`` / ``outside_idx``
@@ -174,7 +174,7 @@ def contribution_formula(logits: Tensor, offsets: Tensor, group_offsets: Tensor,
 
 def recombine_formula(logp: Tensor, logits: Sequence[Tensor], offsets: Tensor, group_offsets: Tensor,
                       group_classes: Tensor, log_spread: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:
-    """What ``recombine`` computes (``docs/ops.md``), as SPEC section 4 in differentiable torch ops:
+    """What ``recombine`` computes (``docs/ops.md``), as the recombination, docs/how-it-works.md in differentiable torch ops:
     ``log_softmax(logp[i] + sum of i's rows' log v)``; the backward of the row ops differentiates this.
 
     Agrees with the op to float32 rounding, not bitwise (torch's exp and sums differ from rowmath's).

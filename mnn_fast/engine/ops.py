@@ -99,7 +99,7 @@ def _fake_softmax_rows(x: Tensor) -> tuple[Tensor, Tensor]:
             torch.empty_like(x, memory_format=torch.contiguous_format))
 
 
-# The row ops' backward differentiates SPEC section 4 written in torch (contributions.recombine_formula):
+# The row ops' backward differentiates the recombination, docs/how-it-works.md written in torch (contributions.recombine_formula):
 # the gradient of the math the ops compute, recomputed from the saved inputs; training is not the hot path.
 def _setup_recombine(ctx, inputs, output):
     logp, logits, *tables = inputs

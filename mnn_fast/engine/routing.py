@@ -1,6 +1,6 @@
 """The :class:`Routing` layout, argument checks for groups, thresholds and top-k, and :func:`route`.
 
-Routing (SPEC section 3): scores ``s[i, e]`` = group probability sums -> active experts (threshold
+Routing (the routing layout, docs/how-it-works.md): scores ``s[i, e]`` = group probability sums -> active experts (threshold
 and/or top-k) -> stable expert-major ``perm`` plus the sample-major view. Every check raises a
 ``ValueError``/``TypeError`` naming the argument, before any kernel runs.
 """
@@ -18,7 +18,7 @@ __all__ = ["Routing", "route", "normalize_groups", "check_threshold", "check_top
 
 
 class Routing(NamedTuple):
-    """Routing of a batch: expert-major layout plus the sample-major view (SPEC section 3).
+    """Routing of a batch: expert-major layout plus the sample-major view (the routing layout, docs/how-it-works.md).
 
     All fields are ``int64`` on the scores' device. ``counts: Tensor[E]``, ``offsets: Tensor[E+1]``,
     ``perm: Tensor[N]`` (buffer row ``r`` holds sample ``perm[r]``), ``sample_offsets: Tensor[B+1]``,

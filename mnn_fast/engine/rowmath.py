@@ -1,6 +1,6 @@
 """The recombination's float32 row arithmetic, written so every backend computes the same bits.
 
-exp, log1p and log are Cody-Waite reduction plus Cephes polynomials, one rounding per +, -, *, / (no
+exp, log1p and log are Cody-Waite reduction plus Cephes polynomials, one rounding per ``+``, ``-``, ``*``, ``/`` (no
 fused multiply-add); every row sum runs over 16 lanes in column order, then a fixed pairwise tree.
 C++ (``csrc/rowmath.h``), CUDA and Triton (``kernels/recombine.py``) spell out exactly these steps.
 
@@ -177,7 +177,7 @@ def membership(group_offsets: Tensor, group_classes: Tensor, num_classes: int) -
 
 def contributions_torch(logits: Tensor, offsets: Tensor, group_offsets: Tensor, group_classes: Tensor,
                         log_spread: Tensor, num_classes: int | None = None) -> Tensor:
-    """``log v: Tensor[N, C] float32`` (SPEC section 4) for ``logits: Tensor[N, W] float32`` in buffer order.
+    """``log v: Tensor[N, C] float32`` (the recombination, docs/how-it-works.md) for ``logits: Tensor[N, W] float32`` in buffer order.
 
     ``W = C``, or ``W = 1`` (binary specialists, every group one class; then ``num_classes`` gives
     ``C``). ``offsets: Tensor[E+1] int64`` (expert ``e`` owns rows ``offsets[e]:offsets[e+1]``),

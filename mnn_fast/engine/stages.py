@@ -47,7 +47,7 @@ def switch_scores(logits: Tensor, ops: Backend, group_offsets: Tensor | None = N
 
 def route_batch(scores: Tensor, ops: Backend, threshold: float | None, top_k: int | None,
                 switch_fn: Callable[[Tensor], Tensor] | None = None) -> Routing:
-    """The :class:`Routing` of ``scores: Tensor[B, E] float32`` (SPEC sections 2-3).
+    """The :class:`Routing` of ``scores: Tensor[B, E] float32`` (the switch function and routing layout, docs/how-it-works.md).
 
     ``threshold=None`` = no threshold (top-k alone); ``switch_fn(scores) -> Tensor[B, E] bool``
     replaces the rule when given.

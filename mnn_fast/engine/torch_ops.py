@@ -28,7 +28,7 @@ def topk_mask(scores: Tensor, top_k: int) -> Tensor:
 
 
 def active_mask_torch(scores: Tensor, threshold: float | None, top_k: int | None) -> Tensor:
-    """Switch function (SPEC section 2) as a ``Tensor[B, E] bool`` mask; NaN scores are never active."""
+    """Switch function (the switch function, docs/how-it-works.md) as a ``Tensor[B, E] bool`` mask; NaN scores are never active."""
     active = ~torch.isnan(scores)
     if threshold is not None:
         active &= scores > threshold

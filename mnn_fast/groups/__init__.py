@@ -1,4 +1,4 @@
-"""Label groups from a network's own confusions (SPEC section 8) and auxiliary heads on them.
+"""Label groups from a network's own confusions (docs/experiments/label-groups.md) and auxiliary heads on them.
 
 confusion: top-K confusion / co-detection matrices, S = A^T A, spectral clustering -> groups.
 heads: a frozen base plus one hidden stack per group wired to that group's logits.

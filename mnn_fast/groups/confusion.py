@@ -1,4 +1,4 @@
-"""Label groups from a network's own confusions (SPEC section 8, Warde-Farley et al. 2014).
+"""Label groups from a network's own confusions (docs/experiments/label-groups.md, Warde-Farley et al. 2014).
 
 On held-out data: ``A[i, j]`` = how often class ``i`` is in the top-k predictions for examples of true
 class ``j`` (or, without labels, how often ``i`` and ``j`` are detected together). ``S = A^T A`` is
@@ -47,7 +47,7 @@ def _check_scores(scores, name: str) -> Tensor:
 
 def _topk_mask(scores: Tensor, k: int) -> Tensor:
     """``Tensor[n, C] bool``: the ``k`` largest entries of each row; ties go to the lower class
-    (a stable descending sort), the tie rule of SPEC section 2."""
+    (a stable descending sort), the tie rule of the switch function, docs/how-it-works.md."""
     order = torch.sort(scores, dim=1, descending=True, stable=True).indices[:, :k]
     return torch.zeros(scores.shape, dtype=torch.bool).scatter_(1, order, True)
 

@@ -1,4 +1,4 @@
-"""Auxiliary group heads on a frozen network (SPEC section 8, Warde-Farley et al. 2014).
+"""Auxiliary group heads on a frozen network (docs/experiments/label-groups.md, Warde-Farley et al. 2014).
 
 The trained base is split at its final ``nn.Linear`` into a frozen feature extractor and a classifier.
 Each group ``G_g`` gets a parallel stack ``depth x (Linear + ReLU)`` on the features whose output

@@ -1,7 +1,7 @@
 """``mnn-fast groups``: do label groups learned from confusions help? Heads on groups vs controls.
 
 Train (or load) a base on the training split less validation; learn groups on the held-out validation
-split (confusions and co-detections, SPEC section 8); train auxiliary heads on each grouping and on a
+split (confusions and co-detections, docs/experiments/label-groups.md); train auxiliary heads on each grouping and on a
 random grouping of the same sizes; report test accuracy and multiply-adds per grouping.
 """
 from __future__ import annotations

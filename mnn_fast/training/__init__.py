@@ -1,4 +1,4 @@
-"""Training (SPEC section 7): the run-directory pipeline, its config, the generic loop, sweeps, bundles.
+"""Training (docs/training.md): the run-directory pipeline, its config, the generic loop, sweeps, bundles.
 
 pipeline: switch -> probability file -> specialists on their dataset-threshold subsets, resumable and
 verified (rundir: lock, manifest). loop: the cross-entropy loop shared with the label-group heads.

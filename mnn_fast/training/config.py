@@ -17,7 +17,7 @@ from .models import MODEL_NAMES
 __all__ = ["TrainConfig", "SPECIALIST_LOSSES", "SPECIALIST_INITS"]
 
 SPECIALIST_LOSSES = ("ce", "binary")
-# Where a specialist starts: the trained switch's weights (SPEC 7.4, the paper), parameters a graph
+# Where a specialist starts: the trained switch's weights (docs/training.md, the paper), parameters a graph
 # hypernetwork predicts for its architecture (mnn_fast.ghn), or the architecture's own random init.
 SPECIALIST_INITS = ("switch", "ghn", "random")
 

