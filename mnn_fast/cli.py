@@ -19,8 +19,13 @@ from pathlib import Path
 
 
 def _add_data_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--dataset", default="digits", help="digits (embedded), mnist5k (embedded) or cifar10 (needs --data-path)")
-    p.add_argument("--data-path", default=None, help="CIFAR-10: a directory with train.tar.gz/test.tar.gz, cifar-10-batches-py, or train/ and test/ image folders")
+    p.add_argument("--dataset", default="digits",
+                   help="digits and mnist5k ship with their packages; cifar10, imagefolder (your images) and "
+                        "arrays (your .npz) read --data-path")
+    p.add_argument("--data-path", default=None,
+                   help="imagefolder: a directory with train/<class>/ and test/<class>/ images; arrays: an .npz with "
+                        "x_train, y_train, x_test, y_test; cifar10: a directory with train.tar.gz/test.tar.gz, "
+                        "cifar-10-batches-py, or train/ and test/ image folders")
     p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached (default ~/.cache/mnn_fast)")
 
 
@@ -81,28 +86,58 @@ def cmd_baselines(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .training.config import TrainConfig
+    """Switch-only and MNN test accuracy of a trained run, on the data the run records (or on the
+    data given, which must be the same: a moved folder or file)."""
     from .training.loop import accuracy
-    from .training.pipeline import data_splits, load_mnn
+    from .training.pipeline import load_mnn, run_data
 
-    cfg = TrainConfig.load(Path(args.run_dir) / "config.json")
-    splits = data_splits(cfg)
+    splits = run_data(args.run_dir, dataset=args.dataset, data_path=args.data_path, cache_dir=args.cache_dir)
     mnn = load_mnn(args.run_dir, args.test_threshold, splits=splits)
     print(f"switch alone: {accuracy(mnn.switch, splits.test_x, splits.test_y):.4f}")
     print(f"MNN at test threshold {args.test_threshold}: {accuracy(mnn, splits.test_x, splits.test_y):.4f}")
+
+
+def _refuse_conflicting_options(args, saved, command: str) -> None:
+    """A training option given on the command line that contradicts the run's saved config is an
+    error, not silently ignored: the command works on the run as it was trained."""
+    import dataclasses
+
+    parser = _sub_parser(command)
+    given = {parser._option_string_actions[word.split("=", 1)[0]].dest for word in args.argv
+             if word.split("=", 1)[0] in parser._option_string_actions}
+    fields = {f.name for f in dataclasses.fields(saved)} & given
+    if not fields:
+        return
+    wanted = _config(args)
+    differ = sorted(f for f in fields if getattr(wanted, f) != getattr(saved, f))
+    if differ:
+        shown = ", ".join(f"--{f.replace('_', '-')} {getattr(wanted, f)!r} (the run has {getattr(saved, f)!r})"
+                          for f in differ)
+        raise ValueError(f"{shown}: {command} works on {args.run_dir} as it was trained; drop the option or use "
+                         "a new run directory")
+
+
+def _sub_parser(command: str) -> argparse.ArgumentParser:
+    action = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices[command]
 
 
 def cmd_sweep(args) -> None:
     from .reporting import plot_heatmap, plot_lines, write_csv
     from .training.config import TrainConfig
     from .training.loop import accuracy
-    from .training.pipeline import data_splits, load_mnn, train
+    from .training.pipeline import data_splits, load_mnn, run_data, train
     from .training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_thresholds
 
     out = Path(args.out)
     saved = Path(args.run_dir) / "config.json"
-    base = TrainConfig.load(saved) if saved.exists() and not args.dataset_thresholds else _config(args)
-    splits = data_splits(base)
+    if saved.exists():  # a trained run: its config and its data, never the command line's defaults
+        base = TrainConfig.load(saved)
+        _refuse_conflicting_options(args, base, "sweep")
+        splits = run_data(args.run_dir)
+    else:
+        base = _config(args)
+        splits = data_splits(base)
     rows = []
     dataset_thresholds = args.dataset_thresholds or [base.dataset_threshold]
     for d in dataset_thresholds:
@@ -177,8 +212,9 @@ def _add_groups_parser(subparsers) -> argparse.ArgumentParser:
 
     p = subparsers.add_parser("groups", help="label groups from confusions: auxiliary heads vs controls",
                               description="Do label groups learned from confusions help? Heads on groups vs controls.")
-    p.add_argument("--dataset", default="digits", help="digits, mnist5k or cifar10 (needs --data-path)")
-    p.add_argument("--data-path", default=None, help="CIFAR-10 directory")
+    p.add_argument("--dataset", default="digits",
+                   help="digits and mnist5k ship with their packages; cifar10, imagefolder and arrays read --data-path")
+    p.add_argument("--data-path", default=None, help="the data set's directory (cifar10, imagefolder) or .npz (arrays)")
     p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
     p.add_argument("--model", default="small_cnn", help="mlp, small_cnn, resnet20, resnet56 or mobilenet_v2")
     p.add_argument("--pretrained", default=None, help="CIFAR ResNet checkpoint (.th) for the base (no training unless --base-epochs)")
@@ -332,8 +368,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="baselines_out", help="runs/ (resumable) and baselines.{csv,md,png,json} go here")
     p.set_defaults(func=cmd_baselines)
 
-    p = sub.add_parser("eval", help="switch-only and MNN accuracy of a trained run at one test threshold")
+    p = sub.add_parser("eval", help="switch-only and MNN accuracy of a trained run at one test threshold",
+                       description=cmd_eval.__doc__)
     p.add_argument("run_dir", type=_run_dir, help="a trained run directory")
+    p.add_argument("--dataset", default=None,
+                   help="read the data from here instead of the run's record (it must be the same data)")
+    p.add_argument("--data-path", default=None, help="with --dataset: where that data is")
+    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
     p.add_argument("--test-threshold", type=float, default=0.25,
                    help="a specialist runs on samples whose score exceeds this")
     p.set_defaults(func=cmd_eval)
@@ -378,17 +419,31 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     """Runs one sub-command; bad input, unusable files and a busy run directory print one line
-    (``mnn-fast COMMAND: error: ...``) and return 2 instead of a traceback."""
+    (``mnn-fast COMMAND: error: ...``) and return 2 instead of a traceback. Ctrl-C prints one line
+    saying what was kept and returns 130."""
     from .io import BusyError
 
     args = build_parser().parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # which options were typed, not defaulted
     try:
         args.func(args)
     except (ValueError, TypeError, OSError, BusyError) as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"mnn-fast {args.command}: error: {message}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"\nmnn-fast {args.command}: interrupted; {_kept(args)}", file=sys.stderr)
+        return 130
     return 0
+
+
+def _kept(args) -> str:
+    """What an interrupted command leaves behind. Every file is written whole or not at all (a
+    temporary name, then a rename), and the locks go with the process."""
+    where = getattr(args, "run_dir", None) if args.command in ("train", "sweep") else getattr(args, "out", None)
+    if args.command in ("train", "sweep", "baselines", "nsn-sweep", "demo") and where:
+        return f"the finished files in {where} are kept, and the same command resumes from them"
+    return "nothing was left half-written"
 
 
 if __name__ == "__main__":

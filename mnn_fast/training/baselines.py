@@ -1,7 +1,7 @@
-"""``mnn-fast baselines``: does the MNN help at equal training compute? (issue 14, items 5-6)
+"""``mnn-fast baselines``: does the MNN help at equal training compute?
 
 Per seed: the pipeline's switch and MNN (one specialist set per ``--specialist-losses`` value and per
-specialist start: architecture x initialisation, issue 16; all from the same switch), and a
+specialist start: architecture x initialisation; all from the same switch), and a
 *compute-matched* switch: the same model from the same start (the same seed, the same pretrained
 weights) trained for as many sample passes as the switch and all specialists together, in one cosine
 schedule. Test accuracy of each at one test threshold, and of the specialists on the test samples
@@ -112,10 +112,11 @@ def routed_specialist_accuracy(mnn, x: Tensor, y: Tensor) -> float:
     return correct / bounds[-1] if bounds[-1] else float("nan")
 
 
-def _one_seed(base: TrainConfig, seed: int, losses, starts, test_threshold: float, out: Path) -> list[dict]:
+def _one_seed(base: TrainConfig, seed: int, losses, starts, test_threshold: float, out: Path,
+              given: Splits | None) -> list[dict]:
     cfg = dataclasses.replace(base, seed=seed, specialist_loss=losses[0], specialist_model=None,
                               specialist_init="switch").check()
-    splits = data_splits(cfg)
+    splits = data_splits(cfg, given)
     test = (splits.test_x, splits.test_y)
     rows, switch, ghn, passes = [], None, None, None
     for model, init in starts:
@@ -175,14 +176,16 @@ def summarise(rows: list[dict]) -> list[dict]:
 
 
 def run_baselines(cfg: TrainConfig, out, seeds=(0, 1, 2), losses=SPECIALIST_LOSSES, test_threshold: float = 0.25,
-                  verbose: bool = True, starts=((None, "switch"),)) -> dict:
+                  verbose: bool = True, starts=((None, "switch"),), splits: Splits | None = None) -> dict:
     """Trains and evaluates every row for each seed (resumable: runs live under ``out/runs``); returns
     ``{"rows", "summary", "table", "config", "seconds"}``, also written to ``out``.
 
     ``cfg``: the pipeline's config (its ``seed``, ``specialist_loss``, ``specialist_model`` and
     ``specialist_init`` are replaced per row). ``starts``: the specialists' ``(architecture, init)``
     pairs, one MNN row each per loss (architecture ``None``: the switch's; init in
-    ``SPECIALIST_INITS``; "switch" only for the switch's architecture).
+    ``SPECIALIST_INITS``; "switch" only for the switch's architecture). ``splits``: your own data
+    (e.g. :meth:`Splits.from_arrays`), the same for every seed; by default each seed reads the data
+    ``cfg`` names (digits and mnist5k draw their test split from the seed).
     """
     cfg = cfg.check()
     seeds = [int(s) for s in seeds]
@@ -204,9 +207,9 @@ def run_baselines(cfg: TrainConfig, out, seeds=(0, 1, 2), losses=SPECIALIST_LOSS
     start = time.perf_counter()
     rows = []
     for seed in seeds:
-        rows += _one_seed(cfg, seed, losses, starts, test_threshold, out)
+        rows += _one_seed(cfg, seed, losses, starts, test_threshold, out, splits)
     summary = summarise(rows)
-    title = (f"{cfg.dataset} / {cfg.model}: test accuracy over seeds {seeds}, test threshold {test_threshold}")
+    title = (f"{splits.name if splits is not None else cfg.dataset} / {cfg.model}: test accuracy over seeds {seeds}, test threshold {test_threshold}")
     result = {"config": {**cfg.identity(), "seeds": seeds, "losses": losses, "test_threshold": test_threshold,
                          "starts": [list(st) for st in starts]},
               "rows": rows, "summary": summary, "table": reporting.baselines_markdown_table(summary),

@@ -7,6 +7,7 @@ Nothing here downloads: CIFAR-10 is read from a local path and its decoded pixel
 from __future__ import annotations
 
 import codecs
+import dataclasses
 import functools
 import hashlib
 import io
@@ -24,16 +25,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATASET_NAMES = ("digits", "mnist5k", "cifar10")
+DATASET_NAMES = ("digits", "mnist5k", "cifar10", "imagefolder", "arrays")
+# The data sets read from data_path; the others ship inside their pip packages.
+PATH_DATASETS = ("cifar10", "imagefolder", "arrays")
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel mean and std of the CIFAR-10 training pixels (in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
-# ImageNet's statistics: what the pretrained CIFAR ResNets in ../shared expect (their trainer used them).
+# ImageNet's statistics: what common pretrained CIFAR ResNet checkpoints expect (their trainer used them).
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 NORMALIZATIONS = {"cifar": (CIFAR10_MEAN, CIFAR10_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
-_IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".ppm")
 _CACHE_VERSION = 1  # bump when the cached layout changes, so stale caches are ignored
 
 
@@ -53,11 +56,32 @@ class Splits:
     input_shape: tuple[int, int, int]
     name: str
     classes: tuple[str, ...] = field(default=())
+    # How to read these splits again (load_dataset's arguments, and train_fraction once cut); None for
+    # tensors handed over from Python. A run records it, so its commands need not be told the data.
+    source: dict | None = None
+    # The input normalisation applied (per-channel mean and std), None where the pixels are raw.
+    normalization: dict | None = None
+
+    @classmethod
+    def from_arrays(cls, x_train, y_train, x_test, y_test, *, classes=None, name: str = "arrays") -> "Splits":
+        """Splits of your own arrays or tensors: ``x_*`` ``[N, C, H, W]`` or ``[N, D]``, ``y_*`` integer
+        labels in ``[0, C)``; used as given. See :func:`mnn_fast.training.owndata.splits_from_arrays`."""
+        from .owndata import splits_from_arrays
+
+        return splits_from_arrays(x_train, y_train, x_test, y_test, classes=classes, name=name)
+
+    @classmethod
+    def from_image_folder(cls, path) -> "Splits":
+        """Splits of ``path/train/<class>/*`` and ``path/test/<class>/*`` images. See
+        :func:`mnn_fast.training.owndata.load_image_folder`."""
+        from .owndata import load_image_folder
+
+        return load_image_folder(path)
 
 
 def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0, *,
                  cache_dir: str | os.PathLike | None = None, normalization: str = "cifar") -> Splits:
-    """Load ``name`` ("digits", "mnist5k" or "cifar10") as deterministic ``Splits``.
+    """Load ``name`` (one of ``DATASET_NAMES``) as deterministic ``Splits``, with ``Splits.source`` set.
 
     digits: ``[1797, 1, 8, 8]`` in ``[0, 1]``, stratified 70/30 split drawn from ``seed``.
     mnist5k: ``[5000, 1, 28, 28]`` in ``[0, 1]``, stratified 80/20 split drawn from ``seed``.
@@ -67,10 +91,29 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0
     (or its parent), or an image-folder tree ``train/<class>/*`` and ``test/<class>/*``. Classes are the
     sorted folder names (alphabetical = CIFAR order). Decoded tarballs are cached in ``cache_dir``
     (default ``$XDG_CACHE_HOME/mnn_fast`` or ``~/.cache/mnn_fast``). ``normalization="imagenet"``
-    uses ImageNet's mean/std instead, which the shared pretrained CIFAR ResNets were trained with.
+    uses ImageNet's mean/std instead, which pretrained CIFAR ResNet checkpoints are often trained with.
+    imagefolder: ``path/train/<class>/*`` and ``path/test/<class>/*`` images
+    (:func:`~mnn_fast.training.owndata.load_image_folder`); arrays: an ``.npz`` with ``x_train``,
+    ``y_train``, ``x_test``, ``y_test`` (:func:`~mnn_fast.training.owndata.load_arrays`); for both
+    ``seed``, ``cache_dir`` and ``normalization`` are unused.
     """
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"normalization: expected one of {tuple(NORMALIZATIONS)}, got {normalization!r}")
+    if name in ("imagefolder", "arrays"):
+        from .owndata import load_arrays, load_image_folder
+
+        if path is None:
+            raise ValueError(f"data_path: dataset {name!r} needs data_path ("
+                             + ("a directory with train/<class>/ and test/<class>/ images)" if name == "imagefolder"
+                                else "an .npz with x_train, y_train, x_test, y_test)"))
+        return load_image_folder(path) if name == "imagefolder" else load_arrays(path)
+    splits = _load_named(name, path, seed, cache_dir, normalization)
+    splits.source = {"dataset": name, "data_path": None if path is None else str(path), "seed": seed,
+                     "normalization": normalization}
+    return splits
+
+
+def _load_named(name, path, seed, cache_dir, normalization) -> Splits:
     if name == "digits":
         from sklearn.datasets import load_digits
 
@@ -88,8 +131,42 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0
         (xtr, ytr), (xte, yte), classes = _read_cifar(Path(path), cache_dir)
         mean, std = NORMALIZATIONS[normalization]
         return Splits(_normalise(xtr, mean, std), torch.from_numpy(ytr), _normalise(xte, mean, std), torch.from_numpy(yte),
-                      len(classes), (3, xtr.shape[1], xtr.shape[2]), name, tuple(classes))
+                      len(classes), (3, xtr.shape[1], xtr.shape[2]), name, tuple(classes),
+                      normalization={"mean": list(mean), "std": list(std), "of": f"{normalization} statistics"})
     raise ValueError(f"name: unknown dataset {name!r}; expected one of {DATASET_NAMES}")
+
+
+def data_source(dataset: str, data_path=None, seed: int = 0, normalization: str = "cifar",
+                train_fraction: float = 1.0, rgb: bool = False) -> dict:
+    """The recipe :func:`load_source` reads: :func:`load_dataset`'s arguments, the kept fraction of
+    the training split, and whether one-channel images are repeated to three (``rgb``, for a switch
+    started from an RGB checkpoint)."""
+    return {"dataset": dataset, "data_path": None if data_path is None else str(data_path), "seed": int(seed),
+            "normalization": normalization, "train_fraction": float(train_fraction), "rgb": bool(rgb)}
+
+
+def load_source(source: dict, cache_dir=None) -> Splits:
+    """The :class:`Splits` a :func:`data_source` recipe describes, with ``Splits.source`` set to it."""
+    seed = source.get("seed", 0)  # a recipe of load_dataset's own has no cut and no rgb
+    splits = load_dataset(source["dataset"], source.get("data_path"), seed, cache_dir=cache_dir,
+                          normalization=source.get("normalization", "cifar"))
+    splits = cut_training_split(splits, source.get("train_fraction", 1.0), seed)
+    if source.get("rgb") and len(splits.input_shape) == 3 and splits.input_shape[0] == 1:
+        warnings.warn(f"{splits.name}: one-channel images repeated to three channels (the switch starts from an "
+                      "RGB checkpoint)", stacklevel=2)
+        rgb = lambda x: x.repeat(1, 3, 1, 1)  # noqa: E731
+        splits = dataclasses.replace(splits, train_x=rgb(splits.train_x), test_x=rgb(splits.test_x),
+                                     input_shape=(3,) + tuple(splits.input_shape[1:]))
+    splits.source = dict(source)
+    return splits
+
+
+def cut_training_split(splits: Splits, fraction: float, seed: int) -> Splits:
+    """``splits`` with a stratified ``fraction`` of its training samples kept (drawn from ``seed``)."""
+    if fraction >= 1.0:
+        return splits
+    keep = split_indices(splits.train_y, fraction, seed + 7919)[1]  # a draw apart from the validation split's
+    return dataclasses.replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
 
 
 def split_indices(y: Tensor, fraction: float, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -218,14 +295,14 @@ def _decode_tarball(tar_path: Path):
         with tarfile.open(tar_path, "r:gz") as tf:
             for m in tf:
                 parts = m.name.split("/")
-                if m.isfile() and len(parts) >= 2 and m.name.lower().endswith(_IMAGE_SUFFIXES):
+                if m.isfile() and len(parts) >= 2 and m.name.lower().endswith(IMAGE_SUFFIXES):
                     items.append((parts[-2], parts[-1], tf.extractfile(m).read()))
     except (tarfile.TarError, EOFError, OSError, zlib.error) as e:
         raise ValueError(f"path: {str(tar_path)!r} is not a readable .tar.gz of images: {e}") from e
     if not items:
         raise ValueError(f"path: {str(tar_path)!r} contains no <class>/<image> files")
     items.sort(key=lambda t: (t[0], t[1]))
-    return _decode_images([(f"{tar_path.name}:{c}/{f}", c, lambda b=b: io.BytesIO(b)) for c, f, b in items],
+    return decode_images([(f"{tar_path.name}:{c}/{f}", c, lambda b=b: io.BytesIO(b)) for c, f, b in items],
                           f"decoding {tar_path.name}", tqdm)
 
 
@@ -234,14 +311,14 @@ def _read_image_folder(root: Path):
 
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     items = [(str(f), c, lambda f=f: f) for c in classes for f in sorted((root / c).iterdir())
-             if f.is_file() and f.name.lower().endswith(_IMAGE_SUFFIXES)]
+             if f.is_file() and f.name.lower().endswith(IMAGE_SUFFIXES)]
     if not items:
         raise ValueError(f"path: {str(root)!r} contains no <class>/<image> files")
-    x, y, cls = _decode_images(items, f"decoding {root.name}/", tqdm)
+    x, y, cls = decode_images(items, f"decoding {root.name}/", tqdm)
     return (x, y), cls
 
 
-def _decode_images(items, desc, tqdm):
+def decode_images(items, desc, tqdm):
     """``items``: ``(label for errors, class name, opener)`` -> (uint8 [N, H, W, 3], int64 [N], classes)."""
     from PIL import Image
 

@@ -14,6 +14,7 @@ and refused by :func:`load_mnn`.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 
@@ -26,12 +27,13 @@ from . import fields as F
 from ..engine.module import MetaNeuralNetwork
 from ..engine.routing import normalize_groups, route
 from .config import TrainConfig
-from .data import Splits, load_dataset, split_indices, validation_split
+from .datarecord import check_same_data, read_data_record, reload_splits, save_or_check_data_record
+from .data import Splits, cut_training_split, data_source, load_source, validation_split
 from .loop import accuracy, binary_group_loss, fit, make_optimizer, predict_probs
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "initial_switch", "initial_specialist", "load_run_ghn", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "LAUNCHERS"]
+__all__ = ["train", "initial_switch", "initial_specialist", "load_run_ghn", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "run_data", "config_source", "LAUNCHERS"]
 
 # How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
 LAUNCHERS = ("local", "ray", "slurm")
@@ -90,21 +92,18 @@ def specialist_subsets(probs: Tensor, groups, dataset_threshold: float) -> list[
 
 
 def data_splits(cfg: TrainConfig, splits: Splits | None = None) -> Splits:
-    """``splits`` as given (already cut), else the dataset ``cfg`` names with its training split cut to
-    ``cfg.train_fraction``."""
+    """``splits`` as given (already cut), else the data ``cfg`` names (:func:`config_source`)."""
     if splits is not None:
         return splits
+    return load_source(config_source(cfg), cfg.cache_dir)
+
+
+def config_source(cfg: TrainConfig) -> dict:
+    """The data recipe of ``cfg``: its dataset, cut to ``cfg.train_fraction``; normalisation "auto" is
+    ImageNet's with a pretrained switch (what those checkpoints expect), CIFAR's otherwise; one-channel
+    images become three for a pretrained (RGB) switch."""
     norm = cfg.normalization if cfg.normalization != "auto" else ("imagenet" if cfg.pretrained else "cifar")
-    splits = load_dataset(cfg.dataset, cfg.data_path, cfg.seed, cache_dir=cfg.cache_dir, normalization=norm)
-    return cut_training_split(splits, cfg.train_fraction, cfg.seed)
-
-
-def cut_training_split(splits: Splits, fraction: float, seed: int) -> Splits:
-    """``splits`` with a stratified ``fraction`` of its training samples kept (drawn from ``seed``)."""
-    if fraction >= 1.0:
-        return splits
-    keep = split_indices(splits.train_y, fraction, seed + 7919)[1]  # a draw apart from the validation split's
-    return dataclasses.replace(splits, train_x=splits.train_x[keep], train_y=splits.train_y[keep])
+    return data_source(cfg.dataset, cfg.data_path, cfg.seed, norm, cfg.train_fraction, rgb=cfg.pretrained is not None)
 
 
 def initial_switch(cfg: TrainConfig, splits: Splits) -> nn.Module:
@@ -177,6 +176,7 @@ def train(cfg: TrainConfig, run_dir, experts: list[int] | None = None, splits: S
     with run.lock(shared=experts is not None):
         with run.writing():
             _start_run(run, cfg)
+            save_or_check_data_record(run, splits)
         train_x, train_y, val_x, val_y = validation_split(splits.train_x, splits.train_y, cfg.val_fraction, cfg.seed)
         with run.writing():
             model, switch_sha = _ensure_switch(run, cfg, splits, (train_x, train_y, val_x, val_y), switch, repair)
@@ -394,8 +394,36 @@ def _ensure_probs(run: RunDir, switch: nn.Module, config_sha: str, switch_sha: s
     return probs
 
 
+def run_data(run_dir, splits: Splits | None = None, *, dataset: str | None = None, data_path=None,
+             cache_dir=None) -> Splits:
+    """The data ``run_dir`` was trained on: ``splits`` checked against the run's data record, else read
+    again from the recorded source, or from ``dataset``/``data_path`` when given (the same recipe
+    otherwise: a folder or file that moved). ``ValueError`` in one line for other data, or for a run
+    trained on tensors handed over from Python when neither is given."""
+    run = RunDir(run_dir)
+    cfg = TrainConfig.load(run.config)
+    record = read_data_record(run)
+    if splits is None and (dataset is not None or data_path is not None):
+        if dataset is None:
+            raise ValueError("dataset: a data_path needs its dataset (imagefolder, arrays or cifar10)")
+        base = (record or {}).get("source") or config_source(cfg)
+        splits = load_source({**base, "dataset": dataset, "data_path": None if data_path is None else str(data_path)},
+                             cache_dir if cache_dir is not None else cfg.cache_dir)
+    if splits is not None:
+        check_same_data(run, record, splits)
+        return splits
+    return data_splits(cfg) if record is None else reload_splits(run, record, cache_dir or cfg.cache_dir)
+
+
+# What building a run's networks needs of its data (a Splits has both fields too).
+_DataShape = collections.namedtuple("_DataShape", "num_classes input_shape")
+
+
 def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None, **kwargs) -> MetaNeuralNetwork:
     """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished).
+
+    The data's shape comes from the run's data record, so no data is read; ``splits``, when given,
+    must be the data the run was trained on (checked by fingerprint).
 
     Everything is verified first: ``config.json`` is valid and is the config the manifest records,
     and every file is this run's (config and switch hashes), unchanged since it was recorded, with
@@ -404,7 +432,13 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
     run = RunDir(run_dir)
     cfg = TrainConfig.load(run.config)
     run.check_config(cfg.identity())
-    splits = data_splits(cfg, splits)
+    record = read_data_record(run)
+    if splits is not None:
+        check_same_data(run, record, splits)
+    elif record is None:
+        splits = data_splits(cfg)  # a run from before data records: its config names its data
+    else:  # building the module needs only the data's shape: nothing is decoded
+        splits = _DataShape(record["num_classes"], tuple(record["input_shape"]))
     config_sha = cfg.config_sha256()
     groups = config_groups(cfg, splits.num_classes)
     num_experts = len(groups) if groups else splits.num_classes

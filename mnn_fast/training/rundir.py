@@ -45,6 +45,7 @@ class RunDir:
         self.probs = self.root / "train_probs.safetensors"
         self.ghn = self.root / "ghn.safetensors"  # only with specialist_init "ghn"
         self.manifest = self.root / "manifest.json"
+        self.data = self.root / "data.json"  # what the run trained on (mnn_fast.training.datarecord)
         self.lock_path = self.root / ".lock"
         self.write_lock_path = self.root / ".write.lock"
         self._writing = 0  # nesting depth: a second flock of ours on a new descriptor would deadlock

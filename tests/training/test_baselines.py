@@ -190,7 +190,10 @@ def test_baselines_run_writes_every_row_and_resumes(digits, tmp_path):
     # Both losses share the first run's switch; the binary run's specialists differ.
     runs = tmp_path / "out" / "runs"
     assert RunDir(runs / "seed0_ce").switch.read_bytes() != b""
-    ce, binary = (load_mnn(runs / f"seed0_{k}", splits=digits) for k in ("ce", "binary"))
+    # The runs trained on half of digits' training split: load_mnn builds them from their data record.
+    ce, binary = (load_mnn(runs / f"seed0_{k}") for k in ("ce", "binary"))
+    with pytest.raises(ValueError, match="not on the data given"):
+        load_mnn(runs / "seed0_ce", splits=digits)
     assert all(torch.equal(v, binary.switch.state_dict()[k]) for k, v in ce.switch.state_dict().items())
     assert any(not torch.equal(v, binary.specialists[0].state_dict()[k]) for k, v in ce.specialists[0].state_dict().items())
     assert (tmp_path / "out" / "baselines.png").stat().st_size > 0

@@ -117,11 +117,22 @@ def test_refuses_corrupt_files_and_foreign_runs(digits, trained, tmp_path):
 
 def test_normalization_follows_the_pretrained_weights(monkeypatch):
     # The shared CIFAR ResNets were trained on ImageNet-normalised inputs; "auto" must feed them that.
+    import mnn_fast.training.data as data_mod
+
     seen = []
-    monkeypatch.setattr(train_mod, "load_dataset", lambda *a, **kw: seen.append(kw["normalization"]))
-    for cfg in (TrainConfig(dataset="cifar10", pretrained="w.th"), TrainConfig(dataset="cifar10"),
-                TrainConfig(dataset="cifar10", pretrained="w.th", normalization="cifar")):
-        train_mod.data_splits(cfg)
+
+    class Seen(Exception):
+        pass
+
+    def record(*a, **kw):
+        seen.append(kw["normalization"])
+        raise Seen  # what load_dataset was asked for is all this test needs
+
+    monkeypatch.setattr(data_mod, "load_dataset", record)
+    for cfg in (TrainConfig(dataset="cifar10", data_path="d", pretrained="w.th"), TrainConfig(dataset="cifar10", data_path="d"),
+                TrainConfig(dataset="cifar10", data_path="d", pretrained="w.th", normalization="cifar")):
+        with pytest.raises(Seen):
+            train_mod.data_splits(cfg)
     assert seen == ["imagenet", "cifar", "cifar"]
     with pytest.raises(ValueError, match="normalization"):
         TrainConfig(normalization="zca").check()
