@@ -161,7 +161,7 @@ def select_executor(requested: str, experts: Sequence[nn.Module], device: torch.
         skipped["streams"] = f"CUDA streams need a CUDA device; the module is on {device}"
     if stack_reason is not None:
         # vmap turns each conv into a grouped conv; measured slower than E separate calls on CPU
-        # (README, issue 3 table), so auto only groups Linear stacks.
+        # (docs/benchmarks.md), so auto only groups Linear stacks.
         skipped["grouped"] = stack_reason if arch_reason is not None else (
             f"{stack_reason}; explicit executor='grouped' would use vmap over padded batches")
     # Spreading experts over the cores changes each GEMM's thread count, so its bits: opt-in only.

@@ -1,4 +1,4 @@
-"""A GHN as the starting point of MNN specialists of any architecture (issue 16, item 3).
+"""A GHN as the starting point of MNN specialists of any architecture.
 
 ``train_ghn_on_data`` trains a GHN on a seeded pool of random small CNNs (``SPACES["in_distribution"]``)
 and one dataset's training images, exactly as ``mnn-fast ghn`` trains each seed's GHN.

@@ -3,12 +3,14 @@
 Jobs run in ``spawn``-ed processes (no state inherited from the parent); each result comes back to
 the parent, which alone writes files, so workers need no shared filesystem and no locks. A worker
 that dies takes its pool down: the unfinished jobs run again in a new pool, up to ``retries`` times;
-finished results are never redone.
+finished results are never redone. On Ctrl-C the workers end silently and the parent raises
+``KeyboardInterrupt`` with every finished result already written.
 """
 from __future__ import annotations
 
 import multiprocessing
 import os
+import signal
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
@@ -20,6 +22,12 @@ __all__ = ["run_jobs", "run_job", "CRASH_ONCE_ENV"]
 # Fault injection for tests: a path; the first job to start while it does not exist creates it and
 # kills its own worker, as an out-of-memory kill would. Never set outside tests.
 CRASH_ONCE_ENV = "MNN_FAST_CRASH_ONCE"
+
+
+def _quiet_on_interrupt() -> None:
+    """Worker initializer: Ctrl-C reaches every process of the terminal's group; a worker then ends at
+    once without a traceback of its own, and the parent alone reports the interruption."""
+    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
 
 
 def run_job(fn: Callable, job: Any) -> Any:
@@ -52,7 +60,8 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_res
             if not pending:
                 return
             lost = []
-            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context) as pool:
+            with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
+                                     initializer=_quiet_on_interrupt) as pool:
                 futures = {pool.submit(run_job, fn, job): job for job in pending}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)

@@ -1,0 +1,61 @@
+"""Ctrl-C during ``mnn-fast train``: one line saying what was kept, exit 130, the lock released, and
+the same command resumes to the bytes an uninterrupted run writes, with or without worker processes.
+
+The run is a real process in its own session; a specialist's job sends SIGINT to that session's
+process group, as a terminal's Ctrl-C reaches the parent and every worker at once.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+
+from helpers import specialist_bytes
+from mnn_fast import cli
+
+ARGS = ["--dataset", "digits", "--model", "mlp", "--switch-epochs", "1", "--specialist-epochs", "2"]  # TINY_RUN
+
+DRIVER = '''
+import os, signal, sys, time
+import mnn_fast.training.pipeline as pipeline
+
+_train = pipeline.train_specialist
+
+
+def _interrupting(job):
+    state = _train(job)
+    if job.expert == 2:  # after a few specialists are written: Ctrl-C, as a terminal sends it
+        os.killpg(os.getpgid(0), signal.SIGINT)
+        time.sleep(60)
+    return state
+
+
+pipeline.train_specialist = _interrupting  # module level: spawned workers import this file too
+if __name__ == "__main__":
+    from mnn_fast.cli import main
+    sys.exit(main(sys.argv[1:]))
+'''
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_ctrl_c_is_one_line_and_the_same_command_resumes_byte_identical(workers, serial, tmp_path):
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    run = tmp_path / "run"
+    argv = ["train", str(run), *ARGS, "--workers", str(workers)]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run([sys.executable, str(driver), *argv], capture_output=True, text=True, timeout=300,
+                          start_new_session=True, env=env)
+    assert done.returncode == 130, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr and "KeyboardInterrupt" not in done.stderr, done.stderr[-2000:]
+    # Progress bars redraw with carriage returns; what is left besides them is the one line.
+    lines = [line.rsplit("\r", 1)[-1].strip() for line in done.stderr.splitlines()]
+    said = [line for line in lines if line.startswith("mnn-fast")]
+    assert said == [f"mnn-fast train: interrupted; the finished files in {run} are kept, and the same command "
+                    "resumes from them"], done.stderr[-2000:]
+    written = sorted(p.name for p in (run / "specialists").glob("*.safetensors"))
+    assert "expert_0002.safetensors" not in written and len(written) < 10
+    assert not list(run.rglob("*.tmp"))  # nothing half-written
+    # The lock went with the process: the same command resumes here, to the serial run's bytes.
+    assert cli.main(argv) == 0
+    assert specialist_bytes(run) == serial
