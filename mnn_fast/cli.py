@@ -103,7 +103,7 @@ def _refuse_conflicting_options(args, saved, command: str) -> None:
     import dataclasses
 
     parser = _sub_parser(command)
-    given = {parser._option_string_actions[word.split("=", 1)[0]].dest for word in args.argv
+    given = {parser._option_string_actions[word.split("=", 1)[0]].dest for word in getattr(args, "argv", ())
              if word.split("=", 1)[0] in parser._option_string_actions}
     fields = {f.name for f in dataclasses.fields(saved)} & given
     if not fields:
