@@ -1,0 +1,69 @@
+"""The wire: ``all_to_all_single`` along dim 0, the per-rank header, and failing on every rank together.
+
+Every rank sends every other rank its own status word in each small exchange, so all ranks see the
+same flags and all raise together: no rank is left waiting in a collective that the others skipped.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+__all__ = ["WIRE_DTYPES", "HEADER", "all_to_all", "header", "check_headers", "raise_failures", "as_bytes"]
+
+# The input dtypes rows may travel in (as bytes), coded by position in the header.
+WIRE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+# Header words each rank sends every rank before its counts: failed?, dtype code, C, feature-shape key.
+HEADER = 4
+
+
+def all_to_all(send: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group) -> Tensor:
+    """One ``dist.all_to_all_single``: ``send: Tensor[sum(send_sizes), ...]`` goes to the ranks in
+    blocks of ``send_sizes`` rows; returns ``Tensor[sum(recv_sizes), ...]`` (same dtype and row shape),
+    rank ``s``'s block at rows ``sum(recv_sizes[:s]):...``. Zero sizes are fine: every rank calls
+    it anyway, since a collective one rank skips would leave the others waiting."""
+    out = send.new_empty(sum(recv_sizes), *send.shape[1:])
+    dist.all_to_all_single(out, send.contiguous(), list(recv_sizes), list(send_sizes), group=group)
+    return out
+
+
+def header(failed: bool, x: Tensor, num_classes: int) -> Tensor:
+    """``Tensor[HEADER] int64``: this rank's status and what its rows look like on the wire."""
+    # hash() of a tuple of ints is the same in every process (only str/bytes hashing is salted).
+    shape_key = hash(tuple(x.shape[1:])) if not failed else 0
+    return torch.tensor([int(failed), WIRE_DTYPES.index(x.dtype), num_classes, shape_key], dtype=torch.long)
+
+
+def check_headers(headers: Tensor) -> None:
+    """``headers: Tensor[W, HEADER] int64`` (every rank's, so every rank raises alike): ``ValueError``
+    when ranks pass rows of different feature shapes or dtypes, or their switches disagree on ``C``."""
+    first = headers[0].tolist()
+    for rank, row in enumerate(headers.tolist()):
+        if row[1:] == first[1:]:
+            continue
+        what = (f"the switch returns C={first[2]} on rank 0 but C={row[2]} on rank {rank}" if row[2] != first[2] else
+                f"x is {WIRE_DTYPES[first[1]]} on rank 0 but {WIRE_DTYPES[row[1]]} on rank {rank}" if row[1] != first[1]
+                else f"x.shape[1:] differs between rank 0 and rank {rank}")
+        raise ValueError(f"every rank must pass rows of one shape and dtype to one switch: {what}")
+
+
+def raise_failures(flags: Sequence[int], own: BaseException | None, stage: str) -> None:
+    """Raises this rank's own error, or a ``RuntimeError`` naming the ranks that failed, when any
+    flag is set; ``flags``: one per rank, every rank's view the same."""
+    failed = [rank for rank, flag in enumerate(flags) if flag]
+    if not failed:
+        return
+    if own is not None:
+        raise own
+    raise RuntimeError(f"rank(s) {failed} failed {stage}; this rank stops too, so that none waits on the others "
+                       f"(the error is raised on rank {failed[0]})")
+
+
+def as_bytes(rows: Tensor) -> Tensor:
+    """``rows: Tensor[N, ...]`` as ``Tensor[N, row bytes] uint8``: any dtype travels bit for bit,
+    whatever reduction types the communication backend knows."""
+    width = math.prod(rows.shape[1:])
+    return rows.reshape(rows.shape[0], width).contiguous().view(torch.uint8)  # not -1: N may be 0

@@ -1,0 +1,165 @@
+"""ExpertParallel: on every rank, bitwise the single-process module on that rank's own batch.
+
+Spawned gloo groups of 2 and 3 ranks on 127.0.0.1 each run every case in one group (ep_cases.py);
+refusals are checked in this process on a one-rank gloo group, with the collective replaced by one
+that fails the test if it is ever reached.
+"""
+from __future__ import annotations
+
+import datetime
+import multiprocessing
+import queue as queue_module
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import mnn_fast
+from ep_cases import free_port, mlp, models, worker
+from mnn_fast.distributed import (ExpertParallel, balanced_placement, check_placement, contiguous_placement,
+                                  experts_by_rank, parameter_counts)
+
+
+def run_group(world: int) -> list[tuple[int, str, bool, str]]:
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=worker, args=(rank, world, port, queue)) for rank in range(world)]
+    for p in procs:
+        p.start()
+    results = []
+    try:
+        for _ in range(world):
+            rank, cases = queue.get(timeout=240)
+            results += [(rank, *case) for case in cases]
+    except queue_module.Empty:
+        results.append((-1, "a rank did not report within 240 s", False, ""))
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    return results
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_every_rank_equals_the_single_process_module(world):
+    results = run_group(world)
+    failed = [r for r in results if not r[2]]
+    assert not failed, "\n".join(f"rank {rank}: {name}: {detail}" for rank, name, _, detail in failed)
+    names = {name for _, name, _, _ in results}
+    assert len([r for r in results if r[0] == 0]) == len(names) >= 60  # every rank ran every case
+
+
+# ---------------------------------------------------------------------- one-rank group, this process
+
+@pytest.fixture
+def group1(monkeypatch):
+    """A one-rank gloo group for the test; ``calls`` counts the collectives actually run."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    calls = []
+    real = dist.all_to_all_single
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_to_all_single", counting)
+    yield calls
+    dist.destroy_process_group()
+
+
+def small_mnn():
+    return models()["classes"]
+
+
+def test_world_size_one_is_the_same_path(group1):
+    mnn = small_mnn()
+    ep = ExpertParallel.from_module(mnn)
+    for rows in (0, 1, 7, 64):
+        x = torch.randn(rows, 13)
+        with torch.no_grad():
+            assert torch.equal(ep(x), mnn(x))
+    assert len(group1) == 4 * 4  # four exchanges per forward, also for an empty batch
+
+
+def test_built_from_local_parts(group1):
+    mnn = models()["groups"]
+    local = {e: mnn.specialists[e] for e in range(mnn.num_experts)}
+    ep = ExpertParallel(mnn.switch, local, mnn.groups, threshold=0.1)
+    configure = mnn_fast.MetaNeuralNetwork(mnn.switch, list(mnn.specialists), mnn.groups, threshold=0.1)
+    x = torch.randn(40, 13)
+    with torch.no_grad():
+        assert torch.equal(ep(x), configure(x))
+    assert ep.local_experts == list(range(7)) and ep.placement == (0,) * 7
+    assert "rank 0: experts 0-6 (this rank)" == ep.describe()
+    assert "experts held: rank 0: 0-6" in repr(ep)
+
+
+def refuses(group1, match, kind=ValueError, **kwargs):
+    with pytest.raises(kind, match=match):
+        build = kwargs.pop("build")
+        build(**kwargs)
+    assert group1 == [], "a collective ran before the refusal"
+
+
+def test_refusals_before_any_collective(group1):
+    mnn = small_mnn()
+    refuses(group1, "placement has 4 entries but the module has 5", build=ExpertParallel.from_module, mnn=mnn,
+            placement=[0, 0, 0, 0])
+    # A placement for two ranks in a one-rank group.
+    refuses(group1, r"placement\[3\] = 1 but the process group has 1 rank", build=ExpertParallel.from_module,
+            mnn=mnn, placement=contiguous_placement(5, 2))
+    refuses(group1, r"placement\[0\] must be an int", TypeError, build=ExpertParallel.from_module, mnn=mnn,
+            placement=[0.0] * 5)
+    refuses(group1, "must be a MetaNeuralNetwork", TypeError, build=ExpertParallel.from_module, mnn=mlp(5))
+    parts = dict(switch=mnn.switch, groups=mnn.groups, build=ExpertParallel)
+    refuses(group1, r"rank 0 holds no module for expert\(s\) \[2\]", specialists={0: mlp(5), 1: mlp(5), 3: mlp(5),
+                                                                                  4: mlp(5)}, **parts)
+    refuses(group1, "pass num_experts=", switch=mnn.switch, specialists={}, build=ExpertParallel)
+    refuses(group1, "is on meta but the process group's backend is gloo", switch=mlp(5).to("meta"),
+            specialists={e: mlp(5) for e in range(5)}, groups=mnn.groups, build=ExpertParallel)
+
+
+def test_bad_input_refused_before_any_collective(group1):
+    ep = ExpertParallel.from_module(small_mnn())
+    refuses(group1, "x is on meta but the process group's backend is gloo", build=ep, x=torch.empty(4, 13, device="meta"))
+    refuses(group1, "x must be one of", TypeError, build=ep, x=torch.zeros(4, 13, dtype=torch.long))
+    refuses(group1, "at least 2 dimensions", build=ep, x=torch.zeros(13))
+
+
+def test_needs_an_initialised_group():
+    assert not dist.is_initialized()
+    with pytest.raises(RuntimeError, match="init_process_group"):
+        ExpertParallel.from_module(small_mnn())
+
+
+# ---------------------------------------------------------------------- placements
+
+def test_contiguous_placement_blocks():
+    assert contiguous_placement(5, 2) == [0, 0, 0, 1, 1]
+    assert contiguous_placement(7, 3) == [0, 0, 0, 1, 1, 2, 2]
+    assert contiguous_placement(2, 3) == [0, 1]  # rank 2 holds nothing
+    assert experts_by_rank(contiguous_placement(2, 3), 3) == [[0], [1], []]
+
+
+def test_balanced_placement_is_greedy_and_deterministic():
+    assert balanced_placement([5, 1, 1, 3, 2], 2) == [0, 0, 1, 1, 1]  # totals 6 and 6
+    assert balanced_placement(torch.tensor([4, 4, 4, 4]), 2) == [0, 1, 0, 1]
+    assert balanced_placement([0, 0, 0], 3) == [0, 1, 2]
+    loads = parameter_counts([mlp(5), mlp(5, hidden=64), mlp(5)])
+    assert loads[1] > loads[0] == loads[2]
+    assert balanced_placement(loads, 2) == [1, 0, 1]
+    with pytest.raises(ValueError, match=r"loads\[1\] must be a non-negative number"):
+        balanced_placement([1, -1], 2)
+    with pytest.raises(ValueError, match="world_size must be a positive int"):
+        balanced_placement([1], 0)
+
+
+def test_check_placement():
+    assert check_placement(torch.tensor([1, 0]), 2, 2) == (1, 0)
+    with pytest.raises(TypeError, match="placement must be a list of 2 rank ids"):
+        check_placement("01", 2, 2)
+    with pytest.raises(ValueError, match=r"placement\[1\] = -1"):
+        check_placement([0, -1], 2, 2)
