@@ -34,10 +34,20 @@ docs: install
 	@echo "docs: docs/_build/html/index.html"
 
 bench: install
-	$(PY) -m pytest bench --benchmark-columns=min,median,rounds -q
+	mkdir -p bench/results
+	MNN_BENCH_COMMAND="make bench" $(PY) -m pytest bench --benchmark-columns=min,median,rounds -q \
+		--benchmark-json=bench/results/pytest-benchmark.json
 
 bench-quick: install
-	MNN_BENCH_QUICK=1 $(PY) -m pytest bench --benchmark-columns=min,median,rounds -q
+	mkdir -p bench/results
+	MNN_BENCH_QUICK=1 MNN_BENCH_COMMAND="make bench-quick" $(PY) -m pytest bench --benchmark-columns=min,median,rounds -q \
+		--benchmark-json=bench/results/pytest-benchmark.json
+
+# Copies the last run's tables (bench/results/*.json) into docs/benchmarks/ and renders docs/benchmarks.md
+# and the README's speed table from them; `$(PY) bench/render_docs.py --check` says whether they are current.
+.PHONY: bench-docs
+bench-docs:
+	$(PY) bench/render_docs.py --update-from bench/results
 
 # The package as a user installs it: sdist, wheel from the sdist, a fresh venv outside the tree.
 check-package: install

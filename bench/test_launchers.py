@@ -86,5 +86,6 @@ def test_launchers(results, workload, launch, tmp_path):
     if launch == "serial":
         serial_bytes.update(got)
     same = got == serial_bytes if serial_bytes else None
-    results.record(TABLE, dict(launch=launch), launcher=launcher, workers=workers, seconds=seconds, same_bytes=same)
+    results.record(TABLE, dict(launch=launch), launcher=launcher, workers=workers, epochs=EPOCHS, seconds=seconds,
+                   same_bytes=same)
     assert same is not False

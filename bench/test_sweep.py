@@ -19,7 +19,7 @@ from mnn_fast.training.sweep import DEFAULT_TEST_THRESHOLDS, sweep_test_threshol
 TABLE = "threshold_sweep"
 # (model, input shape, batch, quick batch): the digits MLP is where per-threshold bookkeeping is
 # most visible (tiny networks); ResNet-20 on 32x32 is where network compute dominates.
-CASES = [("mlp", (1, 8, 8), 540, 540), ("small_cnn", (1, 28, 28), 1000, 200), ("resnet20", (3, 32, 32), 128, 32)]
+CASES = [("mlp", (1, 8, 8), 540, 540), ("small_cnn", (1, 28, 28), 1000, 100), ("resnet20", (3, 32, 32), 128, 32)]
 
 
 def _fmt(rows):
