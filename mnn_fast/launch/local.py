@@ -8,9 +8,11 @@ finished results are never redone. On Ctrl-C the workers end silently and the pa
 """
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
+import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Callable, Sequence
@@ -24,10 +26,27 @@ __all__ = ["run_jobs", "run_job", "CRASH_ONCE_ENV"]
 CRASH_ONCE_ENV = "MNN_FAST_CRASH_ONCE"
 
 
-def _quiet_on_interrupt() -> None:
+def _quiet_on_interrupt(interruptible: bool) -> None:
     """Worker initializer: Ctrl-C reaches every process of the terminal's group; a worker then ends at
-    once without a traceback of its own, and the parent alone reports the interruption."""
-    signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+    once without a traceback of its own, and the parent alone reports the interruption. Where the
+    parent ignores SIGINT (as under nohup), the workers keep ignoring it."""
+    if interruptible:
+        signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+
+
+@contextlib.contextmanager
+def _children_start_ignoring_sigint():
+    """Workers spawned inside this block start with SIGINT ignored (the disposition survives exec),
+    so a Ctrl-C while one is still importing torch prints no traceback; the initializer then installs
+    the quiet handler. Signal dispositions can only be changed from the main thread."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_job(fn: Callable, job: Any) -> Any:
@@ -60,9 +79,11 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_res
             if not pending:
                 return
             lost = []
+            interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
-                                     initializer=_quiet_on_interrupt) as pool:
-                futures = {pool.submit(run_job, fn, job): job for job in pending}
+                                     initializer=_quiet_on_interrupt, initargs=(interruptible,)) as pool:
+                with _children_start_ignoring_sigint():  # spawning is lazy: the workers start on submit
+                    futures = {pool.submit(run_job, fn, job): job for job in pending}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)
                     for future in done:
