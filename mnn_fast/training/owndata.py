@@ -23,14 +23,28 @@ __all__ = ["load_image_folder", "load_arrays", "splits_from_arrays", "fingerprin
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
+_SPLIT_TENSORS = ("train_x", "train_y", "test_x", "test_y")
+
+
 def fingerprint(splits: Splits) -> str:
     """Hex sha256 of ``splits``' four tensors (dtype, shape and bytes) and its class count: the same
-    data gives the same fingerprint wherever it was read from, other data another."""
+    data gives the same fingerprint wherever it was read from, other data another.
+
+    A command checks the same splits several times (read, train, load): the digest is kept on the
+    object and reused while its four tensors are the same objects, unmodified (torch bumps a tensor's
+    version on every in-place write), so each change is seen and nothing is hashed twice.
+    """
+    tensors = [getattr(splits, name) for name in _SPLIT_TENSORS]
+    key = (splits.num_classes, *((id(t), t._version) for t in tensors))
+    kept = splits.__dict__.get("_fingerprint")
+    if kept is not None and kept[0] == key:
+        return kept[1]
     h = hashlib.sha256(f"mnn_fast.data/1 classes={splits.num_classes}".encode())
-    for name in ("train_x", "train_y", "test_x", "test_y"):
-        t = getattr(splits, name).detach().cpu().contiguous()
+    for name, t in zip(_SPLIT_TENSORS, tensors):
+        t = t.detach().cpu().contiguous()
         h.update(f"|{name} {t.dtype} {tuple(t.shape)}|".encode())
         h.update(t.numpy().tobytes())
+    splits.__dict__["_fingerprint"] = (key, h.hexdigest())
     return h.hexdigest()
 
 

@@ -403,16 +403,17 @@ def run_data(run_dir, splits: Splits | None = None, *, dataset: str | None = Non
     run = RunDir(run_dir)
     cfg = TrainConfig.load(run.config)
     record = read_data_record(run)
+    cache_dir = cfg.cache_dir if cache_dir is None else cache_dir
     if splits is None and (dataset is not None or data_path is not None):
         if dataset is None:
             raise ValueError("dataset: a data_path needs its dataset (imagefolder, arrays or cifar10)")
         base = (record or {}).get("source") or config_source(cfg)
         splits = load_source({**base, "dataset": dataset, "data_path": None if data_path is None else str(data_path)},
-                             cache_dir if cache_dir is not None else cfg.cache_dir)
+                             cache_dir)
     if splits is not None:
         check_same_data(run, record, splits)
         return splits
-    return data_splits(cfg) if record is None else reload_splits(run, record, cache_dir or cfg.cache_dir)
+    return data_splits(cfg) if record is None else reload_splits(run, record, cache_dir)
 
 
 # What building a run's networks needs of its data (a Splits has both fields too).

@@ -231,3 +231,19 @@ def test_baselines_take_your_own_data(tmp_path):
     assert {r["row"] for r in result["rows"]} >= {"switch", "switch_compute_matched"}
     runs = sorted((tmp_path / "bl" / "runs").glob("*/data.json"))
     assert runs and all(json.loads(p.read_text())["fingerprint"] == fingerprint(own) for p in runs)
+
+
+def test_a_fingerprint_is_hashed_once_and_follows_every_change(monkeypatch):
+    import mnn_fast.training.owndata as owndata
+
+    s = Splits.from_arrays(**make_arrays())
+    first = fingerprint(s)
+    hashed = []
+    real_sha256 = owndata.hashlib.sha256
+    monkeypatch.setattr(owndata.hashlib, "sha256", lambda *a: hashed.append(1) or real_sha256(*a))
+    assert fingerprint(s) == first and not hashed  # read, train and load check one object: one hash
+    s.test_x[0, 0] += 1  # an in-place write bumps the tensor's version
+    changed = fingerprint(s)
+    assert changed != first and hashed
+    s.train_y = s.train_y.clone()  # a new tensor object, equal bytes
+    assert fingerprint(s) == changed and len(hashed) == 2
