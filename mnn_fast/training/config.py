@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from .. import io
 from ..engine.routing import normalize_groups
 from . import fields as F
-from .data import DATASET_NAMES, PATH_DATASETS
+from .data import DATA_PATH_NEEDS, DATASET_NAMES, PATH_DATASETS
 from .models import MODEL_NAMES
 
 __all__ = ["TrainConfig", "SPECIALIST_LOSSES", "SPECIALIST_INITS"]
@@ -79,10 +79,7 @@ class TrainConfig:
         self.dataset = F.check_choice("dataset", self.dataset, DATASET_NAMES)
         self.data_path = F.check_optional_str("data_path", self.data_path)
         if self.dataset in PATH_DATASETS and not self.data_path:
-            raise ValueError(f"data_path: dataset {self.dataset!r} needs data_path, "
-                             + {"cifar10": "a directory holding CIFAR-10",
-                                "imagefolder": "a directory with train/<class>/ and test/<class>/ images",
-                                "arrays": "an .npz with x_train, y_train, x_test, y_test"}[self.dataset])
+            raise ValueError(f"data_path: dataset {self.dataset!r} needs data_path, {DATA_PATH_NEEDS[self.dataset]}")
         if self.dataset not in PATH_DATASETS and self.data_path is not None:
             # Training on the embedded set while recording a path would be a silent fallback.
             raise ValueError(f"data_path: dataset {self.dataset!r} ships inside its package and reads no path; "

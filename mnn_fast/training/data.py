@@ -26,8 +26,11 @@ import torch
 from torch import Tensor
 
 DATASET_NAMES = ("digits", "mnist5k", "cifar10", "imagefolder", "arrays")
-# The data sets read from data_path; the others ship inside their pip packages.
-PATH_DATASETS = ("cifar10", "imagefolder", "arrays")
+# The data sets read from data_path, and what that path must be; the others ship inside their pip packages.
+DATA_PATH_NEEDS = {"cifar10": "a directory holding CIFAR-10",
+                   "imagefolder": "a directory with train/<class>/ and test/<class>/ images",
+                   "arrays": "an .npz with x_train, y_train, x_test, y_test"}
+PATH_DATASETS = tuple(DATA_PATH_NEEDS)
 CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 # Per-channel mean and std of the CIFAR-10 training pixels (in [0, 1]).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
@@ -103,9 +106,7 @@ def load_dataset(name: str, path: str | os.PathLike | None = None, seed: int = 0
         from .owndata import load_arrays, load_image_folder
 
         if path is None:
-            raise ValueError(f"data_path: dataset {name!r} needs data_path ("
-                             + ("a directory with train/<class>/ and test/<class>/ images)" if name == "imagefolder"
-                                else "an .npz with x_train, y_train, x_test, y_test)"))
+            raise ValueError(f"data_path: dataset {name!r} needs data_path, {DATA_PATH_NEEDS[name]}")
         return load_image_folder(path) if name == "imagefolder" else load_arrays(path)
     splits = _load_named(name, path, seed, cache_dir, normalization)
     splits.source = {"dataset": name, "data_path": None if path is None else str(path), "seed": seed,
