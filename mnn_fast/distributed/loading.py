@@ -15,7 +15,7 @@ from . import exchange
 from .expert_parallel import ExpertParallel
 from .placement import check_placement, contiguous_placement
 
-__all__ = ["load_sharded", "agree"]
+__all__ = ["load_sharded", "load_local_shard", "agree"]
 
 
 def load_sharded(run_dir, group=None, *, placement=None, test_threshold: float = 0.25, splits=None,
@@ -45,7 +45,8 @@ def load_sharded(run_dir, group=None, *, placement=None, test_threshold: float =
         group = None
     failure, ep = None, None
     try:
-        ep = _load_local(run_dir, group, placement, test_threshold, splits, kwargs)
+        ep = load_local_shard(run_dir, group, placement=placement, test_threshold=test_threshold, splits=splits,
+                              **kwargs)
     except Exception as exc:  # noqa: BLE001 -- raised below, once every rank knows
         failure = exc
     agree(failure, group, "loading the run")
@@ -61,7 +62,10 @@ def agree(failure: BaseException | None, group=None, stage: str = "") -> None:
     exchange.raise_failures([int(f.item()) for f in flags], failure, stage)
 
 
-def _load_local(run_dir, group, placement, test_threshold, splits, kwargs) -> ExpertParallel:
+def load_local_shard(run_dir, group=None, *, placement=None, test_threshold: float = 0.25, splits=None,
+                     **kwargs) -> ExpertParallel:
+    """:func:`load_sharded` without the final agreement: no collective at all, so a caller can do more
+    of its own local work first and then call :func:`agree` once for all of it."""
     trained = open_trained_run(run_dir, splits)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     placement = check_placement(contiguous_placement(trained.num_experts, world_size) if placement is None

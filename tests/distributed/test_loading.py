@@ -1,7 +1,7 @@
 """Sharded loading of a trained run: each rank reads only its own specialists' files, and its
 ExpertParallel is bitwise the single-process ``load_mnn(run)`` module on the rank's batches.
 
-A tiny digits run (one-epoch MLPs on 30% of the data) is trained once for the module; spawned gloo
+A tiny digits run (one-epoch MLPs on 30% of the data, conftest.py) is trained once; spawned gloo
 groups of 2 and 3 ranks on 127.0.0.1 load per-rank copies of it from which the other ranks'
 specialist files are deleted (load_cases.py). Refusals are checked here on a one-rank group.
 """
@@ -20,16 +20,14 @@ from ep_cases import free_port
 from load_cases import worker
 from mnn_fast import io
 from mnn_fast.distributed import contiguous_placement, experts_by_rank, load_sharded
-from mnn_fast.training import RunDir, TrainConfig, load_mnn, run_data, train
+from mnn_fast.training import RunDir, load_mnn, run_data
 
 E = 10  # digits: one specialist per class
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("sharded") / "run"
-    train(TrainConfig(dataset="digits", model="mlp", switch_epochs=1, specialist_epochs=1, train_fraction=0.3), root)
-    return root
+@pytest.fixture
+def run(tiny_run):
+    return tiny_run
 
 
 def rank_copies(run, tmp_path, placement, world, drop=()) -> list[str]:
