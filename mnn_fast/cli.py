@@ -102,7 +102,7 @@ def cmd_predict(args) -> None:
     """Every sample's predicted class and every class's log-probability, as CSV (exact floats). With
     --nproc N the run is loaded expert-parallel over N local processes, each reading only its own
     specialists; the file is byte-identical for every N. Under torchrun each process is one rank."""
-    from .distributed.predict import predict
+    from .distributed.prediction import predict
 
     out = predict(args.run_dir, args.data, args.nproc, out=args.out, batch_size=args.batch_size,
                   threshold=args.threshold, device=args.device, cache_dir=args.cache_dir)
@@ -398,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions.csv", help="the CSV: index, prediction, log_prob_0 ... log_prob_{C-1}")
     p.add_argument("--data", default=None,
                    help="default: the run's test split; an .npz with x (or x_test), used as given; or an image folder "
-                        "(DIR/test/<class>/*, DIR/<class>/* or DIR/*), normalised as the run's data was")
+                        "(images in DIR/test/<class>/, else in DIR/<class>/ and DIR), normalised as the run's data was")
     p.add_argument("--nproc", type=int, default=1, help="local processes, each holding 1/N of the specialists")
     p.add_argument("--batch-size", type=int, default=256, help="rows per chunk (each chunk is one forward)")
     p.add_argument("--threshold", type=float, default=0.25, help="the test threshold")

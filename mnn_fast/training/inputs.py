@@ -20,8 +20,8 @@ from .pipeline import open_trained_run, run_data
 
 __all__ = ["load_inputs", "DATA_NEEDS"]
 
-DATA_NEEDS = ("an .npz with x (or x_test, as train's arrays data holds it), or an image folder: DIR/test/<class>/*, "
-              "DIR/<class>/* or DIR/* images")
+DATA_NEEDS = ("an .npz with x (or x_test, as train's arrays data holds it), or an image folder (images in "
+              "DIR/test/<class>/, else in DIR/<class>/ and DIR)")
 
 
 def load_inputs(run_dir, data=None, cache_dir=None) -> Tensor:

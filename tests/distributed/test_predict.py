@@ -17,8 +17,8 @@ from PIL import Image
 
 from ep_cases import free_port
 from mnn_fast import cli
-from mnn_fast.distributed import predict as predict_mod
-from mnn_fast.distributed.predict import predict, read_predictions
+from mnn_fast.distributed import prediction as predict_mod
+from mnn_fast.distributed import predict, read_predictions
 from mnn_fast.training import RunDir, load_mnn, run_data
 
 BATCH = 64  # digits' 539 test rows: 8 full chunks and one of 27; with 2 ranks, rank 1's last call is empty
