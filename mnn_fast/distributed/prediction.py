@@ -16,6 +16,7 @@ import os
 import signal
 import secrets
 import socket
+import time
 from pathlib import Path
 
 import torch
@@ -65,6 +66,8 @@ def predict(run, data=None, nproc: int = 1, *, out="predictions.csv", batch_size
         raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
     threshold = check_threshold(threshold)
     out = Path(out)
+    if out.is_dir():
+        raise ValueError(f"out: {str(out)!r} is a directory; expected the CSV file's path")
     settings = dict(batch_size=batch_size, threshold=threshold, device=device, progress=progress)
     if dist.is_available() and (dist.is_initialized() or ("RANK" in os.environ and "WORLD_SIZE" in os.environ)):
         return _predict_joined(run, data, nproc, out, cache_dir, settings)
@@ -73,7 +76,7 @@ def predict(run, data=None, nproc: int = 1, *, out="predictions.csv", batch_size
     tmp = _temporary(out)
     try:
         if nproc == 1:
-            model = load_mnn(run, threshold)
+            model = load_mnn(run, threshold).to(device)
             with _one_thread():
                 _rounds(model, x, 0, 1, None, tmp, settings, model.num_classes)
         else:
@@ -146,11 +149,14 @@ def _write_rows(writer, start: int, log_probs: Tensor) -> None:
     writer.write("".join(lines))
 
 
-def _in_group(run, x: Tensor | None, data, cache_dir, group, tmp, settings: dict) -> None:
+def _in_group(run, x: Tensor | None, data, cache_dir, group, tmp, settings: dict,
+              failure: Exception | None = None) -> None:
     """One rank of an initialised group: its inputs (when not given) and its shard, one agreement
-    that every rank has both, then the rounds."""
-    failure, ep = None, None
+    that every rank has both (and none had an earlier ``failure``), then the rounds."""
+    ep = None
     try:
+        if failure is not None:
+            raise failure
         if x is None:
             x = load_inputs(run, data, cache_dir)
         if settings["device"] == "cuda":
@@ -174,12 +180,15 @@ def _predict_joined(run, data, nproc, out: Path, cache_dir, settings) -> Path | 
         if nproc not in (1, world):
             raise ValueError(f"nproc={nproc}, but this process is one rank of a group of {world}: pass nproc=1 "
                              f"(or {world}); the launcher started the processes")
-        tmp = None
+        tmp, failure = None, None
         if rank == 0:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = _temporary(out)
+            try:
+                out.parent.mkdir(parents=True, exist_ok=True)
+                tmp = _temporary(out)
+            except OSError as exc:  # raised by _in_group's agreement, on every rank together
+                failure = exc
         try:
-            _in_group(run, None, data, cache_dir, None, tmp, settings)
+            _in_group(run, None, data, cache_dir, None, tmp, settings, failure)
             if rank == 0:
                 os.replace(tmp, out)
         finally:
@@ -228,11 +237,13 @@ def _wait(procs, grace: float = 30.0) -> None:
     alive = list(procs)
     while alive:
         multiprocessing.connection.wait([p.sentinel for p in alive])
-        alive = [p for p in alive if p.is_alive()]
+        alive = [p for p in alive if p.exitcode is None]
         if any(p.exitcode not in (None, 0) for p in procs):
-            multiprocessing.connection.wait([p.sentinel for p in alive], timeout=grace) if alive else None
-            deadline = [p for p in alive if p.is_alive()]
-            for p in deadline:
+            deadline = time.monotonic() + grace
+            while alive and time.monotonic() < deadline:
+                multiprocessing.connection.wait([p.sentinel for p in alive], timeout=deadline - time.monotonic())
+                alive = [p for p in alive if p.exitcode is None]
+            for p in alive:
                 p.kill()
             return
 

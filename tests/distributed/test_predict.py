@@ -103,6 +103,7 @@ def test_image_folder_is_decoded_and_kept_to_one_channel(tiny_run, tmp_path):
     (["{tmp}/no_run"], "no_run/config.json: no such file"),
     (["{run}", "--nproc", "0"], "nproc must be a positive int, got 0"),
     (["{run}", "--batch-size", "0"], "batch_size must be a positive int, got 0"),
+    (["{run}", "--out", "{tmp}"], "is a directory; expected the CSV file's path"),
     (["{run}", "--threshold", "1.5"], "threshold must be in [0, 1]"),
     (["{run}", "--data", "{tmp}/garbage.npz"], "is not a readable .npz"),
     (["{run}", "--data", "{tmp}/flat.npz"], "samples of shape (64,)"),
@@ -115,7 +116,7 @@ def test_bad_input_is_one_line_and_exit_2(tiny_run, tmp_path, capsys, argv, mess
     (tmp_path / "colour").mkdir()
     Image.fromarray(np.full((8, 8, 3), (255, 0, 0), np.uint8)).save(tmp_path / "colour" / "red.png")
     out = tmp_path / "out" / "p.csv"
-    argv = ["predict"] + [a.format(run=tiny_run, tmp=tmp_path) for a in argv] + ["--out", str(out)]
+    argv = ["predict"] + [a.format(run=tiny_run, tmp=tmp_path) for a in argv] + ([] if "--out" in argv else ["--out", str(out)])
     assert cli.main(argv) == 2
     err = capsys.readouterr().err  # an image folder's decoding bar may come first
     last = err.splitlines()[-1]
