@@ -88,6 +88,15 @@ def test_npz_data_is_used_as_given(tiny_run, tmp_path, key):
     check_file(out, module_log_probs(tiny_run, x))
 
 
+@pytest.mark.parametrize("rows", [0, 1])  # no chunk at all (a header only), and one chunk of one row
+def test_edge_sizes(tiny_run, tmp_path, rows):
+    x = torch.randn(rows, 1, 8, 8, generator=torch.Generator().manual_seed(5))
+    np.savez(tmp_path / "data.npz", x=x.numpy())
+    out = predict(tiny_run, tmp_path / "data.npz", out=tmp_path / "p.csv", progress=False)
+    assert len(out.read_text().splitlines()) == 1 + rows
+    check_file(out, module_log_probs(tiny_run, x) if rows else torch.empty(0, 10))
+
+
 def test_image_folder_is_decoded_and_kept_to_one_channel(tiny_run, tmp_path):
     pixels = torch.randint(0, 256, (5, 8, 8), generator=torch.Generator().manual_seed(4), dtype=torch.uint8)
     (tmp_path / "imgs" / "a").mkdir(parents=True)
