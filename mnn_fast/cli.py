@@ -1,11 +1,12 @@
-"""The ``mnn-fast`` command: train, sweep, baselines, eval, bench, groups, nsn, nsn-sweep, ghn and demo.
+"""The ``mnn-fast`` command: train, sweep, baselines, eval, predict, bench, groups, nsn, nsn-sweep, ghn and demo.
 
 Every sub-command's parser is here except ``ghn``'s, which its subpackage adds (``mnn_fast.ghn.cli``).
 
 ``mnn-fast train`` runs the resumable pipeline into a run directory (``--expert 3`` trains one
 specialist, for job arrays); ``sweep`` writes CSV + PNG figures over thresholds without retraining;
 ``baselines`` sets the MNN against its switch and a compute-matched switch over seeds; ``eval``
-reports accuracy at one test threshold; ``bench`` times the routing core against the
+reports accuracy at one test threshold; ``predict`` writes every sample's log-probabilities as CSV,
+expert-parallel over ``--nproc`` processes; ``bench`` times the routing core against the
 naive loop; ``groups`` learns label groups from confusions and compares auxiliary heads on them
 with controls; ``ghn`` trains a graph hypernetwork and compares its predicted parameters with random
 initialisation; ``demo`` is the short load_digits demonstration (``make demo``).
@@ -95,6 +96,18 @@ def cmd_eval(args) -> None:
     mnn = load_mnn(args.run_dir, args.test_threshold, splits=splits)
     print(f"switch alone: {accuracy(mnn.switch, splits.test_x, splits.test_y):.4f}")
     print(f"MNN at test threshold {args.test_threshold}: {accuracy(mnn, splits.test_x, splits.test_y):.4f}")
+
+
+def cmd_predict(args) -> None:
+    """Every sample's predicted class and every class's log-probability, as CSV (exact floats). With
+    --nproc N the run is loaded expert-parallel over N local processes, each reading only its own
+    specialists; the file is byte-identical for every N. Under torchrun each process is one rank."""
+    from .distributed.prediction import predict
+
+    out = predict(args.run_dir, args.data, args.nproc, out=args.out, batch_size=args.batch_size,
+                  threshold=args.threshold, device=args.device, cache_dir=args.cache_dir)
+    if out is not None:
+        print(f"written: {out}")
 
 
 def _refuse_conflicting_options(args, saved, command: str) -> None:
@@ -378,6 +391,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--test-threshold", type=float, default=0.25,
                    help="a specialist runs on samples whose score exceeds this")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("predict", help="a trained run's predictions and log-probabilities as CSV (expert-parallel "
+                       "with --nproc)", description=cmd_predict.__doc__)
+    p.add_argument("run_dir", type=_run_dir, help="a trained run directory")
+    p.add_argument("--out", default="predictions.csv", help="the CSV: index, prediction, log_prob_0 ... log_prob_{C-1}")
+    p.add_argument("--data", default=None,
+                   help="default: the run's test split; an .npz with x (or x_test), used as given; or an image folder "
+                        "(images in DIR/test/<class>/, else in DIR/<class>/ and DIR), normalised as the run's data was")
+    p.add_argument("--nproc", type=int, default=1, help="local processes, each holding 1/N of the specialists")
+    p.add_argument("--batch-size", type=int, default=256, help="rows per chunk (each chunk is one forward)")
+    p.add_argument("--threshold", type=float, default=0.25, help="the test threshold")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cpu (gloo) or cuda (nccl, untested)")
+    p.add_argument("--cache-dir", default=None, help="where decoded CIFAR-10 pixels are cached")
+    p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("bench", help="routing core: engine vs naive loop on the same inputs")
     p.add_argument("--quick", action="store_true", help="four shapes, well under a minute")

@@ -11,7 +11,7 @@ from mnn_fast import cli
 TINY = ["--dataset", "digits", "--model", "mlp", "--switch-epochs", "1", "--specialist-epochs", "1"]
 
 
-@pytest.mark.parametrize("command", ["train", "sweep", "eval", "bench", "groups", "demo"])
+@pytest.mark.parametrize("command", ["train", "sweep", "eval", "predict", "bench", "groups", "demo"])
 def test_every_sub_command_has_a_parser(command):
     with pytest.raises(SystemExit) as exit_:
         cli.build_parser().parse_args([command, "--help"])

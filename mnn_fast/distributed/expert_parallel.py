@@ -158,6 +158,17 @@ class ExpertParallel(nn.Module):
         held = "; ".join(f"rank {r}: {_ranges(experts)}" for r, experts in enumerate(self.held))
         return f"rank={self.rank}, world_size={self.world_size}, experts held: {held}, merge_sources={self.merge_sources}"
 
+    # ------------------------------------------------------------------ memory (sharded loading)
+
+    def parameter_bytes(self, part: str = "all") -> int:
+        """Bytes of the state tensors (parameters and buffers) this rank holds: ``part="switch"``,
+        ``"specialists"`` (only this rank's; about ``1/world_size`` of them) or ``"all"`` (both)."""
+        if part not in ("all", "switch", "specialists"):
+            raise ValueError(f"part must be 'all', 'switch' or 'specialists', got {part!r}")
+        modules = ([self.shard.switch] if part != "specialists" else []) + (
+            [self.shard.specialists[e] for e in self.local_experts] if part != "switch" else [])
+        return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:

@@ -19,14 +19,14 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-__all__ = ["run_jobs", "run_job", "CRASH_ONCE_ENV"]
+__all__ = ["run_jobs", "run_job", "quiet_on_interrupt", "children_start_ignoring_sigint", "CRASH_ONCE_ENV"]
 
 # Fault injection for tests: a path; the first job to start while it does not exist creates it and
 # kills its own worker, as an out-of-memory kill would. Never set outside tests.
 CRASH_ONCE_ENV = "MNN_FAST_CRASH_ONCE"
 
 
-def _quiet_on_interrupt(interruptible: bool) -> None:
+def quiet_on_interrupt(interruptible: bool) -> None:
     """Worker initializer: Ctrl-C reaches every process of the terminal's group; a worker then ends at
     once without a traceback of its own, and the parent alone reports the interruption. Where the
     parent ignores SIGINT (as under nohup), the workers keep ignoring it."""
@@ -35,7 +35,7 @@ def _quiet_on_interrupt(interruptible: bool) -> None:
 
 
 @contextlib.contextmanager
-def _children_start_ignoring_sigint():
+def children_start_ignoring_sigint():
     """Workers spawned inside this block start with SIGINT ignored (the disposition survives exec),
     so a Ctrl-C while one is still importing torch prints no traceback; the initializer then installs
     the quiet handler. Signal dispositions can only be changed from the main thread."""
@@ -81,8 +81,8 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_res
             lost = []
             interruptible = signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
             with ProcessPoolExecutor(max_workers=min(workers, len(pending)), mp_context=context,
-                                     initializer=_quiet_on_interrupt, initargs=(interruptible,)) as pool:
-                with _children_start_ignoring_sigint():  # spawning is lazy: the workers start on submit
+                                     initializer=quiet_on_interrupt, initargs=(interruptible,)) as pool:
+                with children_start_ignoring_sigint():  # spawning is lazy: the workers start on submit
                     futures = {pool.submit(run_job, fn, job): job for job in pending}
                 while futures:
                     done, _ = wait(futures, return_when=FIRST_COMPLETED)

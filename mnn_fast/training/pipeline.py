@@ -33,7 +33,7 @@ from .loop import accuracy, binary_group_loss, fit, make_optimizer, predict_prob
 from .models import build_model, load_pretrained_resnet
 from .rundir import CONFIG_KEY, SWITCH_KEY, RunDir
 
-__all__ = ["train", "initial_switch", "initial_specialist", "load_run_ghn", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "run_data", "config_source", "LAUNCHERS"]
+__all__ = ["train", "initial_switch", "initial_specialist", "load_run_ghn", "config_groups", "data_splits", "cut_training_split", "specialist_subsets", "specialist_classes", "write_probs", "read_probs", "load_mnn", "open_trained_run", "TrainedRun", "run_data", "config_source", "LAUNCHERS"]
 
 # How the specialists are fanned out: worker processes on this machine, Ray tasks, or a Slurm job array.
 LAUNCHERS = ("local", "ray", "slurm")
@@ -420,16 +420,47 @@ def run_data(run_dir, splits: Splits | None = None, *, dataset: str | None = Non
 _DataShape = collections.namedtuple("_DataShape", "num_classes input_shape")
 
 
-def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None, **kwargs) -> MetaNeuralNetwork:
-    """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished).
+@dataclasses.dataclass(frozen=True)
+class TrainedRun:
+    """A trained run directory whose config has been checked (:func:`open_trained_run`): what building
+    its networks needs, and each network's file loaded on its own and verified.
 
-    The data's shape comes from the run's data record, so no data is read; ``splits``, when given,
-    must be the data the run was trained on (checked by fingerprint).
-
-    Everything is verified first: ``config.json`` is valid and is the config the manifest records,
-    and every file is this run's (config and switch hashes), unchanged since it was recorded, with
-    exactly the tensors, shapes and dtypes of the architecture. Otherwise ``ValueError`` naming the file.
+    ``data``: the data's ``num_classes`` and ``input_shape`` (the splits when given); ``groups``: the
+    config's groups, checked (``None``: one specialist per class).
     """
+
+    run: RunDir
+    cfg: TrainConfig
+    data: object
+    groups: list | None
+    num_experts: int
+
+    @property
+    def num_classes(self) -> int:
+        return self.data.num_classes
+
+    def missing_specialists(self, experts) -> list[int]:
+        """Those of ``experts`` whose file is not there (not trained yet, or not copied to this machine)."""
+        return [e for e in experts if not self.run.specialist(e).exists()]
+
+    def load_switch(self) -> tuple[nn.Module, str]:
+        """``(switch in eval mode, sha256 of its file)``, verified against the manifest."""
+        tensors, _, switch_sha = self.run.verify(self.run.switch, self.cfg.config_sha256())
+        switch = io.load_state_tensors(initial_switch(self.cfg, self.data), tensors, str(self.run.switch))
+        return switch.eval(), switch_sha
+
+    def load_specialist(self, e: int, switch_sha: str) -> nn.Module:
+        """Specialist ``e`` in eval mode, read from its own file only and verified against the manifest
+        (this config, the switch file ``switch_sha``, the recorded bytes and tensors)."""
+        path = self.run.specialist(e)
+        tensors = self.run.verify(path, self.cfg.config_sha256(), switch_sha)[0]
+        return io.load_state_tensors(initial_specialist(self.cfg, self.data), tensors, str(path)).eval()
+
+
+def open_trained_run(run_dir, splits: Splits | None = None) -> TrainedRun:
+    """``run_dir``'s config (valid, and the config its manifest records) and data shape, read without
+    loading any network or decoding any data; ``splits``, when given, must be the data the run was
+    trained on (checked by fingerprint). ``ValueError`` naming the file otherwise."""
     run = RunDir(run_dir)
     cfg = TrainConfig.load(run.config)
     run.check_config(cfg.identity())
@@ -440,20 +471,41 @@ def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None
         splits = data_splits(cfg)  # a run from before data records: its config names its data
     else:  # building the module needs only the data's shape: nothing is decoded
         splits = _DataShape(record["num_classes"], tuple(record["input_shape"]))
-    config_sha = cfg.config_sha256()
     groups = config_groups(cfg, splits.num_classes)
-    num_experts = len(groups) if groups else splits.num_classes
-    missing = [e for e in range(num_experts) if not run.specialist(e).exists()]
+    return TrainedRun(run, cfg, splits, groups, len(groups) if groups else splits.num_classes)
+
+
+def load_mnn(run_dir, test_threshold: float = 0.25, splits: Splits | None = None, *, process_group=None,
+             placement=None, **kwargs):
+    """The trained :class:`MetaNeuralNetwork` of ``run_dir`` (every specialist must be finished).
+
+    The data's shape comes from the run's data record, so no data is read; ``splits``, when given,
+    must be the data the run was trained on (checked by fingerprint).
+
+    Everything is verified first: ``config.json`` is valid and is the config the manifest records,
+    and every file is this run's (config and switch hashes), unchanged since it was recorded, with
+    exactly the tensors, shapes and dtypes of the architecture. Otherwise ``ValueError`` naming the file.
+
+    ``process_group``: a ``torch.distributed`` group (``torch.distributed.group.WORLD`` for the
+    default one); then every rank reads only the switch and its own specialists' files and gets a
+    :class:`mnn_fast.distributed.ExpertParallel` (``placement``: ``E`` rank ids, default contiguous
+    blocks); see :func:`mnn_fast.distributed.load_sharded`. ``kwargs`` go to the module.
+    """
+    if process_group is not None:
+        from ..distributed.loading import load_sharded
+
+        return load_sharded(run_dir, process_group, placement=placement, test_threshold=test_threshold,
+                            splits=splits, **kwargs)
+    if placement is not None:
+        raise ValueError("placement: only a sharded load (process_group=...) places specialists on ranks")
+    trained = open_trained_run(run_dir, splits)
+    missing = trained.missing_specialists(range(trained.num_experts))
     if missing:
-        raise ValueError(f"run_dir {run.root}: specialists {missing[:10]} are not trained yet")
-    tensors, _, switch_sha = run.verify(run.switch, config_sha)
-    switch = io.load_state_tensors(initial_switch(cfg, splits), tensors, str(run.switch)).eval()
-    specialists = []
-    for e in range(num_experts):
-        tensors = run.verify(run.specialist(e), config_sha, switch_sha)[0]
-        specialists.append(io.load_state_tensors(initial_specialist(cfg, splits), tensors, str(run.specialist(e))).eval())
-    return MetaNeuralNetwork(switch, specialists, groups=cfg.groups, threshold=test_threshold,
-                             num_classes=splits.num_classes, **kwargs)
+        raise ValueError(f"run_dir {trained.run.root}: specialists {missing[:10]} are not trained yet")
+    switch, switch_sha = trained.load_switch()
+    specialists = [trained.load_specialist(e, switch_sha) for e in range(trained.num_experts)]
+    return MetaNeuralNetwork(switch, specialists, groups=trained.cfg.groups, threshold=test_threshold,
+                             num_classes=trained.num_classes, **kwargs)
 
 
 def fit_paired(model: nn.Module, x: Tensor, y: Tensor, epochs: int, cfg: TrainConfig, seed: int, desc: str) -> nn.Module:
