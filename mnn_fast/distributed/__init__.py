@@ -1,10 +1,12 @@
 """Expert-parallel inference over ``torch.distributed``: each rank holds the switch and some specialists.
 
 ``ExpertParallel.from_module(mnn)`` on every rank; ``forward`` routes the rank's own batch and
-exchanges rows and logits with ``all_to_all``. Placements say which rank holds which expert.
+exchanges rows and logits with ``all_to_all``. Placements say which rank holds which expert. A rank
+that raises, dies or hangs makes the others raise :class:`RankFailure` naming it.
 """
+from .exchange import RankFailure
 from .expert_parallel import ExpertParallel, RemoteSpecialist
 from .placement import balanced_placement, check_placement, contiguous_placement, experts_by_rank, parameter_counts
 
-__all__ = ["ExpertParallel", "RemoteSpecialist", "contiguous_placement", "balanced_placement", "check_placement",
+__all__ = ["ExpertParallel", "RankFailure", "RemoteSpecialist", "contiguous_placement", "balanced_placement", "check_placement",
            "experts_by_rank", "parameter_counts"]
