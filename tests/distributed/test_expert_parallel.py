@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 import mnn_fast
 from ep_cases import SURVIVORS, free_port, mlp, models, worker
-from mnn_fast.distributed import (ExpertParallel, balanced_placement, check_placement, contiguous_placement,
+from mnn_fast.distributed import (ExpertParallel, RankFailure, balanced_placement, check_placement, contiguous_placement,
                                   experts_by_rank, parameter_counts)
 
 
@@ -144,6 +144,21 @@ def test_exchange_log_is_opt_in(group1):
     # One entry per exchange, in order; a world of one sends nothing to other ranks.
     assert [entry[0] for entry in log] == ["counts", "dispatch", "status", "combine"]
     assert all(seconds >= 0 and sent == received == 0 for _, seconds, sent, received in log)
+
+
+def test_a_failed_exchange_with_every_rank_answering_blames_this_rank(group1, monkeypatch):
+    # The late rank's view: its exchange fails, yet every other rank reported the failure (here
+    # there is none), so it is the one that was too late; the message says so, on one line.
+    ep = ExpertParallel.from_module(small_mnn())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer\nsecond line")
+
+    monkeypatch.setattr(dist, "all_to_all_single", broken)
+    with pytest.raises(RankFailure, match=r"^ExpertParallel: the count exchange failed on rank 0 although every "
+                                          r"rank answered: .*\(Connection closed by peer\)$") as caught:
+        ep(torch.randn(3, 13))
+    assert (caught.value.rank, caught.value.stage, caught.value.ranks) == (0, "counts", (0,))
 
 
 def test_built_from_local_parts(group1):
