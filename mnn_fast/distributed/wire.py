@@ -86,7 +86,7 @@ class Wire:
         try:
             self.store.wait(keys, timedelta(seconds=self.timeout))
         except RuntimeError as exc:
-            silent = [q for q, key in enumerate(keys) if not self._exists(key)]
+            silent = [q for q, key in enumerate(keys) if q != self.rank and not self._exists(key)]
             raise RankFailure(f"ExpertParallel: {_ranks(silent or [0])} did not build this ExpertParallel within "
                               f"{self.timeout:g} s (dead or hung, or it builds its instances in another order)",
                               (silent or [0])[0], "set-up", silent or [0]) from exc
