@@ -1,9 +1,9 @@
-"""The exchanges of one ExpertParallel, and one clear error on every rank when a rank raises, dies or hangs.
+"""The exchanges of one ExpertParallel, and one clear error on every other rank when a rank dies or hangs.
 
 Before each exchange a rank writes "call k, exchange s" to the group's store (a store ``set`` is one
 message, not a round trip). When gloo fails (a peer's connection closed, or no answer within the
-group's timeout), the rank writes "down at call k" and names the ranks that do not: at once those
-that never reached the exchange that timed out, else those silent for one more timeout.
+group's timeout), the rank writes "down at call k" and names the ranks that do not write it: at once
+those that never reached the exchange that timed out, else those silent for one more timeout.
 """
 from __future__ import annotations
 
