@@ -263,6 +263,22 @@ def _gpu_launches(rows, variant):
     return table(["backend", "E", "kernels", "memcpy/memset", "syncs flagged"], out, right=1)
 
 
+def _expert_parallel(rows, variant):
+    naive = next((r["seconds"] for r in rows if r["setup"] == "naive loop"), None)
+    order = {"naive loop": 0, "module": 1, "expert parallel": 2}
+    out = []
+    for r in sorted(rows, key=lambda r: (order.get(r["setup"], 3), r["layout"])):
+        sent = r.get("sent_bytes")
+        share = r.get("exchange_share")
+        out.append([r["setup"], r["layout"], str(r["E"]), str(r["B"]), f"{r['rows_per_s']:.0f}", ms(r["seconds"]),
+                    times(ratio(naive, r["seconds"])), plain(r["param_bytes"] / 1e6), plain(r["peak_rss"] / 1e6),
+                    plain(sent / 1e6) if sent is not None else "–",
+                    f"{100 * share:.0f}%" if share is not None else "–"])
+    return table(["setup", "processes x threads", "E", "rows per rank", "rows/s", "ms per call", "vs naive",
+                  "parameter MB per process", "peak RSS MB per process", "MB sent per rank per call",
+                  "in all-to-all"], out, right=2)
+
+
 RENDERERS = {
     "routing_core": _routing_core,
     "module_overhead": _module_overhead,
@@ -273,6 +289,7 @@ RENDERERS = {
     "threshold_sweep": _threshold_sweep,
     "launchers": _launchers,
     "gpu_launches": _gpu_launches,
+    "expert_parallel": _expert_parallel,
 }
 
 

@@ -2,6 +2,7 @@
 
 Every rank sends every other rank its own status word in each small exchange, so all ranks see the
 same flags and all raise together: no rank is left waiting in a collective that the others skipped.
+A rank that dies or hangs instead is named by :mod:`.wire`; both raise :class:`RankFailure`.
 """
 from __future__ import annotations
 
@@ -12,7 +13,23 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["WIRE_DTYPES", "HEADER", "all_to_all", "header", "check_headers", "raise_failures", "as_bytes"]
+__all__ = ["RankFailure", "WIRE_DTYPES", "HEADER", "all_to_all", "header", "check_headers", "raise_failures", "as_bytes"]
+
+
+class RankFailure(RuntimeError):
+    """Another rank raised, died or hung during an :class:`ExpertParallel` forward.
+
+    ``rank``: the (first) rank at fault, ``None`` when none could be named; ``ranks``: all of them;
+    ``stage``: the exchange where it surfaced (``"counts"``, ``"dispatch"``, ``"status"``,
+    ``"combine"``, or ``"set-up"`` for the check before the first exchange). After a rank died or
+    hung the process group is broken: destroy it and restart every rank.
+    """
+
+    def __init__(self, message: str, rank: int | None, stage: str, ranks: Sequence[int] | None = None):
+        super().__init__(message)
+        self.rank, self.stage = rank, stage
+        self.ranks = tuple(ranks) if ranks is not None else (() if rank is None else (rank,))
+
 
 # The input dtypes rows may travel in (as bytes), coded by position in the header.
 WIRE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
@@ -50,16 +67,18 @@ def check_headers(headers: Tensor) -> None:
         raise ValueError(f"every rank must pass rows of one shape and dtype to one switch: {what}")
 
 
-def raise_failures(flags: Sequence[int], own: BaseException | None, stage: str) -> None:
-    """Raises this rank's own error, or a ``RuntimeError`` naming the ranks that failed, when any
-    flag is set; ``flags``: one per rank, every rank's view the same."""
+def raise_failures(flags: Sequence[int], own: BaseException | None, stage: str, during: str) -> None:
+    """Raises this rank's own error, or a :class:`RankFailure` naming the ranks that failed, when any
+    flag is set; ``flags``: one per rank, every rank's view the same; ``stage``: the exchange that
+    carried the flags; ``during``: what the failed ranks were doing."""
     failed = [rank for rank, flag in enumerate(flags) if flag]
     if not failed:
         return
     if own is not None:
         raise own
-    raise RuntimeError(f"rank(s) {failed} failed {stage}; this rank stops too, so that none waits on the others "
-                       f"(the error is raised on rank {failed[0]})")
+    who = f"rank {failed[0]}" if len(failed) == 1 else "ranks " + ", ".join(map(str, failed))
+    raise RankFailure(f"ExpertParallel: {who} failed {during}; this rank stops too, so that none waits on the others "
+                      f"(the error is raised on rank {failed[0]})", failed[0], stage, failed)
 
 
 def as_bytes(rows: Tensor) -> Tensor:

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 
 from ..engine import MetaNeuralNetwork, Routing, stages
 from . import exchange
-from .exchange import HEADER, WIRE_DTYPES, all_to_all
+from .exchange import HEADER, WIRE_DTYPES
 from .placement import check_placement, contiguous_placement, experts_by_rank
+from .wire import Wire
 
 __all__ = ["ExpertParallel", "RemoteSpecialist"]
 
@@ -53,7 +54,12 @@ class ExpertParallel(nn.Module):
     batch: row counts per expert (with a header checking that ranks agree on dtype, shape and ``C``),
     the routed rows (as bytes), the specialists' status and output widths (so binary, width-1
     specialists work and an error on one rank raises on all of them instead of leaving the others
-    waiting), and the logits. Inference only (no autograd); no timeout handling for a dead rank.
+    waiting), and the logits. Inference only (no autograd).
+
+    Failures: when a rank raises, every rank raises together (that rank its own error, the others a
+    :class:`~mnn_fast.distributed.RankFailure` naming it), and the group stays usable. When a rank
+    dies or hangs, the others raise ``RankFailure`` naming it within about the group's timeout
+    (``init_process_group(timeout=...)``; twice that at most), and the group is broken afterwards.
 
     Build it with :meth:`from_module`, or from this rank's parts:
 
@@ -106,6 +112,8 @@ class ExpertParallel(nn.Module):
         self._contiguous = list(placement) == sorted(placement)  # then rank-major is expert-major
         self._order_tensor = torch.tensor(self._order, dtype=torch.long)
         self._dest_of_segment = torch.tensor([placement[e] for e in self._order], dtype=torch.long)
+        # Last: it registers this instance in the group's store, and a refused build must not count.
+        self.wire = Wire(group, rank, world_size, num_experts, placement)
 
     @classmethod
     def from_module(cls, mnn: MetaNeuralNetwork, group=None, placement=None, *, merge_sources: bool = False):
@@ -169,6 +177,16 @@ class ExpertParallel(nn.Module):
             [self.shard.specialists[e] for e in self.local_experts] if part != "switch" else [])
         return sum(t.numel() * t.element_size() for m in modules for t in m.state_dict().values())
 
+    @property
+    def exchange_log(self) -> list | None:
+        """``None`` (the default), or a list that each exchange appends ``(stage, seconds, bytes sent
+        to other ranks, bytes received from other ranks)`` to: set ``ep.exchange_log = []`` to time them."""
+        return self.wire.log
+
+    @exchange_log.setter
+    def exchange_log(self, value: list | None) -> None:
+        self.wire.log = value
+
     # ------------------------------------------------------------------ forward
 
     def forward(self, x: Tensor) -> Tensor:
@@ -190,8 +208,9 @@ class ExpertParallel(nn.Module):
                              f"tensors: pass x.cpu()")
 
     def _forward(self, x: Tensor) -> Tensor:
-        shard, ops = self.shard, self.shard.ops
+        shard, ops, wire = self.shard, self.shard.ops, self.wire
         local = self.held[self.rank]
+        wire.begin()  # the first time: every rank built alike (through the store, not a collective)
         # 1. Route this rank's batch with the module's own stages; an error is held until every
         # rank has said in the first exchange whether it failed, so that all raise together.
         failure, log_probs, routing, rows = None, None, None, x.new_empty(0, *x.shape[1:])
@@ -208,16 +227,16 @@ class ExpertParallel(nn.Module):
         # 2. Counts: each rank tells each owner how many rows of each of its experts will come.
         head = exchange.header(failure is not None, x, num_classes)
         per_dest = torch.split(sent, [len(experts) for experts in self.held])
-        table = all_to_all(torch.cat([torch.cat([head, c]) for c in per_dest]),
-                           [HEADER + len(experts) for experts in self.held], [HEADER + len(local)] * self.world_size,
-                           self.group).view(self.world_size, HEADER + len(local))
-        exchange.raise_failures(table[:, 0].tolist(), failure, "before the exchange (in the switch or routing)")
+        table = wire.all_to_all(torch.cat([torch.cat([head, c]) for c in per_dest]),
+                                [HEADER + len(experts) for experts in self.held],
+                                [HEADER + len(local)] * self.world_size, "counts").view(self.world_size, HEADER + len(local))
+        exchange.raise_failures(table[:, 0].tolist(), failure, "counts", "before the exchange (in the switch or routing)")
         exchange.check_headers(table[:, :HEADER])
         arriving = table[:, HEADER:].tolist()  # [source][j]: rows of expert local[j] from each source
 
         # 3. Rows: to each owner its experts' rows, as bytes (exact for any dtype).
         to_dest = torch.zeros(self.world_size, dtype=torch.long).index_add_(0, self._dest_of_segment, sent)
-        received = all_to_all(exchange.as_bytes(rows), to_dest.tolist(), [sum(c) for c in arriving], self.group)
+        received = wire.all_to_all(exchange.as_bytes(rows), to_dest.tolist(), [sum(c) for c in arriving], "dispatch")
         received = received.view(x.dtype).view(received.shape[0], *x.shape[1:])  # not -1: may be empty
 
         # 4. The local experts on each source's rows; errors held again until all ranks know.
@@ -227,19 +246,20 @@ class ExpertParallel(nn.Module):
         except Exception as exc:  # noqa: BLE001
             failure = exc
         widths = [[0 if y is None else y.shape[1] for y in outs] for outs in results]
-        status = all_to_all(torch.tensor([v for w in widths for v in (int(failure is not None), *w)], dtype=torch.long),
-                            [1 + len(local)] * self.world_size, [1 + len(experts) for experts in self.held],
-                            self.group).tolist()
+        status = wire.all_to_all(torch.tensor([v for w in widths for v in (int(failure is not None), *w)],
+                                              dtype=torch.long),
+                                 [1 + len(local)] * self.world_size, [1 + len(experts) for experts in self.held],
+                                 "status").tolist()
         starts = [sum(1 + len(experts) for experts in self.held[:d]) for d in range(self.world_size)]
-        exchange.raise_failures([status[s] for s in starts], failure, "running its specialists")
+        exchange.raise_failures([status[s] for s in starts], failure, "status", "running its specialists")
 
         # 5. Logits back to their origin, float32 as the recombine reads them, then the module's recombine.
         payload = [y.float().reshape(-1) for outs in results for y in outs if y is not None]
         counts = routing.counts.tolist()
         back_widths = {e: status[starts[d] + 1 + j] for d, experts in enumerate(self.held) for j, e in enumerate(experts)}
-        logits = all_to_all(torch.cat(payload) if payload else torch.empty(0),
-                            [sum(y.numel() for y in outs if y is not None) for outs in results],
-                            [sum(counts[e] * back_widths[e] for e in experts) for experts in self.held], self.group)
+        logits = wire.all_to_all(torch.cat(payload) if payload else torch.empty(0),
+                                 [sum(y.numel() for y in outs if y is not None) for outs in results],
+                                 [sum(counts[e] * back_widths[e] for e in experts) for experts in self.held], "combine")
         outputs: list[Tensor | None] = [None] * self.num_experts
         position = 0
         for e in self._order:

@@ -8,7 +8,9 @@ same order, since every forward is a sequence of collectives they must all call.
 from __future__ import annotations
 
 import datetime
+import os
 import socket
+import time
 import traceback
 
 import torch
@@ -16,7 +18,7 @@ import torch.distributed as dist
 from torch import nn
 
 import mnn_fast
-from mnn_fast.distributed import ExpertParallel, balanced_placement, contiguous_placement, experts_by_rank
+from mnn_fast.distributed import ExpertParallel, RankFailure, balanced_placement, contiguous_placement, experts_by_rank
 
 D_IN = 13
 CONFIGS = [(0.25, None), (0.0, None), (1.0, None), (None, 2), (0.1, 2)]  # (threshold, top_k)
@@ -156,8 +158,15 @@ def failure_cases(rank: int, world: int, mnns, report) -> None:
         report("foreign specialists refused", "which the placement gives to rank(s)" in str(exc), str(exc))
     # The switch fails on the last rank only (14 features).
     x = batch(rank, 8) if rank != world - 1 else torch.randn(8, 14)
-    report("switch failure raises on all ranks", *_raises(ep, x, RuntimeError,
-                                                          "mat1" if rank == world - 1 else "failed before the exchange"))
+    try:
+        with torch.no_grad():
+            ep(x)
+        report("switch failure raises on all ranks", False, "did not raise")
+    except Exception as exc:  # noqa: BLE001
+        # The failed rank raises its own error; the others a RankFailure naming it and the exchange.
+        ok = ("mat1" in str(exc) if rank == world - 1 else isinstance(exc, RankFailure) and
+              "failed before the exchange" in str(exc) and (exc.rank, exc.stage) == (world - 1, "counts"))
+        report("switch failure raises on all ranks", ok, f"{type(exc).__name__}: {exc}")
     # Ranks pass rows of different shapes ([B, 13] and [B, 13, 1]; the switch takes both).
     x = batch(rank, 8) if rank != world - 1 else batch(rank, 8).unsqueeze(2)
     report("shape mismatch raises on all ranks", *_raises(ep, x, ValueError, "x.shape[1:] differs"))
@@ -169,8 +178,14 @@ def failure_cases(rank: int, world: int, mnns, report) -> None:
     x = batch(rank, 6)
     if rank == world - 1:
         x[2, 0] = 5000.0
-    report("expert failure raises on all ranks", *_raises(ep, x, ValueError if rank == 0 else RuntimeError,
+    report("expert failure raises on all ranks", *_raises(ep, x, ValueError if rank == 0 else RankFailure,
                                                           "poisoned" if rank == 0 else "running its specialists"))
+    # Ranks built with different placements would size their exchanges differently (gloo would
+    # fail on one rank and leave another waiting): every rank refuses at the first forward instead.
+    placement = contiguous_placement(5, world) if rank != world - 1 else [(5 - 1 - e) % world for e in range(5)]
+    ep = ExpertParallel.from_module(mnn, placement=placement)
+    report("placement mismatch refused on all ranks", *_raises(ep, batch(rank, 4), ValueError,
+                                                               f"rank {world - 1} was built with E=5, placement"))
     # The group is still in step: a normal forward after the failures.
     ep = ExpertParallel.from_module(mnn)
     x = batch(50 + rank, 9)
@@ -187,15 +202,132 @@ def _raises(ep, x, kind, words: str) -> tuple[bool, str]:
     return False, "did not raise"
 
 
-def worker(rank: int, world: int, port: int, queue) -> None:
-    """Entry point of one spawned rank: joins the gloo group, runs every case, reports, leaves."""
+# ---------------------------------------------------------------------- drawn cases
+
+def drawn_model(case: dict) -> mnn_fast.MetaNeuralNetwork:
+    """The model of one case drawn by the parent (test_expert_parallel.draw_cases), seeded alike on every rank."""
+    torch.manual_seed(case["seed"])
+    d_in, classes, groups = case["d_in"], case["classes"], case["groups"]
+
+    def net(width):
+        return nn.Sequential(nn.Linear(d_in, case["hidden"]), nn.ReLU(), nn.Linear(case["hidden"], width))
+    experts = groups if groups is not None else [[c] for c in range(classes)]
+    specialists = [net(1 if len(g) == 1 and binary else classes) for g, binary in zip(experts, case["binary"])]
+    mnn = mnn_fast.MetaNeuralNetwork(net(classes), specialists, groups, num_classes=classes)
+    configure(mnn, case["threshold"], case["top_k"])
+    return mnn.eval()
+
+
+def drawn_cases(rank: int, world: int, cases: list[dict], report) -> None:
+    for i, case in enumerate(cases):
+        mnn = drawn_model(case)
+        placement = (contiguous_placement(mnn.num_experts, world) if case["placement"] == "contiguous"
+                     else [(mnn.num_experts - 1 - e) % world for e in range(mnn.num_experts)])
+        ep = ExpertParallel.from_module(mnn, placement=placement)
+        rows = case["rows"][rank]
+        x = torch.randn(rows, case["d_in"], generator=torch.Generator().manual_seed(1000 * i + rank)) * case["scale"]
+        with torch.no_grad():
+            got, want = ep(x), mnn(x)
+        report(f"drawn {i}", torch.equal(got, want), f"{case}: rows {rows}")
+
+
+# ---------------------------------------------------------------------- a rank that dies or hangs
+
+# Short group timeouts for these cases (seconds): the survivors must raise within about this.
+LETHAL_TIMEOUT = 5
+# Per world size: the ranks whose reports the parent waits for after the lethal cases (the others
+# die or hang on purpose, and the parent kills what is left).
+SURVIVORS = {2: [0], 3: [1]}
+
+
+class Saboteur(nn.Module):
+    """A specialist that, on ``victim``'s forward, runs ``act`` first (exit or sleep)."""
+
+    def __init__(self, inner: nn.Module, victim: int, act):
+        super().__init__()
+        self.inner, self.victim, self.act = inner, victim, act
+
+    def forward(self, x):
+        if dist.get_rank() == self.victim:
+            self.act()
+        return self.inner(x)
+
+
+def _survive(ep, x, victim: int, stage: str, report, name: str) -> None:
+    """Runs ``ep(x)``; reports whether it raised the RankFailure naming ``victim`` in time."""
+    start = time.monotonic()
+    try:
+        with torch.no_grad():
+            ep(x)
+        report(name, False, "did not raise")
+    except Exception as exc:  # noqa: BLE001
+        took = time.monotonic() - start
+        expected = f"rank {victim} did not answer"
+        ok = (isinstance(exc, RankFailure) and (exc.rank, exc.stage) == (victim, stage) and expected in str(exc)
+              and "\n" not in str(exc) and took < 3 * LETHAL_TIMEOUT)  # bounded: the feature, not a speed check
+        report(name, ok, f"{type(exc).__name__} after {took:.1f} s: {exc}")
+
+
+def lethal_cases(rank: int, world: int, report, leave) -> None:
+    """World 2: rank 1 dies (os._exit) while running its specialists. World 3: rank 2 hangs past the
+    timeout, then rank 0, which hosts the group's store, dies. On fresh groups with a short timeout,
+    every expert active for every row, so that each rank runs its specialists."""
+    torch.manual_seed(0)
+    specialists = [mlp(5) for _ in range(5)]
+    timeout = datetime.timedelta(seconds=LETHAL_TIMEOUT)
+
+    def die():
+        leave(3)  # this rank's reports so far go to the parent first
+
+    def build(group, saboteur_on: int, victim: int, act):
+        parts = list(specialists)
+        parts[saboteur_on] = Saboteur(parts[saboteur_on], victim, act)
+        mnn = mnn_fast.MetaNeuralNetwork(mlp(5), parts, threshold=None, top_k=5).eval()
+        return ExpertParallel.from_module(mnn, group=group)
+
+    if world == 2:
+        group = dist.new_group([0, 1], timeout=timeout)
+        ep = build(group, 4, 1, die)  # expert 4 is rank 1's
+        _survive(ep, batch(rank, 6), 1, "status", report, "dead rank named")
+        return
+    group = dist.new_group([0, 1, 2], timeout=timeout)
+    ep = build(group, 4, 2, lambda: time.sleep(LETHAL_TIMEOUT + 4))  # expert 4 is rank 2's
+    if rank == 2:
+        with torch.no_grad():
+            ep(batch(rank, 6))  # sleeps; the parent kills this rank
+        return
+    _survive(ep, batch(rank, 6), 2, "status", report, "hung rank named")
+    pair = dist.new_group([0, 1], timeout=timeout, use_local_synchronization=True)  # rank 2 is asleep
+    ep = build(pair, 0, 0, die)  # expert 0 is rank 0's
+    # Rank 0 dies in its specialists: rank 1 waits in the status exchange, and the store is gone too.
+    _survive(ep, batch(rank, 6), 0, "status", report, "dead store host named")
+
+
+def worker(rank: int, world: int, port: int, queue, cases: list[dict]) -> None:
+    """Entry point of one spawned rank: joins the gloo group, runs every case, reports, then the
+    lethal cases (which end the group), reports again and leaves."""
     torch.set_num_threads(1)
     results = []
+
+    def flush(final: bool = False) -> None:
+        queue.put((rank, list(results), final))
+        results.clear()
+
+    def leave(code: int) -> None:
+        flush(final=code == 0)
+        queue.close()
+        queue.join_thread()
+        os._exit(code)  # no destroy_process_group: the lethal cases broke the groups
+
+    def report(name, ok, detail):
+        results.append((name, bool(ok), str(detail)))
     try:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
                                 timeout=datetime.timedelta(seconds=60))
-        run_cases(rank, world, lambda name, ok, detail: results.append((name, bool(ok), str(detail))))
-        dist.destroy_process_group()
+        run_cases(rank, world, report)
+        drawn_cases(rank, world, cases, report)
+        flush()
+        lethal_cases(rank, world, report, leave)
     except Exception:  # noqa: BLE001 -- the parent reports it
         results.append(("worker crashed", False, traceback.format_exc()))
-    queue.put((rank, results))
+    leave(0)

@@ -9,46 +9,97 @@ from __future__ import annotations
 import datetime
 import multiprocessing
 import queue as queue_module
+import time
 
 import pytest
 import torch
 import torch.distributed as dist
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
 
 import mnn_fast
-from ep_cases import free_port, mlp, models, worker
-from mnn_fast.distributed import (ExpertParallel, balanced_placement, check_placement, contiguous_placement,
+from ep_cases import SURVIVORS, free_port, mlp, models, worker
+from mnn_fast.distributed import (ExpertParallel, RankFailure, balanced_placement, check_placement, contiguous_placement,
                                   experts_by_rank, parameter_counts)
 
 
-def run_group(world: int) -> list[tuple[int, str, bool, str]]:
+# Seconds before the spawned groups are killed: the cases take ~10-20 s, the lethal ones ~10 s more.
+WAIT = 150
+
+
+def draw_cases(count: int) -> list[dict]:
+    """``count`` model-and-batch cases drawn by hypothesis (derandomized: the same every run) for the
+    spawned ranks, which cannot run hypothesis themselves (every rank must run the same cases)."""
+    cases = []
+
+    @st.composite
+    def case(draw):
+        classes = draw(st.integers(2, 6))
+        grouped = draw(st.booleans())
+        # Groups of any size (one-class groups may have binary specialists), overlapping, E from 1.
+        groups = (draw(st.lists(st.lists(st.integers(0, classes - 1), min_size=1, max_size=classes, unique=True),
+                                min_size=1, max_size=8)) if grouped else None)
+        experts = len(groups) if grouped else classes
+        top_k = draw(st.none() | st.integers(1, experts))
+        threshold = draw(st.sampled_from([0.0, 1.0, 0.3] + ([None] if top_k is not None else [])))
+        return {"seed": draw(st.integers(0, 2**16)), "d_in": draw(st.integers(1, 9)), "hidden": draw(st.integers(1, 8)),
+                "classes": classes, "groups": groups, "binary": draw(st.lists(st.booleans(), min_size=experts,
+                                                                               max_size=experts)),
+                "threshold": threshold, "top_k": top_k, "placement": draw(st.sampled_from(["contiguous", "reversed"])),
+                # Per rank: 0 and 1 rows are edges (nothing to send; a one-row GEMM).
+                "rows": draw(st.lists(st.integers(0, 9), min_size=3, max_size=3)),
+                "scale": draw(st.sampled_from([0.1, 1.0, 10.0]))}  # 10: saturated switches, one expert takes all
+
+    @settings(max_examples=count, derandomize=True, database=None, deadline=None,
+              phases=[Phase.explicit, Phase.generate], suppress_health_check=list(HealthCheck))
+    @given(case())
+    def collect(drawn):
+        cases.append(drawn)
+
+    collect()
+    return cases
+
+
+def run_group(world: int, cases: list[dict]) -> list[tuple[int, str, bool, str]]:
+    """Every rank's reports. Bounded: whatever still runs after WAIT seconds is killed, so a
+    regression that hangs a rank fails the test instead of hanging it."""
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=worker, args=(rank, world, port, queue)) for rank in range(world)]
+    procs = [ctx.Process(target=worker, args=(rank, world, port, queue, cases)) for rank in range(world)]
     for p in procs:
         p.start()
-    results = []
+    results, finished = [], set()
+    deadline = time.monotonic() + WAIT
     try:
-        for _ in range(world):
-            rank, cases = queue.get(timeout=240)
-            results += [(rank, *case) for case in cases]
+        while not set(SURVIVORS[world]) <= finished:
+            rank, cases_run, final = queue.get(timeout=max(deadline - time.monotonic(), 0.1))
+            results += [(rank, *case) for case in cases_run]
+            if final:
+                finished.add(rank)
     except queue_module.Empty:
-        results.append((-1, "a rank did not report within 240 s", False, ""))
+        results.append((-1, f"no report within {WAIT} s", False, f"finished: {sorted(finished)}"))
     finally:
         for p in procs:
-            p.join(timeout=30)
+            p.join(timeout=2)
             if p.is_alive():
-                p.kill()
+                p.kill()  # the hung rank, by design
+                p.join()
     return results
 
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_every_rank_equals_the_single_process_module(world):
-    results = run_group(world)
+    results = run_group(world, draw_cases(30))
     failed = [r for r in results if not r[2]]
     assert not failed, "\n".join(f"rank {rank}: {name}: {detail}" for rank, name, _, detail in failed)
     names = {name for _, name, _, _ in results}
-    assert len([r for r in results if r[0] == 0]) == len(names) >= 60  # every rank ran every case
+    assert len([r for r in results if r[0] == 0 and not r[1].startswith("drawn")]) >= 60  # every case ran
+    assert len([r for r in results if r[1].startswith("drawn")]) == 30 * world
+    # The lethal cases: the survivors named the dead or hung rank (each report also checks the bound).
+    lethal = {2: {(0, "dead rank named")}, 3: {(0, "hung rank named"), (1, "hung rank named"),
+                                                (1, "dead store host named")}}[world]
+    assert lethal <= {(rank, name) for rank, name, _, _ in results}, names
 
 
 # ---------------------------------------------------------------------- one-rank group, this process
@@ -82,6 +133,32 @@ def test_world_size_one_is_the_same_path(group1):
         with torch.no_grad():
             assert torch.equal(ep(x), mnn(x))
     assert len(group1) == 4 * 4  # four exchanges per forward, also for an empty batch
+
+
+def test_exchange_log_is_opt_in(group1):
+    ep = ExpertParallel.from_module(small_mnn())
+    assert ep.exchange_log is None
+    ep.exchange_log = log = []
+    with torch.no_grad():
+        ep(torch.randn(6, 13))
+    # One entry per exchange, in order; a world of one sends nothing to other ranks.
+    assert [entry[0] for entry in log] == ["counts", "dispatch", "status", "combine"]
+    assert all(seconds >= 0 and sent == received == 0 for _, seconds, sent, received in log)
+
+
+def test_a_failed_exchange_with_every_rank_answering_blames_this_rank(group1, monkeypatch):
+    # The late rank's view: its exchange fails, yet every other rank reported the failure (here
+    # there is none), so it is the one that was too late; the message says so, on one line.
+    ep = ExpertParallel.from_module(small_mnn())
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("Connection closed by peer\nsecond line")
+
+    monkeypatch.setattr(dist, "all_to_all_single", broken)
+    with pytest.raises(RankFailure, match=r"^ExpertParallel: the count exchange failed on rank 0 although every "
+                                          r"rank answered: .*\(Connection closed by peer\)$") as caught:
+        ep(torch.randn(3, 13))
+    assert (caught.value.rank, caught.value.stage, caught.value.ranks) == (0, "counts", (0,))
 
 
 def test_built_from_local_parts(group1):
