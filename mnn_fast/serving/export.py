@@ -47,6 +47,7 @@ def export_run(run, out, *, max_batch: int = DEFAULT_MAX_BATCH, test_threshold: 
     from ..training import RunDir, load_bundle, load_mnn
     from ..training.datarecord import read_data_record
 
+    _check_out_and_batch(out, max_batch)  # before minutes of loading
     say = progress or (lambda line: None)
     root = Path(os.fspath(run))
     say(f"loading {root}")
@@ -118,10 +119,7 @@ def _check_arguments(mnn, out, input_shape, max_batch, classes):
         raise ValueError("mnn: export runs on the CPU; move the module with mnn.cpu() first")
     if mnn.num_classes is None:
         raise ValueError("mnn.num_classes is unknown; build the module with num_classes= (the package needs C)")
-    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).endswith(".pt2"):
-        raise ValueError(f"out must be a path ending in .pt2, got {out!r}")
-    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
-        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
+    _check_out_and_batch(out, max_batch)
     try:
         shape = [int(s) for s in input_shape]
     except (TypeError, ValueError):
@@ -133,6 +131,13 @@ def _check_arguments(mnn, out, input_shape, max_batch, classes):
     if len(classes) != num_classes:
         raise ValueError(f"classes has {len(classes)} names but the module has {num_classes} classes")
     return shape, num_classes, classes
+
+
+def _check_out_and_batch(out, max_batch) -> None:
+    if not isinstance(out, (str, os.PathLike)) or not os.fspath(out).endswith(".pt2"):
+        raise ValueError(f"out must be a path ending in .pt2, got {out!r}")
+    if isinstance(max_batch, bool) or not isinstance(max_batch, int) or max_batch < 1:
+        raise ValueError(f"max_batch must be a positive int, got {max_batch!r}")
 
 
 def _trace(mnn: MetaNeuralNetwork, shape: list[int], max_batch: int) -> torch.export.ExportedProgram:
