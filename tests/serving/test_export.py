@@ -2,7 +2,6 @@
 module, bitwise; the record; every refusal (corrupted, foreign, other run, bad input, switch_fn,
 untraceable specialists). One tiny package (tests/serving/serving_cases.py) serves the whole file."""
 import json
-import shutil
 import struct
 import zipfile
 
@@ -234,4 +233,16 @@ def test_cli_default_max_batch_is_the_library_default():
 def test_run_fingerprint_refuses_what_is_not_a_run(tmp_path):
     with pytest.raises(ValueError, match="not a run directory or bundle"):
         run_fingerprint(tmp_path)
-    shutil.rmtree(tmp_path)
+
+
+def test_bundle_exports_with_its_own_fingerprint(case, eager, tmp_path):
+    # A bundle (save_bundle) holds the same networks as the run, under another fingerprint.
+    from mnn_fast.serving import export_run
+    from mnn_fast.training import save_bundle
+
+    bundle = save_bundle(tmp_path / "bundle", eager, "mlp", "mlp", INPUT_SHAPE)
+    record = export_run(bundle, tmp_path / "bundle.pt2", max_batch=4)
+    assert record["run_fingerprint"] == run_fingerprint(bundle) != run_fingerprint(case.run)
+    model = mnn_fast.load_exported(tmp_path / "bundle.pt2", expected_run=bundle)
+    x = sample_inputs(3)
+    assert torch.equal(model(x), eager(x)) and model.max_batch == 4
