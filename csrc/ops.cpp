@@ -1,8 +1,13 @@
 // Schemas of the mnn_fast custom ops. Semantics: docs/ops.md. Implementations register per
 // backend in csrc/cpu/*.cpp and csrc/cuda/*.cu; fake kernels and autograd live in mnn_fast/ops.py.
+// MNN_FAST_NO_PYTHON: the same ops as a plain shared library for C++ programs without libpython
+// (examples/cpp builds it so); loading the library runs the registrations below either way.
+#ifndef MNN_FAST_NO_PYTHON
 #include <Python.h>
+#endif
 #include <torch/library.h>
 
+#ifndef MNN_FAST_NO_PYTHON
 extern "C" {
 // Importing mnn_fast._C from Python loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
@@ -10,6 +15,7 @@ PyObject* PyInit__C(void) {
   return PyModule_Create(&module_def);
 }
 }
+#endif
 
 TORCH_LIBRARY(mnn_fast, m) {
   m.def("group_scores(Tensor probs, Tensor group_offsets, Tensor group_classes) -> Tensor");

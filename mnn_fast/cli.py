@@ -214,6 +214,32 @@ def cmd_nsn_sweep(args) -> None:
     print(f"\nwritten: {args.out}/nsn_sweep.csv, nsn_sweep.png, nsn_sweep.json")
 
 
+def cmd_export(args) -> None:
+    """Writes the trained MNN of a run (or bundle) as one AOTInductor package (.pt2) with a dynamic
+    batch, for mnn_fast.load_exported or C++ (examples/cpp). Tracing and compiling take minutes for a
+    large model; phase lines go to stderr."""
+    import time
+
+    from .serving import export_run
+
+    started = time.perf_counter()
+    export_run(args.run_dir, args.out, max_batch=args.max_batch, test_threshold=args.test_threshold,
+               progress=lambda line: print(f"mnn-fast export: {line}", file=sys.stderr, flush=True))
+    print(f"written: {args.out} (export took {time.perf_counter() - started:.1f} s)")
+
+
+def _add_export_parser(sub) -> None:
+    p = sub.add_parser("export", help="a trained MNN as an AOTInductor package (.pt2) for Python or C++ serving",
+                       description=cmd_export.__doc__)
+    p.add_argument("run_dir", type=_run_dir, help="a trained run directory (or a bundle directory)")
+    p.add_argument("--out", required=True, help="the package to write (a .pt2 file)")
+    # The literal is mnn_fast.serving.DEFAULT_MAX_BATCH (importing it here would import torch for --help).
+    p.add_argument("--max-batch", type=int, default=1024, help="the largest batch the package takes")
+    p.add_argument("--test-threshold", type=float, default=0.25,
+                   help="a specialist runs on samples whose score exceeds this (runs; a bundle keeps its own)")
+    p.set_defaults(func=cmd_export)
+
+
 def cmd_demo(args) -> None:
     from .demo import main
 
@@ -436,6 +462,8 @@ def build_parser() -> argparse.ArgumentParser:
     from .ghn.cli import add_ghn_parser
 
     add_ghn_parser(sub)
+
+    _add_export_parser(sub)
 
     p = sub.add_parser("demo", help="train, sweep, time and plot on the embedded load_digits (under 3 minutes)")
     p.add_argument("--out", default="runs/demo", help="where sweep.csv, the figures and demo.json go")
