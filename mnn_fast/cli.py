@@ -1,4 +1,4 @@
-"""The ``mnn-fast`` command: train, sweep, baselines, eval, predict, bench, groups, nsn, nsn-sweep, ghn and demo.
+"""The ``mnn-fast`` command: train, sweep, baselines, eval, predict, bench, groups, nsn, nsn-sweep, ghn, export and demo.
 
 Every sub-command's parser is here except ``ghn``'s, which its subpackage adds (``mnn_fast.ghn.cli``).
 
