@@ -21,6 +21,12 @@ using I = __m256i;
 
 inline F load_f(const float* p) { return _mm256_loadu_ps(p); }
 inline void store_f(float* p, F v) { _mm256_storeu_ps(p, v); }
+// The first n < 8 floats (the rest 0; nothing past p + n is read or written).
+inline __m256i first(int64_t n) {
+  return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+}
+inline F load_n(const float* p, int64_t n) { return _mm256_maskload_ps(p, first(n)); }
+inline void store_n(float* p, F v, int64_t n) { _mm256_maskstore_ps(p, first(n), v); }
 inline F set1(float x) { return _mm256_set1_ps(x); }
 inline F zero() { return _mm256_setzero_ps(); }
 inline F add(F a, F b) { return _mm256_add_ps(a, b); }

@@ -25,6 +25,10 @@ using I = __m512i;
 
 inline F load_f(const float* p) { return _mm512_loadu_ps(p); }
 inline void store_f(float* p, F v) { _mm512_storeu_ps(p, v); }
+// The first n < 16 floats (the rest 0; nothing past p + n is read or written).
+inline M first(int64_t n) { return static_cast<M>((1u << n) - 1); }
+inline F load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
+inline void store_n(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
 inline F set1(float x) { return _mm512_set1_ps(x); }
 inline F zero() { return _mm512_setzero_ps(); }
 inline F add(F a, F b) { return _mm512_add_ps(a, b); }

@@ -182,12 +182,13 @@ inline void shift_scale(float* tile, int64_t C, F m, F log_s) {
   for (int64_t c = 0; c < C; ++c) store_f(tile + kRows * c, sub(sub(load_f(tile + kRows * c), m), log_s));
 }
 
-// dst[c] = dst[c] + value for c < n (one float32 add each, as the scalar loop).
+// dst[c] = dst[c] + value for c < n (one float32 add each, as the scalar loop); the last
+// columns by a masked load and store, which touch nothing past n.
 inline void add_scalar(float* dst, int64_t n, float value) {
   const F v = set1(value);
   int64_t c = 0;
   for (; c + kRows <= n; c += kRows) store_f(dst + c, add(load_f(dst + c), v));
-  for (; c < n; ++c) dst[c] = rowmath::add(dst[c], value);
+  if (c < n) store_n(dst + c, add(load_n(dst + c, n - c), v), n - c);
 }
 
 // dst[c] = (src[c] - m) - log_s for c < n.
@@ -195,7 +196,7 @@ inline void sub2(const float* src, int64_t n, float m, float log_s, float* dst) 
   const F vm = set1(m), vl = set1(log_s);
   int64_t c = 0;
   for (; c + kRows <= n; c += kRows) store_f(dst + c, sub(sub(load_f(src + c), vm), vl));
-  for (; c < n; ++c) dst[c] = rowmath::sub(rowmath::sub(src[c], m), log_s);
+  if (c < n) store_n(dst + c, sub(sub(load_n(src + c, n - c), vm), vl), n - c);
 }
 
 // The one exp pass over up to kRows rows of C floats (`count` real ones; `padded` is filled with

@@ -152,10 +152,18 @@ def test_bad_isa_names_are_refused_with_the_reason():
 
 
 def _env_isa(value):
-    code = "from mnn_fast.engine.isa import cpu_isa, cpu_isa_status; print(cpu_isa(), cpu_isa_status().get('MNN_FAST_CPU_ISA', ''))"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "MNN_FAST_CPU_ISA": value}, check=True,
-                         capture_output=True, text=True).stdout.strip()
-    return out.split(" ", 1)[0], out.split(" ", 1)[1] if " " in out else ""
+    """(ISA, note) of a fresh process with MNN_FAST_CPU_ISA=value; it loads the extension alone (not
+    the whole package): the variable is read when the extension loads."""
+    import mnn_fast._C as ext
+
+    code = ("import importlib.util, sys, torch\n"
+            "spec = importlib.util.spec_from_file_location('mnn_fast._C', sys.argv[1])\n"
+            "ext = importlib.util.module_from_spec(spec)\n"
+            "spec.loader.exec_module(ext)\n"
+            "print(ext.cpu_isa() + '|' + ext.cpu_isa_env_note())\n")
+    out = subprocess.run([sys.executable, "-c", code, ext.__file__], env={**os.environ, "MNN_FAST_CPU_ISA": value},
+                         check=True, capture_output=True, text=True).stdout.strip()
+    return tuple(out.split("|", 1))
 
 
 def test_the_environment_variable_caps_the_choice_and_a_bad_value_is_reported():
@@ -163,3 +171,12 @@ def test_the_environment_variable_caps_the_choice_and_a_bad_value_is_reported():
     best = [n for n in CPU_ISAS if STATUS[n] is None][-1]
     isa, note = _env_isa("avx9")
     assert isa == best and note == "MNN_FAST_CPU_ISA=avx9 ignored: expected auto, sse2, avx2 or avx512"
+
+
+def test_version_names_the_isa_in_use(capsys):
+    from mnn_fast import cli
+
+    with using_cpu_isa("sse2"), pytest.raises(SystemExit):
+        cli.main(["--version"])
+    usable = ", ".join(n for n in CPU_ISAS if STATUS[n] is None)
+    assert f"cpp row kernels: sse2 (of {usable})" in capsys.readouterr().out
