@@ -200,18 +200,19 @@ inline void sub2(const float* src, int64_t n, float m, float log_s, float* dst) 
 }
 
 // The one exp pass over up to kRows rows of C floats (`count` real ones; `padded` is filled with
-// them, padded with the last): leaves exp(x - m) in the tile and gives per lane the row maximum m,
-// the lane sum s and log_s = log(s) as rows::log_softmax_row computes them.
+// them, padded with the last): leaves exp(x - m) in the tile (kExpKept; kExp leaves x) and gives
+// per lane the row maximum m, the lane sum s and log_s = log(s) as rows::log_softmax_row computes them.
 struct ExpPass {
   F m, s, log_s;
 };
 
+template <Terms kTerms = Terms::kExpKept>
 inline ExpPass exp_pass(const float* const* rows, int count, int64_t C, float* tile, const float** padded) {
   for (int r = 0; r < kRows; ++r) padded[r] = rows[r < count ? r : count - 1];
   load(padded, C, tile);
   ExpPass pass;
   pass.m = max(tile, C);
-  pass.s = sum_exp<Terms::kExpKept>(tile, C, pass.m);
+  pass.s = sum_exp<kTerms>(tile, C, pass.m);
   pass.log_s = log1p_v(sub(pass.s, set1(1.0f)));
   return pass;
 }
@@ -228,7 +229,7 @@ inline void write_log_softmax(const float* const* x, float* const* out, int coun
 // rows, the tile (scratch of kRows C floats) padded with the last one.
 inline void log_softmax_rows(float* const* rows, int count, int64_t C, float* tile) {
   const float* padded[kRows];
-  write_log_softmax(rows, rows, count, C, exp_pass(rows, count, C, tile, padded));
+  write_log_softmax(rows, rows, count, C, exp_pass<Terms::kExp>(rows, count, C, tile, padded));
 }
 
 // softmax_row (rows.h) of up to kRows rows of C floats: log_out[r] = log_softmax(x[r]), prob_out[r]
