@@ -180,3 +180,13 @@ def test_version_names_the_isa_in_use(capsys):
         cli.main(["--version"])
     usable = ", ".join(n for n in CPU_ISAS if STATUS[n] is None)
     assert f"cpp row kernels: sse2 (of {usable})" in capsys.readouterr().out
+
+
+def test_row_ops_pass_opcheck_under_each_isa(isa):
+    # The ISA changes only the kernels' insides: schema, fake kernels and autograd must hold on each.
+    x = hard_logits(19, 11, seed=3)[6:]  # finite rows: opcheck compares outputs with NaN unequal
+    args = routed(30, 11, 4, seed=5)
+    logits = args[1][0].nan_to_num(nan=0.0)
+    for op, op_args in ((CPP.softmax_rows, (x,)), (CPP.log_softmax_rows, (x,)),
+                        (CPP.recombine, (args[0], [logits], *args[2:]))):
+        torch.library.opcheck(op.default, op_args)
