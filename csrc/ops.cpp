@@ -8,10 +8,13 @@
 #include <torch/library.h>
 
 #ifndef MNN_FAST_NO_PYTHON
+// mnn_fast._C's own functions (the CPU ISA choice, csrc/cpu/isa.cpp).
+extern PyMethodDef kMnnFastIsaMethods[];
+
 extern "C" {
 // Importing mnn_fast._C from Python loads this library, which runs the registrations below.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, kMnnFastIsaMethods};
   return PyModule_Create(&module_def);
 }
 }

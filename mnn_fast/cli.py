@@ -311,9 +311,22 @@ def version_text() -> str:
         lines.append(f"backends on {device}: {', '.join(usable) or 'none'}")
         lines += [f"  {name}: unavailable ({reason})" for name, reason in status.items()
                   if reason is not None and not (device == "cpu" and name == "cuda")]
+        if device == "cpu" and status["cpp"] is None:
+            lines += _cpu_isa_lines()
     if not torch.cuda.is_available():
         lines.append("cuda: no CUDA device visible to torch")
     return "\n".join(lines)
+
+
+def _cpu_isa_lines() -> list[str]:
+    """The cpp backend's SIMD instruction set in use, and why each better one is not."""
+    from .engine.isa import cpu_isa, cpu_isa_status
+
+    status = cpu_isa_status()
+    note = status.pop("MNN_FAST_CPU_ISA", None)
+    lines = [f"  cpp row kernels: {cpu_isa()} (of {', '.join(n for n, r in status.items() if r is None)})"]
+    lines += [f"    {name}: unavailable ({reason})" for name, reason in status.items() if reason is not None]
+    return lines + ([f"    {note}"] if note else [])
 
 
 class _VersionAction(argparse.Action):

@@ -20,7 +20,8 @@ from .engine.contributions import expert_log_contribution
 from .engine.rowmath import log_spread_table
 from .engine.routing import Routing
 
-__all__ = ["naive_forward", "naive_route", "active_mask", "group_score_loop", "expert_log_contribution"]
+__all__ = ["naive_forward", "naive_route", "active_mask", "group_score_loop", "expert_log_contribution",
+           "user_loop_forward"]
 
 
 def _default_groups(num_experts: int) -> list[list[int]]:
@@ -110,3 +111,38 @@ def naive_forward(
         return out, _routing_from_mask(active)
     return out
 
+
+
+@torch.no_grad()
+def user_loop_forward(switch: nn.Module, specialists: Sequence[nn.Module], x: Tensor, groups=None,
+                      threshold: float = 0.25) -> Tensor:
+    """The loop a user writes in plain PyTorch: ``Tensor[B, C] float32`` log-probabilities.
+
+    The paper's formula with ``torch.log_softmax`` and ``torch.logsumexp``, one boolean mask per
+    expert, experts in increasing order. It is what speed is measured against; it is *not* bitwise
+    equal to :func:`naive_forward` (torch's own exp and log, summed in torch's order), but agrees with
+    it to float32 rounding (~1e-6) and in every argmax.
+    """
+    z = switch(x).float()
+    logp = torch.log_softmax(z, dim=1)
+    probs = torch.softmax(z, dim=1)
+    num_classes = z.shape[1]
+    groups = _default_groups(len(specialists)) if groups is None else [list(g) for g in groups]
+    acc = logp.clone()
+    for expert, group in zip(specialists, groups):
+        score = probs[:, group].sum(dim=1)
+        mask = score > threshold
+        if not mask.any():
+            continue
+        y = expert(x[mask]).float()
+        inside = torch.zeros(num_classes, dtype=torch.bool, device=z.device)
+        inside[group] = True
+        if y.shape[1] == 1 and num_classes != 1:  # a binary specialist: q = sigmoid(y)
+            log_q, log_not_q = torch.nn.functional.logsigmoid(y), torch.nn.functional.logsigmoid(-y)
+            logv = log_q.expand(-1, num_classes)
+        else:
+            logv = torch.log_softmax(y, dim=1)
+            log_not_q = torch.logsumexp(logv[:, ~inside], dim=1, keepdim=True)
+        spread = log_not_q - math.log(num_classes - len(group)) if num_classes > len(group) else log_not_q
+        acc[mask] += torch.where(inside, logv, spread)
+    return torch.log_softmax(acc, dim=1)

@@ -7,7 +7,7 @@
 #include <vector>
 
 #include "rows.h"
-#include "tile8.h"
+#include "tile.h"
 
 namespace mnn_fast {
 namespace cpu {
@@ -22,15 +22,14 @@ at::Tensor log_softmax_rows_cpu(const at::Tensor& x_in) {
   if (B == 0 || C == 0) return out;
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
+  const tile::Kernels* tiles = tile::kernels();  // one ISA for the whole call
   at::parallel_for(0, B, grain_for(C * 30), [&](int64_t begin, int64_t end) {
-#if defined(__SSE2__)
-    if (rows::use_avx2()) {  // eight rows at a time, in place in the output (tile8.h): the same bits
+    if (tiles != nullptr) {  // eight or sixteen rows at a time, in place in the output (tile.h): the same bits
       std::copy(src + begin * C, src + end * C, dst + begin * C);
-      std::vector<float> tile(tile8::kRows * C);
-      tile8::log_softmax_matrix_rows(dst, begin, end, C, tile.data());
+      std::vector<float> tile(tiles->rows * C);
+      tiles->log_softmax_matrix_rows(dst, begin, end, C, tile.data());
       return;
     }
-#endif
     for (int64_t i = begin; i < end; ++i) rows::log_softmax_row(src + i * C, C, dst + i * C);
   });
   return out;

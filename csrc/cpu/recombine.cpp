@@ -10,7 +10,7 @@
 #include <vector>
 
 #include "rows.h"
-#include "tile8.h"
+#include "tile.h"
 
 namespace mnn_fast {
 namespace cpu {
@@ -93,29 +93,26 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
     }
     return true;
   };
-#if defined(__SSE2__)
-  // Eight rows at a time, one per SIMD lane (tile8.h): the same bits as one row at a time, without
-  // each row's long serial chain. Width-C logits on AVX2 CPUs; the rest take the row path below.
-  const bool tiled = rows::use_avx2() && W == C;
-#else
-  const bool tiled = false;
-#endif
+  // Eight (AVX2) or sixteen (AVX-512) rows at a time, one per SIMD lane (tile.h): the same bits as
+  // one row at a time, without each row's long serial chain. Width-C logits; the rest (and the sse2
+  // choice) take the row path below.
+  const tile::Kernels* tiles = W == C ? tile::kernels() : nullptr;
   at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
     if (!valid(begin, end)) return;
     std::copy(lp + begin * C, lp + end * C, dst + begin * C);
-#if defined(__SSE2__)
-    if (tiled) {
-      std::vector<float> tile(tile8::kRows * C), in_group;
-      const float* y[tile8::kRows];
-      rows::ExpertGroup g[tile8::kRows];
-      int64_t owner[tile8::kRows], starts[tile8::kRows + 1] = {0};
-      float spreads[tile8::kRows];
+    if (tiles != nullptr) {
+      const int per_tile = tiles->rows;
+      std::vector<float> tile(per_tile * C), in_group;
+      const float* y[tile::kMaxRows];
+      rows::ExpertGroup g[tile::kMaxRows];
+      int64_t owner[tile::kMaxRows], starts[tile::kMaxRows + 1] = {0};
+      float spreads[tile::kMaxRows];
       int count = 0;
       const auto flush = [&]() {
         in_group.resize(starts[count]);
-        tile8::contributions(y, g, count, C, tile.data(), in_group.data(), starts, spreads);
+        tiles->contributions(y, g, count, C, tile.data(), in_group.data(), starts, spreads);
         for (int r = 0; r < count; ++r) {  // in sample_rows order: each sample's rows by increasing expert
-          tile8::accumulate(dst + owner[r] * C, C, g[r], in_group.data() + starts[r], spreads[r]);
+          tiles->accumulate(dst + owner[r] * C, C, g[r], in_group.data() + starts[r], spreads[r]);
         }
         count = 0;
       };
@@ -127,14 +124,13 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
           g[count] = group_of(e);
           owner[count] = i;
           starts[count + 1] = starts[count] + g[count].size;
-          if (++count == tile8::kRows) flush();
+          if (++count == per_tile) flush();
         }
       }
       if (count > 0) flush();
-      tile8::log_softmax_matrix_rows(dst, begin, end, C, tile.data());
+      tiles->log_softmax_matrix_rows(dst, begin, end, C, tile.data());
       return;
     }
-#endif
     std::vector<float> ls(C), outside(C);
     std::vector<uint8_t> inside(C, 0);
     for (int64_t i = begin; i < end; ++i) {

@@ -15,6 +15,7 @@
 
 #include "../rowmath.h"
 #include "common.h"
+#include "isa.h"
 
 namespace mnn_fast {
 namespace cpu {
@@ -189,11 +190,9 @@ __attribute__((target("avx2"))) static float lane_sum_exp_avx2(const float* x, i
   return rowmath::fold_lanes(lanes);
 }
 
-// MNN_FAST_NO_AVX2=1 keeps the SSE2 path (the tests compare the two).
-inline bool use_avx2() {
-  static const bool yes = __builtin_cpu_supports("avx2") && !std::getenv("MNN_FAST_NO_AVX2");
-  return yes;
-}
+// The row-at-a-time passes take AVX2 under the avx2 and avx512 choices of isa.h (every AVX-512
+// CPU has AVX2), SSE2 under sse2.
+inline bool use_avx2() { return isa() != Isa::kSse2; }
 
 inline float row_max(const float* x, int64_t n) { return use_avx2() ? row_max_avx2(x, n) : row_max_sse(x, n); }
 
@@ -232,8 +231,8 @@ inline void log_softmax_row(const float* x, int64_t n, float* out) {
 }
 
 // log_softmax_row and, from the same lane sum s, the softmax: prob[c] = exp(x[c] - m) * (1 / s)
-// (rowmath.softmax_rows). This row path recomputes each exp one at a time; AVX2 CPUs take
-// tile8::softmax_rows, which keeps the exps of its one pass.
+// (rowmath.softmax_rows). This row path recomputes each exp one at a time; the tile kernels
+// (tile.h, AVX2 and AVX-512) keep the exps of their one pass.
 inline void softmax_row(const float* x, int64_t n, float* log_out, float* prob_out) {
   const float m = row_max(x, n);
   const float s = lane_sum_exp(x, n, m);

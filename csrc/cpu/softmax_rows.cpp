@@ -1,6 +1,6 @@
 // softmax_rows on CPU (semantics: docs/ops.md): the switch's log-probabilities and probabilities
 // from one exp pass per row (rowmath.softmax_rows): log_probs are bitwise log_softmax_rows, probs
-// = exp(x - m) / s. Parallel over rows; AVX2 CPUs take eight rows at a time (tile8.h).
+// = exp(x - m) / s. Parallel over rows; AVX2 / AVX-512 take eight / sixteen rows at a time (tile.h).
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -8,7 +8,7 @@
 #include <vector>
 
 #include "rows.h"
-#include "tile8.h"
+#include "tile.h"
 
 namespace mnn_fast {
 namespace cpu {
@@ -25,25 +25,25 @@ std::tuple<at::Tensor, at::Tensor> softmax_rows_cpu(const at::Tensor& x_in) {
   const float* src = x.data_ptr<float>();
   float* log_dst = log_probs.data_ptr<float>();
   float* prob_dst = probs.data_ptr<float>();
+  const tile::Kernels* tiles = tile::kernels();  // one ISA for the whole call
   at::parallel_for(0, B, grain_for(C * 20), [&](int64_t begin, int64_t end) {
-#if defined(__SSE2__)
-    if (rows::use_avx2()) {
-      std::vector<float> tile(tile8::kRows * C);
-      const float* in[tile8::kRows];
-      float* log_out[tile8::kRows];
-      float* prob_out[tile8::kRows];
-      for (int64_t i = begin; i < end; i += tile8::kRows) {
-        const int n = static_cast<int>(std::min<int64_t>(tile8::kRows, end - i));
+    if (tiles != nullptr) {
+      const int per_tile = tiles->rows;
+      std::vector<float> tile(per_tile * C);
+      const float* in[tile::kMaxRows];
+      float* log_out[tile::kMaxRows];
+      float* prob_out[tile::kMaxRows];
+      for (int64_t i = begin; i < end; i += per_tile) {
+        const int n = static_cast<int>(std::min<int64_t>(per_tile, end - i));
         for (int r = 0; r < n; ++r) {
           in[r] = src + (i + r) * C;
           log_out[r] = log_dst + (i + r) * C;
           prob_out[r] = prob_dst + (i + r) * C;
         }
-        tile8::softmax_rows(in, n, C, tile.data(), log_out, prob_out);
+        tiles->softmax_rows(in, n, C, tile.data(), log_out, prob_out);
       }
       return;
     }
-#endif
     for (int64_t i = begin; i < end; ++i) rows::softmax_row(src + i * C, C, log_dst + i * C, prob_dst + i * C);
   });
   return {log_probs, probs};

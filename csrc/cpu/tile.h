@@ -1,0 +1,46 @@
+// The tile kernels: the row passes of rows.h for several rows at once, one row per SIMD lane (eight
+// on AVX2, sixteen on AVX-512), compiled once per ISA (tile_avx2.cpp, tile_avx512.cpp from
+// tile_impl.h) and picked at run time by isa.h's choice. Same bits as rows.h (tested bitwise).
+#pragma once
+
+#include <cstdint>
+
+#include "isa.h"
+#include "rows.h"
+
+namespace mnn_fast {
+namespace cpu {
+namespace tile {
+
+constexpr int kMaxRows = 16;
+
+// One ISA's kernels (tile_impl.h says what each computes); `rows` per call, the tile scratch holds
+// rows * C floats.
+struct Kernels {
+  int rows;
+  void (*softmax_rows)(const float* const* x, int count, int64_t C, float* tile, float* const* log_out,
+                       float* const* prob_out);
+  void (*log_softmax_matrix_rows)(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile);
+  void (*contributions)(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C, float* tile,
+                        float* in_group, const int64_t* starts, float* spread);
+  void (*accumulate)(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread);
+};
+
+extern const Kernels kAvx2;
+extern const Kernels kAvx512;
+
+// The tile kernels of the ISA in use, or nullptr (sse2: the row-at-a-time path of rows.h).
+inline const Kernels* kernels() {
+  switch (isa()) {
+    case Isa::kAvx512:
+      return &kAvx512;
+    case Isa::kAvx2:
+      return &kAvx2;
+    default:
+      return nullptr;
+  }
+}
+
+}  // namespace tile
+}  // namespace cpu
+}  // namespace mnn_fast

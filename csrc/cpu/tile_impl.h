@@ -1,0 +1,324 @@
+// The tile kernels (tile.h) written once over one ISA's vector operations: tile_avx2.cpp and
+// tile_avx512.cpp each define, in their own namespace, kRows (rows per tile = floats per register),
+// the register types F (floats), M (a lane mask), I (int32s) and the operations used below, then
+// include this file there, after their ISA's target pragma. No #include here: every function is
+// compiled for that ISA only and stays in that namespace.
+//
+// rows.h spreads one row's columns over 16 lanes, so each row is a long serial chain (max, exp
+// sum, log1p, then the out-of-group sum) that the CPU cannot overlap with the next row's. A tile
+// holds column c of kRows rows in one register, and the 16 column lanes become 16 registers: per
+// row (register lane) the operations are rowmath.h's in its order, so the bits are rows.h's.
+
+using rowmath::kLanes;
+
+// ---------------------------------------------------------------- rowmath.h, one row per lane
+
+// rowmath::exp_nonpositive. Two shortcuts give its values on its domain (t <= 0 or NaN):
+// max(-80, t) is "t < -80 ? -80 : t" (NaN included: max returns its second operand when either is
+// NaN), and for v in [-115, 0.5] or NaN the rounding instruction's floor is floor_small's.
+inline F exp_v(F t) {
+  const M flush = lt(t, set1(rowmath::kExpFlush));
+  const F x = max_v(set1(rowmath::kExpFlush), t);
+  const F n = floor_v(add(mul(x, set1(1.44269504088896341f)), set1(0.5f)));
+  const F r = sub(sub(x, mul(n, set1(0.693359375f))), mul(n, set1(-2.12194440e-4f)));
+  const F z = mul(r, r);
+  F p = set1(1.9875691500e-4f);
+  p = add(mul(p, r), set1(1.3981999507e-3f));
+  p = add(mul(p, r), set1(8.3334519073e-3f));
+  p = add(mul(p, r), set1(4.1665795894e-2f));
+  p = add(mul(p, r), set1(1.6666665459e-1f));
+  p = add(mul(p, r), set1(5.0000001201e-1f));
+  const F y = add(add(mul(p, z), r), set1(1.0f));
+  const I e = cvtt(zero_where(unord(n), n));
+  const F scale = as_float(shl23(iadd(e, iset1(127))));
+  return zero_where(flush, mul(y, scale));
+}
+
+// rowmath::log_corrected.
+inline F log_corrected_v(F v, F correction) {
+  const I bits = as_int(v);
+  I e = isub(sar23(bits), iset1(127));
+  F m = as_float(ior(iand(bits, iset1(0x007FFFFF)), iset1(0x3F800000)));
+  const M big = gt(m, set1(1.41421356237309505f));
+  m = select(big, mul(m, set1(0.5f)), m);
+  e = inc_where(big, e);
+  const F ef = cvt(e);
+  const F f = sub(m, set1(1.0f));
+  const F z = mul(f, f);
+  F q = set1(7.0376836292e-2f);
+  q = add(mul(q, f), set1(-1.1514610310e-1f));
+  q = add(mul(q, f), set1(1.1676998740e-1f));
+  q = add(mul(q, f), set1(-1.2420140846e-1f));
+  q = add(mul(q, f), set1(1.4249322787e-1f));
+  q = add(mul(q, f), set1(-1.6668057665e-1f));
+  q = add(mul(q, f), set1(2.0000714765e-1f));
+  q = add(mul(q, f), set1(-2.4999993993e-1f));
+  q = add(mul(q, f), set1(3.3333331174e-1f));
+  F y = mul(mul(q, f), z);
+  y = add(y, mul(ef, set1(-2.12194440e-4f)));
+  y = sub(y, mul(set1(0.5f), z));
+  y = add(y, correction);
+  return add(add(f, y), mul(ef, set1(0.693359375f)));
+}
+
+inline F log1p_v(F u) {  // rowmath::log1p_nonnegative
+  const F v = add(set1(1.0f), u);
+  return log_corrected_v(v, div(sub(u, sub(v, set1(1.0f))), v));
+}
+
+inline F log_positive_v(F x) { return log_corrected_v(x, zero()); }
+
+inline F log_of_sum_v(F s) {  // rowmath::log_of_sum
+  return select(eq(s, zero()), set1(-rows::kInf), log1p_v(sub(s, set1(1.0f))));
+}
+
+// ---------------------------------------------------------------- tiles
+
+// An 8x8 block transposed in registers: out[k] element i = in[i] element k.
+inline void transpose8(const __m256* in, __m256* out) {
+  __m256 t[8], u[8];
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(in[i], in[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(in[i], in[i + 1]);
+  }
+  for (int i = 0; i < 8; i += 4) {
+    u[i] = _mm256_shuffle_ps(t[i], t[i + 2], 0x44);
+    u[i + 1] = _mm256_shuffle_ps(t[i], t[i + 2], 0xEE);
+    u[i + 2] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0x44);
+    u[i + 3] = _mm256_shuffle_ps(t[i + 1], t[i + 3], 0xEE);
+  }
+  for (int i = 0; i < 4; ++i) {
+    out[i] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x20);
+    out[i + 4] = _mm256_permute2f128_ps(u[i], u[i + 4], 0x31);
+  }
+}
+
+// tile[kRows c + r] = rows[r][c] for c < C: kRows rows of C floats as C columns of kRows, eight
+// rows by eight columns at a time.
+inline void load(const float* const* rows, int64_t C, float* tile) {
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {
+    for (int h = 0; h < kRows; h += 8) {
+      __m256 r[8], columns[8];
+      for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(rows[h + i] + c);
+      transpose8(r, columns);
+      for (int i = 0; i < 8; ++i) _mm256_storeu_ps(tile + kRows * (c + i) + h, columns[i]);
+    }
+  }
+  for (; c < C; ++c) {
+    for (int r = 0; r < kRows; ++r) tile[kRows * c + r] = rows[r][c];
+  }
+}
+
+// Per row (lane) the maximum of its C columns, as rows::row_max: lane j of the 16 takes columns
+// j, j+16, ... in order (max(b, m) = b > m ? b : m, so even -0/+0 pick as the scalar loop), then
+// the lanes in order; NaN if any column is NaN. Lanes past C would hold -inf, which no fold picks,
+// so only the `used` ones are kept. The 16 column lanes go by whole blocks so that each has a fixed
+// register (or stack slot), not one addressed by c % 16.
+inline F max(const float* tile, int64_t C) {
+  const int used = static_cast<int>(C < kLanes ? C : kLanes);
+  const F minus_inf = set1(-rows::kInf);
+  F lanes[kLanes];
+  M any_nan = mnone();  // the order of an OR does not matter: one flag for all lanes
+  for (int j = 0; j < used; ++j) {
+    const F v = load_f(tile + kRows * j);
+    lanes[j] = max_v(v, minus_inf);
+    any_nan = mor(any_nan, unord(v));
+  }
+  int64_t c = kLanes;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) {
+      const F v = load_f(tile + kRows * (c + j));
+      lanes[j] = max_v(v, lanes[j]);
+      any_nan = mor(any_nan, unord(v));
+    }
+  }
+  for (int j = 0; c + j < C; ++j) {
+    const F v = load_f(tile + kRows * (c + j));
+    lanes[j] = max_v(v, lanes[j]);
+    any_nan = mor(any_nan, unord(v));
+  }
+  F best = minus_inf;
+  for (int j = 0; j < used; ++j) best = max_v(lanes[j], best);
+  return select(any_nan, set1(rows::kNaN), best);
+}
+
+// What a lane sum adds per cell: exp(x - shift), the same with the exp stored over x (kExpKept),
+// or the cell itself (kAsIs: a tile of exps already).
+enum class Terms { kExp, kExpKept, kAsIs };
+
+template <Terms kTerms>
+inline F term(float* cell, F shift) {
+  const F x = load_f(cell);
+  if (kTerms == Terms::kAsIs) return x;
+  const F v = exp_v(sub(x, shift));
+  if (kTerms == Terms::kExpKept) store_f(cell, v);
+  return v;
+}
+
+// Per row the sum of the terms in rowmath's lane order (rows::lane_sum_exp). Lanes past C would
+// hold +0 (what rows.h's -inf padding adds); x + +0 == x for every lane sum (>= +0 or NaN), so the
+// pairwise fold skips them.
+template <Terms kTerms = Terms::kExp>
+inline F sum_exp(float* tile, int64_t C, F shift) {
+  int used = static_cast<int>(C < kLanes ? C : kLanes);
+  F lanes[kLanes];
+  for (int j = 0; j < used; ++j) lanes[j] = add(zero(), term<kTerms>(tile + kRows * j, shift));
+  int64_t c = kLanes;
+  for (; c + kLanes <= C; c += kLanes) {
+    for (int j = 0; j < kLanes; ++j) lanes[j] = add(lanes[j], term<kTerms>(tile + kRows * (c + j), shift));
+  }
+  for (int j = 0; c + j < C; ++j) lanes[j] = add(lanes[j], term<kTerms>(tile + kRows * (c + j), shift));
+  if (used == 0) return zero();
+  for (int h = kLanes / 2; h > 0; h /= 2) {
+    for (int j = 0; j < h && j + h < used; ++j) lanes[j] = add(lanes[j], lanes[j + h]);
+    used = used < h ? used : h;
+  }
+  return lanes[0];
+}
+
+// tile[c] = (tile[c] - m) - log_s per lane: log_softmax's last step, in place.
+inline void shift_scale(float* tile, int64_t C, F m, F log_s) {
+  for (int64_t c = 0; c < C; ++c) store_f(tile + kRows * c, sub(sub(load_f(tile + kRows * c), m), log_s));
+}
+
+// dst[c] = dst[c] + value for c < n (one float32 add each, as the scalar loop); the last
+// columns by a masked load and store, which touch nothing past n.
+inline void add_scalar(float* dst, int64_t n, float value) {
+  const F v = set1(value);
+  int64_t c = 0;
+  for (; c + kRows <= n; c += kRows) store_f(dst + c, add(load_f(dst + c), v));
+  if (c < n) store_n(dst + c, add(load_n(dst + c, n - c), v), n - c);
+}
+
+// dst[c] = (src[c] - m) - log_s for c < n.
+inline void sub2(const float* src, int64_t n, float m, float log_s, float* dst) {
+  const F vm = set1(m), vl = set1(log_s);
+  int64_t c = 0;
+  for (; c + kRows <= n; c += kRows) store_f(dst + c, sub(sub(load_f(src + c), vm), vl));
+  if (c < n) store_n(dst + c, sub(sub(load_n(src + c, n - c), vm), vl), n - c);
+}
+
+// The one exp pass over up to kRows rows of C floats (`count` real ones; `padded` is filled with
+// them, padded with the last): leaves exp(x - m) in the tile (kExpKept; kExp leaves x) and gives
+// per lane the row maximum m, the lane sum s and log_s = log(s) as rows::log_softmax_row computes them.
+struct ExpPass {
+  F m, s, log_s;
+};
+
+template <Terms kTerms = Terms::kExpKept>
+inline ExpPass exp_pass(const float* const* rows, int count, int64_t C, float* tile, const float** padded) {
+  for (int r = 0; r < kRows; ++r) padded[r] = rows[r < count ? r : count - 1];
+  load(padded, C, tile);
+  ExpPass pass;
+  pass.m = max(tile, C);
+  pass.s = sum_exp<kTerms>(tile, C, pass.m);
+  pass.log_s = log1p_v(sub(pass.s, set1(1.0f)));
+  return pass;
+}
+
+// out[r] = (x[r] - m) - log_s for the `count` real rows: their log_softmax from an exp_pass.
+inline void write_log_softmax(const float* const* x, float* const* out, int count, int64_t C, const ExpPass& pass) {
+  float ms[kRows], ls[kRows];
+  store_f(ms, pass.m);
+  store_f(ls, pass.log_s);
+  for (int r = 0; r < count; ++r) sub2(x[r], C, ms[r], ls[r], out[r]);
+}
+
+// log_softmax of up to kRows rows of C floats, each in place (rows::log_softmax_row); `count` real
+// rows, the tile (scratch of kRows C floats) padded with the last one.
+inline void log_softmax_rows(float* const* rows, int count, int64_t C, float* tile) {
+  const float* padded[kRows];
+  write_log_softmax(rows, rows, count, C, exp_pass<Terms::kExp>(rows, count, C, tile, padded));
+}
+
+// softmax_row (rows.h) of up to kRows rows of C floats: log_out[r] = log_softmax(x[r]), prob_out[r]
+// = exp(x[r] - m) * (1 / s) from the exps of the one pass that sums s.
+void softmax_rows(const float* const* x, int count, int64_t C, float* tile, float* const* log_out,
+                  float* const* prob_out) {
+  const float* padded[kRows];
+  const ExpPass pass = exp_pass(x, count, C, tile, padded);  // the tile holds exp(x - m) now
+  write_log_softmax(x, log_out, count, C, pass);
+  const F inverse = div(set1(1.0f), pass.s);
+  float inverses[kRows];
+  store_f(inverses, inverse);
+  int64_t c = 0;
+  for (; c + 8 <= C; c += 8) {  // scaled column-wise, transposed back to rows eight by eight
+    for (int i = 0; i < 8; ++i) store_f(tile + kRows * (c + i), mul(load_f(tile + kRows * (c + i)), inverse));
+    for (int h = 0; h < count; h += 8) {
+      __m256 columns[8], rows_out[8];
+      for (int i = 0; i < 8; ++i) columns[i] = _mm256_loadu_ps(tile + kRows * (c + i) + h);
+      transpose8(columns, rows_out);
+      for (int r = 0; r < 8 && h + r < count; ++r) _mm256_storeu_ps(prob_out[h + r] + c, rows_out[r]);
+    }
+  }
+  for (; c < C; ++c) {
+    for (int r = 0; r < count; ++r) prob_out[r][c] = rowmath::mul(tile[kRows * c + r], inverses[r]);
+  }
+}
+
+// log_softmax_rows over rows [begin, end) of a row-major matrix of C columns, in place.
+void log_softmax_matrix_rows(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile) {
+  float* rows[kRows];
+  for (int64_t i = begin; i < end; i += kRows) {
+    const int n = static_cast<int>(end - i < kRows ? end - i : kRows);
+    for (int r = 0; r < n; ++r) rows[r] = matrix + (i + r) * C;
+    log_softmax_rows(rows, n, C, tile);
+  }
+}
+
+// The contributions log v (the recombination, docs/how-it-works.md) of up to kRows rows of C
+// logits each (rows::contribution_row, width C), `count` real rows in y (padded with the last), row
+// r of expert group g[r]. On return: in_group[starts[r] + k] = log_softmax(y_r) at g[r].classes[k],
+// spread[r] = the value of every other class; the tile (kRows C floats) is scratch.
+void contributions(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C, float* tile,
+                   float* in_group, const int64_t* starts, float* spread) {
+  const float* padded[kRows];
+  const ExpPass pass = exp_pass(y, count, C, tile, padded);  // the tile holds exp(y - m) now
+  const F m = pass.m, log_s = pass.log_s;
+  // The group's cells at +0 leave each lane summing the outside classes' exps (rowmath: s_out).
+  for (int r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < g[r].size; ++k) tile[kRows * g[r].classes[k] + r] = 0.0f;
+  }
+  const F s_out = sum_exp<Terms::kAsIs>(tile, C, m);
+  float ms[kRows], log_ss[kRows], s_outs[kRows], one_pass[kRows];
+  store_f(ms, m);
+  store_f(log_ss, log_s);
+  store_f(s_outs, s_out);
+  store_f(one_pass, sub(log_positive_v(s_out), log_s));  // log(1 - q) where s_out >= kOnePassMin
+  bool second_pass = false;
+  for (int r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < g[r].size; ++k) {  // ls at the group's classes: (y - m) - log_s
+      in_group[starts[r] + k] = rowmath::sub(rowmath::sub(y[r][g[r].classes[k]], ms[r]), log_ss[r]);
+    }
+    if (s_outs[r] >= rowmath::kOnePassMin) {
+      spread[r] = rowmath::sub(one_pass[r], g[r].log_spread);
+    } else {
+      second_pass = true;
+    }
+  }
+  if (!second_pass) return;
+  // Rows with nothing outside the group, or an outside sum too small to trust: logsumexp of ls over
+  // the outside classes, shifted by their maximum (rows::contribution_row's second pass).
+  load(padded, C, tile);
+  shift_scale(tile, C, m, log_s);  // the tile is log_softmax(y) now
+  for (int r = 0; r < count; ++r) {
+    for (int64_t k = 0; k < g[r].size; ++k) tile[kRows * g[r].classes[k] + r] = -rows::kInf;
+  }
+  F shift = max(tile, C);
+  shift = zero_where(eq(abs_v(shift), set1(rows::kInf)), shift);  // +-inf -> 0, as the scalar code
+  const F log_not_q = add(log_of_sum_v(sum_exp(tile, C, shift)), shift);
+  float q[kRows];
+  store_f(q, log_not_q);
+  for (int r = 0; r < count; ++r) {
+    if (!(s_outs[r] >= rowmath::kOnePassMin)) spread[r] = rowmath::sub(q[r], g[r].log_spread);
+  }
+}
+
+// dst[c] = dst[c] + v[c], v = in_group[k] at the group's classes[k] and `spread` elsewhere (one
+// float32 add per class, as rows::contribution_row<true>); in_group is overwritten.
+void accumulate(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread) {
+  for (int64_t k = 0; k < g.size; ++k) in_group[k] = rowmath::add(dst[g.classes[k]], in_group[k]);
+  add_scalar(dst, C, spread);
+  for (int64_t k = 0; k < g.size; ++k) dst[g.classes[k]] = in_group[k];
+}
