@@ -102,17 +102,21 @@ const std::string& isa_env_note() {
 
 namespace {
 
+// No Python data symbol (PyExc_*, Py_None) may appear in this library: a C++ program without libpython
+// loads mnn_fast._C with RTLD_LAZY (examples/cpp), which defers functions but must resolve data at load.
+PyObject* builtin(const char* name) { return PyDict_GetItemString(PyEval_GetBuiltins(), name); }
+
 PyObject* py_cpu_isa(PyObject*, PyObject*) { return PyUnicode_FromString(mnn_fast::cpu::isa_name(mnn_fast::cpu::isa())); }
 
 PyObject* py_set_cpu_isa(PyObject*, PyObject* arg) {
   if (!PyUnicode_Check(arg)) {
-    PyErr_Format(PyExc_TypeError, "set_cpu_isa: name must be a str, got %s", Py_TYPE(arg)->tp_name);
+    PyErr_Format(builtin("TypeError"), "set_cpu_isa: name must be a str, got %s", Py_TYPE(arg)->tp_name);
     return nullptr;
   }
   try {
     return PyUnicode_FromString(mnn_fast::cpu::set_isa(PyUnicode_AsUTF8(arg)).c_str());
   } catch (const c10::ValueError& e) {
-    PyErr_SetString(PyExc_ValueError, e.what_without_backtrace());
+    PyErr_SetString(builtin("ValueError"), e.what_without_backtrace());
     return nullptr;
   }
 }
@@ -122,7 +126,7 @@ PyObject* py_cpu_isa_status(PyObject*, PyObject*) {
   for (int k = 0; k < mnn_fast::cpu::kIsaCount; ++k) {
     const auto isa = static_cast<mnn_fast::cpu::Isa>(k);
     const std::string why = mnn_fast::cpu::isa_unavailable(isa);
-    PyObject* value = why.empty() ? Py_NewRef(Py_None) : PyUnicode_FromString(why.c_str());
+    PyObject* value = why.empty() ? Py_BuildValue("") : PyUnicode_FromString(why.c_str());
     PyDict_SetItemString(out, mnn_fast::cpu::isa_name(isa), value);
     Py_DECREF(value);
   }
