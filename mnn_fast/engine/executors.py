@@ -243,6 +243,37 @@ class _StackCache:
             self._key = key
         return self._value
 
+    def refresh(self, experts: list[int], tensors_of: Callable[[int], list[Tensor]]) -> list[Tensor] | None:
+        """The stacks with only the slices of ``experts`` checked (and copied anew where one changed),
+        ``tensors_of(e)`` giving expert ``e``'s tensor per stack: for eager inference, which reads no
+        other slice, so a call costs per active expert, not per expert. ``None`` where :meth:`get` must
+        serve: nothing stacked yet, or a slice that cannot be updated in place (a new shape or dtype;
+        an inference-mode stack outside inference mode)."""
+        key = self._key
+        if key is None:
+            return None
+        stale = []
+        for e in experts:
+            for g, t in enumerate(tensors_of(e)):
+                versions, pointers = key[g]
+                if t._version != versions[e] or t.data_ptr() != pointers[e]:
+                    stale.append((e, g, t))
+        if not stale:
+            return self._value
+        with self._lock:
+            if key is not self._key:  # another thread restacked meanwhile
+                return None
+            for e, g, t in stale:
+                stack = self._value[g]
+                if (t.shape != stack.shape[1:] or t.dtype != stack.dtype or t.device != stack.device
+                        or (stack.is_inference() and not torch.is_inference_mode_enabled())):
+                    return None
+                # In place: a thread in a kernel now reads this slice only if the weights changed
+                # during its call, when the naive loop would read them half-updated too.
+                stack[e].copy_(t.detach())
+                key[g][0][e], key[g][1][e] = t._version, t.data_ptr()
+        return self._value
+
     @contextlib.contextmanager
     def held(self, groups_of_tensors: list[list[Tensor]]) -> Iterator[None]:
         """Refreshes the stacks now (eagerly) and marks them fresh for traced calls within the block;
@@ -300,6 +331,11 @@ class GroupedLinearStack:
         # sees a parameter assigned anew.
         self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
         self._has_bias = [linears[0].bias is not None for linears in self._linears]
+        # Per expert, (parameter dict, name, Linear) of each stacked tensor in _per_layer's order.
+        self._slots = [[(linears[e]._parameters, name, linears[e])
+                        for linears, has_bias in zip(self._linears, self._has_bias)
+                        for name in (("weight", "bias") if has_bias else ("weight",))]
+                       for e in range(len(self.experts))]
         self._cache = _StackCache()
         # bitwise: each expert's elements of a non-exact row-wise layer (Tanh, GELU, ...) computed in
         # a tensor of that expert's rows alone, as the naive loop computes them (see _EXACT_ROWWISE).
@@ -330,10 +366,25 @@ class GroupedLinearStack:
                     per_layer.append([getattr(lin, name) for lin in linears])
         return per_layer
 
-    def _stacked(self) -> list[Tensor]:
+    def _expert_tensors(self, e: int) -> list[Tensor]:
+        """Expert ``e``'s tensor for each stack (``_per_layer``'s order)."""
+        out = []
+        for params, name, linear in self._slots[e]:
+            t = params.get(name)
+            out.append(t if t is not None else getattr(linear, name))  # parametrized or pruned
+        return out
+
+    def _stacked(self, counts: Tensor | None = None) -> list[Tensor]:
         # Grad mode is checked again: another thread may hold the cache while this call records.
         if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled() and torch.compiler.is_compiling():
             return self._cache.value  # never touches the E experts' parameters in the graph
+        if (counts is not None and counts.device.type == "cpu" and not torch.is_grad_enabled()
+                and not torch.compiler.is_compiling()):
+            # Only the experts with rows are read: checking the others' parameters was ~1 us each,
+            # paid on every call (~80 us at E=100, most of a one-sample forward).
+            stacked = self._cache.refresh(counts.nonzero().view(-1).tolist(), self._expert_tensors)
+            if stacked is not None:
+                return stacked
         return self._cache.get(self._per_layer())
 
     def weights_stacked_for_compiled_calls(self):
@@ -357,17 +408,21 @@ class GroupedLinearStack:
         so the module need not gather the buffer first."""
         return self._reads_through_perm and (x.dim() == 2 or self._flattens_before_first)
 
-    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor, offsets: Tensor | None = None) -> Tensor:
+    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor, offsets: Tensor | None = None,
+                     kernel: Callable | None = None) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]
         int64`` expert-major -> ``Tensor[N, out]``. The first Linear reads its rows through ``perm``; the
         row-wise layers before it run on ``x``'s ``B`` rows (row-wise, so the same rows result).
-        ``offsets: Tensor[E+1] int64``, the routing's (computed from ``counts`` when not given)."""
-        return self._run(x, counts, perm, offsets)
+        ``offsets: Tensor[E+1] int64``, the routing's (computed from ``counts`` when not given).
+        ``kernel``: the same segment matmul as one callable ``(x, weight, bias, offsets, parallel,
+        perm)`` (:class:`~.inference_ops.InferenceOps`), in place of the backend's two."""
+        return self._run(x, counts, perm, offsets, kernel)
 
-    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None) -> Tensor:
+    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None,
+             kernel: Callable | None = None) -> Tensor:
         if offsets is None:
             offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        stacked = self._stacked()
+        stacked = self._stacked(counts)
         start = 0
         if self._plan is not None and self._stack_op_applies(h, stacked):
             start = self._first_linear
@@ -381,7 +436,9 @@ class GroupedLinearStack:
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
                 bias = next(stacked) if layer.bias is not None else None
-                if perm is not None:
+                if kernel is not None:
+                    h, perm = kernel(h, weight, bias, offsets, self.parallel, perm), None
+                elif perm is not None:
                     h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets, self.parallel), None
                 else:
                     h = self.segment_linear(h, weight, bias, offsets, self.parallel)
