@@ -331,6 +331,9 @@ class GroupedLinearStack:
         # sees a parameter assigned anew.
         self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
         self._has_bias = [linears[0].bias is not None for linears in self._linears]
+        # Per layer, whether it is a Linear with a bias: read here once, as expert 0's parameters
+        # are expert 0's to check only when it has rows.
+        self._biased = [isinstance(layer, nn.Linear) and layer.bias is not None for layer in self.layers]
         # Per expert, (parameter dict, name, Linear) of each stacked tensor in _per_layer's order.
         self._slots = [[(linears[e]._parameters, name, linears[e])
                         for linears, has_bias in zip(self._linears, self._has_bias)
@@ -432,10 +435,10 @@ class GroupedLinearStack:
                 return self._run_stack(h, perm, offsets, stacked)
         stacked = iter(stacked)
         bounds = None
-        for layer, per_expert in zip(self.layers[start:], self._per_expert[start:]):
+        for layer, per_expert, biased in zip(self.layers[start:], self._per_expert[start:], self._biased[start:]):
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
-                bias = next(stacked) if layer.bias is not None else None
+                bias = next(stacked) if biased else None
                 if kernel is not None:
                     h, perm = kernel(h, weight, bias, offsets, self.parallel, perm), None
                 elif perm is not None:

@@ -235,8 +235,7 @@ class MetaNeuralNetwork(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
-        if (self._inference is not None and not torch.is_grad_enabled() and self.switch_fn is None
-                and not torch.compiler.is_compiling() and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
+        if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
             return self._serve(x, return_routing)
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
@@ -262,8 +261,8 @@ class MetaNeuralNetwork(nn.Module):
             log_probs, probs = ops.softmax_rows(z.float())
             scores = probs if self._one_class_groups == num_classes else ops.group_scores(
                 probs, self.group_offsets, self.group_classes)
-            threshold = -math.inf if self._threshold is None else self._threshold
-            counts, offsets, perm, sample_offsets, sample_rows = ops.route(scores, threshold, self._top_k or 0)
+            args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
+            counts, offsets, perm, sample_offsets, sample_rows = ops.route(*args)
             outputs = self._grouped.run_gathered(x, perm, counts, offsets, kernel=ops.segment_linear)
             stages.check_specialist_output(outputs, perm, self.groups, num_classes)
             tables = self.class_tables(num_classes)
