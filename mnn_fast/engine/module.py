@@ -264,8 +264,9 @@ class MetaNeuralNetwork(nn.Module):
             args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
             counts, offsets, perm, sample_offsets, sample_rows = ops.route(*args)
             outputs = self._grouped.run_gathered(x, perm, counts, offsets, kernel=ops.segment_linear)
-            stages.check_specialist_output(outputs, perm, self.groups, num_classes)
-            tables = self.class_tables(num_classes)
+            if not (outputs.dim() == 2 and outputs.shape[0] == perm.shape[0] and outputs.shape[1] == num_classes):
+                stages.check_specialist_output(outputs, perm, self.groups, num_classes)  # binary, or an error
+            tables = self._tables.get((num_classes, self._module_device)) or self.class_tables(num_classes)
             out = ops.recombine(log_probs, [outputs.float()], offsets, tables.group_offsets, tables.group_classes,
                                 tables.log_spread, sample_offsets, sample_rows)
         if return_routing:
