@@ -14,7 +14,6 @@ import contextlib
 import threading
 from typing import Callable, Iterator, Sequence
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 
@@ -244,19 +243,22 @@ class _StackCache:
             self._key = key
         return self._value
 
-    def refresh(self, experts: list[int], tensors_of: Callable[[int], list[Tensor]]) -> list[Tensor] | None:
-        """The stacks with only the slices of ``experts`` checked (and copied anew where one changed),
-        ``tensors_of(e)`` giving expert ``e``'s tensor per stack: for eager inference, which reads no
-        other slice, so a call costs per active expert, not per expert. ``None`` where :meth:`get` must
-        serve: nothing stacked yet, or a slice that cannot be updated in place (a new shape or dtype;
-        an inference-mode stack outside inference mode)."""
+    def refresh(self, experts: list[int], slots: list[list[tuple[dict, str, nn.Module]]]) -> list[Tensor] | None:
+        """The stacks with only the slices of ``experts`` checked (and copied anew where one changed):
+        for eager inference, which reads no other slice, so a call costs per active expert, not per
+        expert. ``slots[e]``: per stack, expert ``e``'s tensor as ``(parameter dict, name, owner)``
+        (the owner's attribute where the dict has none: a parametrized or pruned weight). ``None``
+        where :meth:`get` must serve: nothing stacked yet, or a slice that cannot be updated in place
+        (a new shape or dtype; an inference-mode stack outside inference mode)."""
         key = self._key
         if key is None:
             return None
         stale = []
         for e in experts:
-            for g, t in enumerate(tensors_of(e)):
-                versions, pointers = key[g]
+            for g, ((versions, pointers), (params, name, owner)) in enumerate(zip(key, slots[e])):
+                t = params.get(name)
+                if t is None:
+                    t = getattr(owner, name)
                 if t._version != versions[e] or t.data_ptr() != pointers[e]:
                     stale.append((e, g, t))
         if not stale:
@@ -337,7 +339,8 @@ class GroupedLinearStack:
         self._biased = [isinstance(layer, nn.Linear) and layer.bias is not None for layer in self.layers]
         # A ReLU's own function where the layer is only that: a module call costs ~1 us more.
         self._calls = [torch.relu if type(layer) is nn.ReLU and not layer.inplace else layer for layer in self.layers]
-        # Per expert, (parameter dict, name, Linear) of each stacked tensor in _per_layer's order.
+        # Per expert, (parameter dict, name, Linear) of each stacked tensor in _per_layer's order
+        # (_StackCache.refresh reads them).
         self._slots = [[(linears[e]._parameters, name, linears[e])
                         for linears, has_bias in zip(self._linears, self._has_bias)
                         for name in (("weight", "bias") if has_bias else ("weight",))]
@@ -372,14 +375,6 @@ class GroupedLinearStack:
                     per_layer.append([getattr(lin, name) for lin in linears])
         return per_layer
 
-    def _expert_tensors(self, e: int) -> list[Tensor]:
-        """Expert ``e``'s tensor for each stack (``_per_layer``'s order)."""
-        out = []
-        for params, name, linear in self._slots[e]:
-            t = params.get(name)
-            out.append(t if t is not None else getattr(linear, name))  # parametrized or pruned
-        return out
-
     def _stacked(self, counts: Tensor | None = None) -> list[Tensor]:
         compiling = torch.compiler.is_compiling()
         # Grad mode is checked again: another thread may hold the cache while this call records.
@@ -389,7 +384,7 @@ class GroupedLinearStack:
             # Only the experts with rows are read: checking the others' parameters was ~1 us each,
             # paid on every call (~80 us at E=100, most of a one-sample forward). numpy finds
             # them in a fifth of the time of Tensor.nonzero.
-            stacked = self._cache.refresh(np.flatnonzero(counts.numpy()).tolist(), self._expert_tensors)
+            stacked = self._cache.refresh(counts.numpy().nonzero()[0].tolist(), self._slots)
             if stacked is not None:
                 return stacked
         return self._cache.get(self._per_layer())

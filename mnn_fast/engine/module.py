@@ -261,7 +261,10 @@ class MetaNeuralNetwork(nn.Module):
             log_probs, probs = ops.softmax_rows(z.float())
             scores = probs if self._one_class_groups == num_classes else ops.group_scores(
                 probs, self.group_offsets, self.group_classes)
-            args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
+            if self.switch_fn is None:
+                args = scores, -math.inf if self._threshold is None else self._threshold, self._top_k or 0
+            else:
+                args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
             counts, offsets, perm, sample_offsets, sample_rows = ops.route(*args)
             outputs = self._grouped.run_gathered(x, perm, counts, offsets, kernel=ops.segment_linear)
             if not (outputs.dim() == 2 and outputs.shape[0] == perm.shape[0] and outputs.shape[1] == num_classes):
