@@ -7,8 +7,8 @@ gathered before the clock starts), the module as constructed by default (its exe
 ``naive_forward`` (the reference loop) and :func:`user_loop_forward` (the loop a user writes in plain
 torch). Each turn makes enough consecutive calls to last about 20 ms (at most 200); the table gives
 the best round's time per call (on a machine shared with other jobs a median still moved 2-10x
-between runs at 2 threads, where a busy second core stalls each parallel region). Bitwise equality of the module and ``naive_forward`` is
-asserted before any timing.
+between runs at 2 threads, where a busy second core stalls each parallel region). Bitwise equality
+of the module and ``naive_forward`` is asserted before any timing.
 """
 from __future__ import annotations
 

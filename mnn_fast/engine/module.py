@@ -3,7 +3,9 @@
 switch -> softmax -> group scores -> route (fused op) -> gather all routed rows into one buffer ->
 each specialist on its contiguous slice -> recombine (one fused op: contributions, accumulation in
 fixed expert order, log_softmax).
-Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32.
+Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32. Eager CPU
+inference with the grouped Linear executor calls the same kernels at their C++ entries
+(:mod:`.inference_ops`), which is what a small batch's fixed cost mostly is.
 """
 from __future__ import annotations
 
@@ -235,7 +237,8 @@ class MetaNeuralNetwork(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
-        if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling() and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
+        if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
             return self._serve(x, return_routing)
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
@@ -336,7 +339,8 @@ class MetaNeuralNetwork(nn.Module):
     # from them on load: the executor holds a lock and thread-local state, the backend record holds
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
-                      "_inference", "_tables", "_workspaces", "_module_device", "_switch_param", "_one_class_groups")
+                      "_inference", "_tables", "_workspaces", "_module_device", "_switch_param",
+                      "_one_class_groups")
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -120,7 +120,8 @@ def test_an_inactive_experts_change_shows_when_it_becomes_active(mode, change):
     classes, first, second = 12, 2, 9
     _, specialists = mlp_mnn(classes, seed=6)
     x = torch.randn(2, 24)
-    routed_to = {e: MetaNeuralNetwork(one_hot_switch(24, classes, e), specialists, threshold=0.5) for e in (first, second)}
+    routed_to = {e: MetaNeuralNetwork(one_hot_switch(24, classes, e), specialists, threshold=0.5)
+                 for e in (first, second)}
     build = torch.inference_mode if mode == "inference_mode" else torch.no_grad
     with build():
         for mnn in routed_to.values():
