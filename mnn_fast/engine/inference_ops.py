@@ -3,7 +3,7 @@
 Through ``torch.ops`` plus the backend's wrapper (which steps below the autograd key when grad mode is
 off) each op call crossed ~2 us of Python; a one-sample forward makes five, about what the whole
 routing and recombination may add to the specialists' own time. Here each op is its overload's C++
-callable, and the caller runs them all inside one :func:`below_autograd` region while grad mode is
+callable, and the caller runs them all inside one ``below_autograd()`` region while grad mode is
 off and nothing is traced: the same kernels on the same tensors, so the same bits.
 """
 from __future__ import annotations
