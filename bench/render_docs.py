@@ -232,6 +232,16 @@ def _threads(rows, variant):
                   "module x", "floor 1", f"floor {every}", "floor x"], out, right=1)
 
 
+def _small_batch(rows, variant):
+    us = lambda v: plain(v * 1e6) if v is not None else "–"  # noqa: E731
+    out = [[str(r["E"]), str(r["B"]), str(r["threads"]), str(r["active"]), f"`{r['executor']}`", us(r["floor"]),
+            us(r["module"]), us(r["naive"]), us(r["user"]), over(_minus1(ratio(r["module"], r["floor"]))),
+            times(ratio(r["user"], r["module"])), times(ratio(r["naive"], r["module"]))]
+           for r in sorted(rows, key=lambda r: (r["E"], r["B"], r["threads"]))]
+    return table(["E", "B", "threads", "active experts", "executor", "floor µs", "module µs", "naive loop µs",
+                  "user's loop µs", "module over floor", "module vs user's loop", "module vs naive"], out)
+
+
 SWEEP_MODELS = {"mlp": "digits MLP (8x8)", "small_cnn": "small CNN (28x28)", "resnet20": "ResNet-20 (32x32)"}
 
 
@@ -287,6 +297,7 @@ RENDERERS = {
     "end_to_end_interleaved": _interleaved,
     "compile": _compile,
     "threads": _threads,
+    "small_batch": _small_batch,
     "threshold_sweep": _threshold_sweep,
     "launchers": _launchers,
     "gpu_launches": _gpu_launches,

@@ -243,6 +243,40 @@ class _StackCache:
             self._key = key
         return self._value
 
+    def refresh(self, experts: list[int], slots: list[list[tuple[dict, str, nn.Module]]]) -> list[Tensor] | None:
+        """The stacks with only the slices of ``experts`` checked (and copied anew where one changed):
+        for eager inference, which reads no other slice, so a call costs per active expert, not per
+        expert. ``slots[e]``: per stack, expert ``e``'s tensor as ``(parameter dict, name, owner)``
+        (the owner's attribute where the dict has none: a parametrized or pruned weight). ``None``
+        where :meth:`get` must serve: nothing stacked yet, or a slice that cannot be updated in place
+        (a new shape or dtype; an inference-mode stack outside inference mode)."""
+        key = self._key
+        if key is None:
+            return None
+        stale = []
+        for e in experts:
+            for g, ((versions, pointers), (params, name, owner)) in enumerate(zip(key, slots[e])):
+                t = params.get(name)
+                if t is None:
+                    t = getattr(owner, name)
+                if t._version != versions[e] or t.data_ptr() != pointers[e]:
+                    stale.append((e, g, t))
+        if not stale:
+            return self._value
+        with self._lock:
+            if key is not self._key:  # another thread restacked meanwhile
+                return None
+            for e, g, t in stale:
+                stack = self._value[g]
+                if (t.shape != stack.shape[1:] or t.dtype != stack.dtype or t.device != stack.device
+                        or (stack.is_inference() and not torch.is_inference_mode_enabled())):
+                    return None
+                # In place: a thread in a kernel now reads this slice only if the weights changed
+                # during its call, when the naive loop would read them half-updated too.
+                stack[e].copy_(t.detach())
+                key[g][0][e], key[g][1][e] = t._version, t.data_ptr()
+        return self._value
+
     @contextlib.contextmanager
     def held(self, groups_of_tensors: list[list[Tensor]]) -> Iterator[None]:
         """Refreshes the stacks now (eagerly) and marks them fresh for traced calls within the block;
@@ -300,6 +334,17 @@ class GroupedLinearStack:
         # sees a parameter assigned anew.
         self._linear_params = [[lin._parameters for lin in linears] for linears in self._linears]
         self._has_bias = [linears[0].bias is not None for linears in self._linears]
+        # Per layer, whether it is a Linear with a bias: read here once, as expert 0's parameters
+        # are expert 0's to check only when it has rows.
+        self._biased = [isinstance(layer, nn.Linear) and layer.bias is not None for layer in self.layers]
+        # A ReLU's own function where the layer is only that: a module call costs ~1 us more.
+        self._calls = [torch.relu if type(layer) is nn.ReLU and not layer.inplace else layer for layer in self.layers]
+        # Per expert, (parameter dict, name, Linear) of each stacked tensor in _per_layer's order
+        # (_StackCache.refresh reads them).
+        self._slots = [[(linears[e]._parameters, name, linears[e])
+                        for linears, has_bias in zip(self._linears, self._has_bias)
+                        for name in (("weight", "bias") if has_bias else ("weight",))]
+                       for e in range(len(self.experts))]
         self._cache = _StackCache()
         # bitwise: each expert's elements of a non-exact row-wise layer (Tanh, GELU, ...) computed in
         # a tensor of that expert's rows alone, as the naive loop computes them (see _EXACT_ROWWISE).
@@ -330,10 +375,18 @@ class GroupedLinearStack:
                     per_layer.append([getattr(lin, name) for lin in linears])
         return per_layer
 
-    def _stacked(self) -> list[Tensor]:
+    def _stacked(self, counts: Tensor | None = None) -> list[Tensor]:
+        compiling = torch.compiler.is_compiling()
         # Grad mode is checked again: another thread may hold the cache while this call records.
-        if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled() and torch.compiler.is_compiling():
+        if compiling and self._cache.fresh_for_traced_calls and not torch.is_grad_enabled():
             return self._cache.value  # never touches the E experts' parameters in the graph
+        if counts is not None and not compiling and not torch.is_grad_enabled() and counts.device.type == "cpu":
+            # Only the experts with rows are read: checking the others' parameters was ~1 us each,
+            # paid on every call (~80 us at E=100, most of a one-sample forward). numpy finds
+            # them in a fifth of the time of Tensor.nonzero.
+            stacked = self._cache.refresh(counts.numpy().nonzero()[0].tolist(), self._slots)
+            if stacked is not None:
+                return stacked
         return self._cache.get(self._per_layer())
 
     def weights_stacked_for_compiled_calls(self):
@@ -357,17 +410,21 @@ class GroupedLinearStack:
         so the module need not gather the buffer first."""
         return self._reads_through_perm and (x.dim() == 2 or self._flattens_before_first)
 
-    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor, offsets: Tensor | None = None) -> Tensor:
+    def run_gathered(self, x: Tensor, perm: Tensor, counts: Tensor, offsets: Tensor | None = None,
+                     kernel: Callable | None = None) -> Tensor:
         """:meth:`__call__` on ``x[perm]`` without building it: ``x: Tensor[B, ...]``, ``perm: Tensor[N]
         int64`` expert-major -> ``Tensor[N, out]``. The first Linear reads its rows through ``perm``; the
         row-wise layers before it run on ``x``'s ``B`` rows (row-wise, so the same rows result).
-        ``offsets: Tensor[E+1] int64``, the routing's (computed from ``counts`` when not given)."""
-        return self._run(x, counts, perm, offsets)
+        ``offsets: Tensor[E+1] int64``, the routing's (computed from ``counts`` when not given).
+        ``kernel``: the same segment matmul as one callable ``(x, weight, bias, offsets, parallel,
+        perm)`` (:class:`~.inference_ops.InferenceOps`), in place of the backend's two."""
+        return self._run(x, counts, perm, offsets, kernel)
 
-    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None) -> Tensor:
+    def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None,
+             kernel: Callable | None = None) -> Tensor:
         if offsets is None:
             offsets = torch.cat([counts.new_zeros(1), torch.cumsum(counts, 0)])
-        stacked = self._stacked()
+        stacked = self._stacked(counts)
         start = 0
         if self._plan is not None and self._stack_op_applies(h, stacked):
             start = self._first_linear
@@ -377,11 +434,14 @@ class GroupedLinearStack:
                 return self._run_stack(h, perm, offsets, stacked)
         stacked = iter(stacked)
         bounds = None
-        for layer, per_expert in zip(self.layers[start:], self._per_expert[start:]):
+        for layer, per_expert, biased, call in zip(self.layers[start:], self._per_expert[start:], self._biased[start:],
+                                                   self._calls[start:]):
             if isinstance(layer, nn.Linear):
                 weight = next(stacked)
-                bias = next(stacked) if layer.bias is not None else None
-                if perm is not None:
+                bias = next(stacked) if biased else None
+                if kernel is not None:
+                    h, perm = kernel(h, weight, bias, offsets, self.parallel, perm), None
+                elif perm is not None:
                     h, perm = self.segment_linear_gather(h, perm, weight, bias, offsets, self.parallel), None
                 else:
                     h = self.segment_linear(h, weight, bias, offsets, self.parallel)
@@ -389,7 +449,7 @@ class GroupedLinearStack:
                 bounds = offsets.tolist() if bounds is None else bounds
                 h = torch.cat([layer(h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
             else:
-                h = layer(h)
+                h = call(h)
         return h
 
     def _stack_op_applies(self, h: Tensor, stacked: list[Tensor]) -> bool:

@@ -3,7 +3,9 @@
 switch -> softmax -> group scores -> route (fused op) -> gather all routed rows into one buffer ->
 each specialist on its contiguous slice -> recombine (one fused op: contributions, accumulation in
 fixed expert order, log_softmax).
-Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32.
+Output is bitwise equal to :func:`mnn_fast.reference.naive_forward` on CPU in float32. Eager CPU
+inference with the grouped Linear executor calls the same kernels at their C++ entries
+(:mod:`.inference_ops`), which is what a small batch's fixed cost mostly is.
 """
 from __future__ import annotations
 
@@ -21,6 +23,7 @@ from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
 from .contributions import ClassTables, class_tables, specialist_contributions
 from .executors import (EXECUTOR_NAMES, GroupedLinearStack, grouped_executor, new_stream_pool, recording_grad,
                         select_executor)
+from .inference_ops import inference_ops
 from .routing import Routing, check_threshold, check_top_k, group_tensors, is_identity, normalize_groups
 
 __all__ = ["MetaNeuralNetwork"]
@@ -164,6 +167,11 @@ class MetaNeuralNetwork(nn.Module):
         if self.executor in ("grouped", "grouped_parallel"):
             self._grouped = grouped_executor(self.specialists, self._backend, self.executor == "grouped_parallel")
         self._streams = new_stream_pool(self._module_device) if self.executor == "streams" else None
+        # The serving path (_serve): the bitwise grouped Linear executor on the library's C++ ops.
+        self._inference = None
+        if (self.executor == "grouped" and isinstance(self._grouped, GroupedLinearStack)
+                and not isinstance(self.requested_backend, Backend)):
+            self._inference = inference_ops(self._backend.name)
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -229,6 +237,9 @@ class MetaNeuralNetwork(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
+        if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
+                and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
+            return self._serve(x, return_routing)
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
         num_classes = log_probs.shape[1]
@@ -240,6 +251,33 @@ class MetaNeuralNetwork(nn.Module):
             outputs = self.specialist_outputs(self._gathered(x, routing), routing, num_classes)
         out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend)
         return (out, routing) if return_routing else out
+
+    def _serve(self, x: Tensor, return_routing: bool):
+        """:meth:`forward` in eager CPU inference with the grouped Linear executor: the same stages
+        and kernels, each op called at its C++ entry inside one region below the autograd key, so a
+        small batch pays little more than its switch and its active specialists."""
+        ops = self._inference
+        self._check_input(x)
+        z = self.switch(x)
+        num_classes = self._check_logits(z, x)
+        with ops.below_autograd():
+            log_probs, probs = ops.softmax_rows(z.float())
+            scores = probs if self._one_class_groups == num_classes else ops.group_scores(
+                probs, self.group_offsets, self.group_classes)
+            if self.switch_fn is None:
+                args = scores, -math.inf if self._threshold is None else self._threshold, self._top_k or 0
+            else:
+                args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
+            counts, offsets, perm, sample_offsets, sample_rows = ops.route(*args)
+            outputs = self._grouped.run_gathered(x, perm, counts, offsets, kernel=ops.segment_linear)
+            if not (outputs.dim() == 2 and outputs.shape[0] == perm.shape[0] and outputs.shape[1] == num_classes):
+                stages.check_specialist_output(outputs, perm, self.groups, num_classes)  # binary, or an error
+            tables = self._tables.get((num_classes, self._module_device)) or self.class_tables(num_classes)
+            out = ops.recombine(log_probs, [outputs.float()], offsets, tables.group_offsets, tables.group_classes,
+                                tables.log_spread, sample_offsets, sample_rows)
+        if return_routing:
+            return out, Routing(counts, offsets, perm, sample_offsets, sample_rows)
+        return out
 
     def _fused_gather(self, x: Tensor) -> bool:
         """The grouped Linear kernel reads the routed rows of ``x`` itself (inference only: the C++
@@ -301,7 +339,8 @@ class MetaNeuralNetwork(nn.Module):
     # from them on load: the executor holds a lock and thread-local state, the backend record holds
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
-                      "_tables", "_workspaces", "_module_device", "_switch_param", "_one_class_groups")
+                      "_inference", "_tables", "_workspaces", "_module_device", "_switch_param",
+                      "_one_class_groups")
 
     def __getstate__(self):
         state = self.__dict__.copy()

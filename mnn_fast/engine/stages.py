@@ -18,7 +18,7 @@ from .contributions import ClassTables, buffer_logits, specialist_contributions
 from .executors import recording_grad, run_on_streams
 from .routing import Routing
 
-__all__ = ["SwitchScores", "switch_scores", "route_batch", "gather_rows", "gather_expert_rows", "run_specialists",
+__all__ = ["SwitchScores", "switch_scores", "route_batch", "route_args", "gather_rows", "gather_expert_rows", "run_specialists",
            "combine_log_probs",
            "recombine_log_probs", "check_specialist_output", "expert_sizes"]
 
@@ -52,14 +52,21 @@ def route_batch(scores: Tensor, ops: Backend, threshold: float | None, top_k: in
     ``threshold=None`` = no threshold (top-k alone); ``switch_fn(scores) -> Tensor[B, E] bool``
     replaces the rule when given.
     """
+    return ops.route(*route_args(scores, threshold, top_k, switch_fn))
+
+
+def route_args(scores: Tensor, threshold: float | None, top_k: int | None,
+               switch_fn: Callable[[Tensor], Tensor] | None = None) -> tuple[Tensor, float, int]:
+    """``(scores, threshold, top_k)`` as the ``route`` op takes them (``-inf`` / ``0`` for "off") for
+    :func:`route_batch`'s arguments; with ``switch_fn``, its checked mask as float scores."""
     if switch_fn is not None:
         mask = switch_fn(scores)
         if not isinstance(mask, Tensor) or mask.dtype != torch.bool or mask.shape != scores.shape:
             got = f"{mask.dtype} {tuple(mask.shape)}" if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"switch_fn must return a bool tensor of shape {tuple(scores.shape)}, got {got}")
         # 1.0 > 0.5 exactly where the mask is set: the threshold kernel routes the mask as is.
-        return ops.route(mask.float(), 0.5, 0)
-    return ops.route(scores, -math.inf if threshold is None else threshold, top_k or 0)
+        return mask.float(), 0.5, 0
+    return scores, -math.inf if threshold is None else threshold, top_k or 0
 
 
 def gather_rows(x: Tensor, perm: Tensor, ops: Backend, workspace: Tensor | None = None) -> Tensor:
