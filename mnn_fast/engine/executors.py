@@ -247,17 +247,30 @@ class _StackCache:
     def held(self, groups_of_tensors: list[list[Tensor]]) -> Iterator[None]:
         """Refreshes the stacks now (eagerly) and marks them fresh for traced calls within the block;
         only where autograd is off, since a held stack is detached from the experts' parameters."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            yield
-            return
-        with self._lock:
-            self.get(groups_of_tensors)
-        local = self._thread
-        local.depth = getattr(local, "depth", 0) + 1
-        local.held = True
+        self.enter(groups_of_tensors)
         try:
             yield
         finally:
+            self.exit()
+
+    # enter/exit: :meth:`held` split in two, for a module's forward pre-hook and forward hook.
+    def enter(self, groups_of_tensors: list[list[Tensor]]) -> None:
+        """Opens a hold (:meth:`held`); every ``enter`` needs one :meth:`exit` in the same thread."""
+        local = self._thread
+        holds = local.__dict__.setdefault("holds", [])
+        holding = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        if holding:
+            with self._lock:
+                self.get(groups_of_tensors)
+            local.depth = getattr(local, "depth", 0) + 1
+            local.held = True
+        holds.append(holding)
+
+    def exit(self) -> None:
+        """Closes this thread's latest :meth:`enter`."""
+        local = self._thread
+        holds = local.__dict__.get("holds")
+        if holds and holds.pop():
             local.depth -= 1
             local.held = local.depth > 0
 
@@ -332,8 +345,10 @@ class GroupedLinearStack:
 
     def _stacked(self) -> list[Tensor]:
         # Grad mode is checked again: another thread may hold the cache while this call records.
-        if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled() and torch.compiler.is_compiling():
-            return self._cache.value  # never touches the E experts' parameters in the graph
+        if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled():
+            # Traced: never touches the E experts' parameters in the graph. Eager (the module's
+            # forward pre-hook held them): checked for changes once a call, by the hold.
+            return self._cache.value
         return self._cache.get(self._per_layer())
 
     def weights_stacked_for_compiled_calls(self):
@@ -341,6 +356,14 @@ class GroupedLinearStack:
         traced code reads ``[E, out, in]`` tensors instead of stacking ``E`` parameters per layer in the
         graph, which made compile time grow with ``E``. A no-op while autograd is on."""
         return self._cache.held(self._per_layer())
+
+    def enter_call(self) -> None:
+        """:meth:`weights_stacked_for_compiled_calls` opened, for a forward pre-hook (:meth:`exit_call`
+        closes it, in the same thread)."""
+        self._cache.enter(self._per_layer())
+
+    def exit_call(self) -> None:
+        self._cache.exit()
 
     @property
     def stacks_held(self) -> bool:

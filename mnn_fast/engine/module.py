@@ -107,6 +107,9 @@ class MetaNeuralNetwork(nn.Module):
         # forward never changes the module (C may be learnt per batch when num_classes is None).
         self._tables: dict[tuple[int, torch.device], ClassTables] = {}
         self._resolve_backend()
+        # Around every call, before and after any graph plain torch.compile(mnn) traces of forward.
+        self.register_forward_pre_hook(_hold_stacks)
+        self.register_forward_hook(_release_stacks, always_call=True)
 
     # ------------------------------------------------------------------ configuration
 
@@ -334,3 +337,35 @@ class MetaNeuralNetwork(nn.Module):
                                          streams=self._streams)
         stages.check_specialist_output(outputs, xg, self.groups, num_classes)
         return outputs
+
+
+# ---------------------------------------------------------------- stacked weights under torch.compile
+# torch.compile(mnn) runs the module's hooks eagerly (outside dynamo, which picks up forward's frame)
+# and traces forward. The pre-hook stacks the grouped executor's weights there when one changed
+# (version counters), so the graph reads one [E, out, in] input per layer instead of stacking E
+# parameters per layer, which made compile time grow with E; the forward hook lets go after the call,
+# also when it raised. Only with autograd off (a held stack is detached from the parameters).
+# Where dynamo inlines the call (the module inside a larger compiled model), the hooks trace as
+# no-ops (their substitutes) and the graph stacks the parameters itself, as in training.
+
+
+@torch.compiler.disable
+def _hold_stacks(module: MetaNeuralNetwork, args) -> None:
+    if isinstance(module._grouped, GroupedLinearStack):
+        module._grouped.enter_call()
+
+
+@torch.compiler.disable
+def _release_stacks(module: MetaNeuralNetwork, args, output) -> None:
+    if isinstance(module._grouped, GroupedLinearStack):
+        module._grouped.exit_call()
+
+
+@torch.compiler.substitute_in_graph(_hold_stacks, skip_signature_check=True)
+def _hold_stacks_traced(module, args) -> None:
+    return None
+
+
+@torch.compiler.substitute_in_graph(_release_stacks, skip_signature_check=True)
+def _release_stacks_traced(module, args, output) -> None:
+    return None
