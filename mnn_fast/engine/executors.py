@@ -206,6 +206,18 @@ def _param_key(params: list[Tensor]) -> tuple[list[int], list[int]]:
     return [p._version for p in params], [p.data_ptr() for p in params]
 
 
+class _ThreadHolds(threading.local):
+    """One thread's holds of a :class:`_StackCache`. The attributes exist in every thread from its first
+    access (class defaults, per-thread ``holds``): a traced guard on ``held`` then reads the same
+    attribute whether or not this thread ever held, instead of recompiling once it first does."""
+
+    held = False
+    depth = 0
+
+    def __init__(self):
+        self.holds: list[bool] = []
+
+
 class _StackCache:
     """Stacked copies of per-expert tensors, rebuilt only when one of them changed.
 
@@ -221,7 +233,7 @@ class _StackCache:
         # Per thread: a compiled call another thread makes without holding must never read stacks
         # this thread refreshed (the weights may have changed since). Dynamo evaluates its guard on
         # `held` in the calling thread. `depth` lets holds nest.
-        self._thread = threading.local()
+        self._thread = _ThreadHolds()
         self._lock = threading.Lock()  # one refresh at a time
 
     @property
@@ -231,7 +243,7 @@ class _StackCache:
     @property
     def fresh_for_traced_calls(self) -> bool:
         """Whether the calling thread holds the stacks (:meth:`held`)."""
-        return getattr(self._thread, "held", False)
+        return self._thread.held
 
     def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
         recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
@@ -257,20 +269,18 @@ class _StackCache:
     def enter(self, groups_of_tensors: list[list[Tensor]]) -> None:
         """Opens a hold (:meth:`held`); every ``enter`` needs one :meth:`exit` in the same thread."""
         local = self._thread
-        holds = local.__dict__.setdefault("holds", [])
         holding = not (torch.is_grad_enabled() or torch.compiler.is_compiling())
         if holding:
             with self._lock:
                 self.get(groups_of_tensors)
-            local.depth = getattr(local, "depth", 0) + 1
+            local.depth += 1
             local.held = True
-        holds.append(holding)
+        local.holds.append(holding)
 
     def exit(self) -> None:
         """Closes this thread's latest :meth:`enter`."""
         local = self._thread
-        holds = local.__dict__.get("holds")
-        if holds and holds.pop():
+        if local.holds and local.holds.pop():
             local.depth -= 1
             local.held = local.depth > 0
 
