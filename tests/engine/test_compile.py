@@ -212,6 +212,22 @@ def test_each_call_traces_one_graph(call, grad):
     assert counter.frame_count == 1
 
 
+def test_plain_compile_traces_convolutional_specialists_in_one_graph():
+    # The sequential executor (CNNs run one by one): each expert's rows come from the sizes op, and
+    # BatchNorm sees a batch provably non-empty (the padding row).
+    torch._dynamo.reset()
+    switch, specialists = cnn_mnn(2, seed=7)  # two experts: each is traced on its own
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    assert mnn.executor == "sequential"
+    counter = CompileCounter()
+    compiled = torch.compile(mnn, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for batch in (6, 9):
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(compiled(x), mnn(x), atol=1e-6, rtol=1e-6)
+    assert counter.frame_count == 1
+
+
 def test_plain_compile_has_no_graph_break():
     # explain runs under dynamo's default settings: exactly what plain torch.compile(mnn) meets.
     switch, specialists = mlp_mnn(6, seed=7)
