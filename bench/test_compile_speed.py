@@ -106,7 +106,8 @@ CALLS = {
 SCALING_EXPERTS = (8, 64)
 SCALING_BATCH = 256
 # Quick mode: the default call only, one round (each compile is a fresh process: ~15 s on 2 cores).
-QUICK_CALLS, QUICK_ROUNDS, FULL_ROUNDS = ("plain",), 1, 2
+# Full: best of 3, as one compile on a loaded machine can take twice its time.
+QUICK_CALLS, QUICK_ROUNDS, FULL_ROUNDS = ("plain",), 1, 3
 
 
 def _compiled(mnn, call: str):
