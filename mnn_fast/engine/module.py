@@ -107,9 +107,6 @@ class MetaNeuralNetwork(nn.Module):
         # forward never changes the module (C may be learnt per batch when num_classes is None).
         self._tables: dict[tuple[int, torch.device], ClassTables] = {}
         self._resolve_backend()
-        # Around every call, before and after any graph plain torch.compile(mnn) traces of forward.
-        self.register_forward_pre_hook(_hold_stacks)
-        self.register_forward_hook(_release_stacks, always_call=True)
 
     # ------------------------------------------------------------------ configuration
 
@@ -167,10 +164,27 @@ class MetaNeuralNetwork(nn.Module):
         if self.executor in ("grouped", "grouped_parallel"):
             self._grouped = grouped_executor(self.specialists, self._backend, self.executor == "grouped_parallel")
         self._streams = new_stream_pool(self._module_device) if self.executor == "streams" else None
+        self._sync_stack_hooks()
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
             self.class_tables(self.num_classes)  # built eagerly so compiled code finds them ready
+
+    def _sync_stack_hooks(self) -> None:
+        """The hooks that hold the grouped stacks around each call (:func:`_hold_stacks`), registered
+        while the executor is a :class:`GroupedLinearStack` only: any hook sends every call through
+        ``nn.Module``'s slower hook path (a few microseconds)."""
+        wanted = isinstance(self._grouped, GroupedLinearStack)
+        pre = [k for k, hook in self._forward_pre_hooks.items() if hook is _hold_stacks]
+        if wanted and not pre:
+            self.register_forward_pre_hook(_hold_stacks)
+            self.register_forward_hook(_release_stacks, always_call=True)
+        elif pre and not wanted:
+            for k in pre:
+                del self._forward_pre_hooks[k]
+            for k in [k for k, hook in self._forward_hooks.items() if hook is _release_stacks]:
+                del self._forward_hooks[k]
+                self._forward_hooks_always_called.pop(k, None)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving the module (.to/.cuda/.cpu) can change which backends can run.
@@ -340,6 +354,7 @@ class MetaNeuralNetwork(nn.Module):
 
 
 # ---------------------------------------------------------------- stacked weights under torch.compile
+# Registered by MetaNeuralNetwork._sync_stack_hooks while the executor is a GroupedLinearStack.
 # torch.compile(mnn) runs the module's hooks eagerly (outside dynamo, which picks up forward's frame)
 # and traces forward. The pre-hook stacks the grouped executor's weights there when one changed
 # (version counters), so the graph reads one [E, out, in] input per layer instead of stacking E

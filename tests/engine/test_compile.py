@@ -360,3 +360,19 @@ def test_expert_sizes_op_passes_opcheck(counts):
     counts = torch.tensor(counts, dtype=torch.long)
     torch.library.opcheck(torch.ops.mnn_fast.expert_sizes.default, (counts,))
     assert torch.ops.mnn_fast.expert_sizes(counts) == counts.tolist()
+
+
+def test_stack_hooks_only_on_grouped_linear_stacks():
+    # The hooks cost every call nn.Module's slower hook path: only where they hold something, and
+    # they follow the executor when the module is rebuilt (.to(), unpickling).
+    switch, specialists = mlp_mnn(4, seed=1)
+    grouped = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    sequential = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="sequential")
+    assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
+    assert not sequential._forward_pre_hooks and not sequential._forward_hooks
+    grouped.to(torch.float64)  # rebuilt: still one pair, not two
+    assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
+    grouped.requested_executor = "sequential"
+    grouped.to(torch.float32)
+    assert not grouped._forward_pre_hooks and not grouped._forward_hooks
+    assert not grouped._forward_hooks_always_called
