@@ -220,6 +220,21 @@ def _compile(rows, variant):
     return table(["model", "E", "B", "executor", "eager ms", "compiled ms", "speed-up", "compile s"], out, right=1)
 
 
+COMPILE_CALLS = {"plain": "`torch.compile(mnn)`", "fullgraph": "`torch.compile(mnn, fullgraph=True)`",
+                 "mnn_fast": "`mnn_fast.compile(mnn, fullgraph=True)`",
+                 "nested": "`torch.compile(nn.Sequential(mnn), fullgraph=True)`"}
+
+
+def _compile_scaling(rows, variant):
+    order = list(COMPILE_CALLS)
+    out = [[COMPILE_CALLS.get(r["call"], r["call"]), str(r["B"]), plain(r["small_s"]), plain(r["large_s"]),
+            times(ratio(r["large_s"], r["small_s"]))]
+           for r in sorted(rows, key=lambda r: order.index(r["call"]) if r["call"] in order else len(order))]
+    small, large = (rows[0]["E_small"], rows[0]["E_large"]) if rows else ("E", "E")
+    return table(["call", "B", f"E = {small} compile s", f"E = {large} compile s", f"E = {large} / E = {small}"],
+                 out, right=1)
+
+
 def _threads(rows, variant):
     every = rows[0].get("all_threads", "all") if rows else "all"
     out = []
@@ -296,6 +311,7 @@ RENDERERS = {
     "end_to_end": _end_to_end,
     "end_to_end_interleaved": _interleaved,
     "compile": _compile,
+    "compile_scaling": _compile_scaling,
     "threads": _threads,
     "small_batch": _small_batch,
     "threshold_sweep": _threshold_sweep,

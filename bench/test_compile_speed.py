@@ -1,21 +1,34 @@
-"""Eager vs ``mnn_fast.compile(fullgraph=True)`` per executor, same module, same inputs, one run.
+"""Eager vs ``mnn_fast.compile(fullgraph=True)`` per executor, same module, same inputs, one run; and
+how the compile time of each way to compile grows from ``E = 8`` to ``E = 64`` experts.
 
 ``compile s`` is the compiled module's first call with an empty inductor cache; eager and compiled
 are then timed in turns, best of 10 (MLP) or 3 rounds each.
 
 The vmap form of the grouped executor is excluded: its bucketing sorts data-dependent counts in
 Python, so it runs eagerly (a graph break) and cannot be ``fullgraph``.
+
+``compile_scaling``: each compile runs in a fresh process with inductor's caches off, after one
+warm-up compile there of another model (``E = 4``), so both ``E`` pay the same one-time costs;
+``E = 8`` and ``E = 64`` alternate, best of the rounds. Quick mode times the default call alone,
+both sizes in one process.
 """
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 import torch
+from tqdm import tqdm
 
 import mnn_fast
 
-from conftest import is_quick
+from conftest import THREADS, is_quick
 from mnn_fast.benchmark import end_to_end_workload
 from mnn_fast.engine.module import MetaNeuralNetwork
 
@@ -78,3 +91,93 @@ def test_compile_speed(benchmark, results, case, tmp_path, monkeypatch):
     benchmark.pedantic(compiled, args=(x,), rounds=rounds, iterations=1)
     results.record(TABLE, dict(model=model, E=experts, B=batch, executor=executor), eager=eager, compiled=fast,
                    compile_s=compile_s)
+
+
+# ------------------------------------------------------------------ compile time against E
+
+SCALING_TABLE = "compile_scaling"
+# The calls a user may type (the last: the module inside a larger compiled model, where the graph
+# stacks the experts' weights itself).
+CALLS = {
+    "plain": "torch.compile(mnn)",
+    "fullgraph": "torch.compile(mnn, fullgraph=True)",
+    "mnn_fast": "mnn_fast.compile(mnn, fullgraph=True)",
+    "nested": "torch.compile(nn.Sequential(mnn), fullgraph=True)",
+}
+SCALING_EXPERTS = (8, 64)
+SCALING_BATCH = 256
+# Quick mode: the default call only, one round, both sizes in one fresh process (~15 s on 2 cores).
+# Full: best of 3, as one compile on a loaded machine can take twice its time.
+QUICK_CALLS, QUICK_ROUNDS, FULL_ROUNDS = ("plain",), 1, 3
+
+
+def _compiled(mnn, call: str):
+    from torch import nn
+
+    if call == "plain":
+        return torch.compile(mnn)
+    if call == "fullgraph":
+        return torch.compile(mnn, fullgraph=True)
+    if call == "mnn_fast":
+        return mnn_fast.compile(mnn, fullgraph=True)
+    return torch.compile(nn.Sequential(mnn), fullgraph=True)
+
+
+@torch.no_grad()
+def _child(call: str, experts: list[int]) -> dict:
+    """In a fresh process: one warm-up compile (E=4), then the timed first call at each of ``experts``."""
+    torch.set_num_threads(int(os.environ.get("MNN_BENCH_CHILD_THREADS", "1")))
+    seconds = []
+    for e in (4, *experts):
+        w = end_to_end_workload("mlp", e, SCALING_BATCH, seed=e)
+        mnn = MetaNeuralNetwork(w["switch"], w["specialists"], threshold=w["threshold"])
+        assert mnn.executor == "grouped"
+        torch._dynamo.reset()
+        compiled = _compiled(mnn, call)
+        start = time.perf_counter()
+        got = compiled(w["x"])
+        seconds.append(time.perf_counter() - start)
+        torch.testing.assert_close(got, mnn(w["x"]), atol=1e-4, rtol=1e-4)
+    return {"compile_s": seconds[1:]}
+
+
+def _fresh_process_compile(call: str, experts: list[int]) -> list[float]:
+    with tempfile.TemporaryDirectory() as cache:
+        env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=cache, TORCHINDUCTOR_FX_GRAPH_CACHE="0",
+                   TORCHINDUCTOR_AUTOGRAD_CACHE="0", MNN_BENCH_CHILD_THREADS=str(THREADS),
+                   PYTHONPATH=os.pathsep.join([str(Path(__file__).parent), str(Path(__file__).parents[1]),
+                                               os.environ.get("PYTHONPATH", "")]))
+        done = subprocess.run([sys.executable, __file__, call, *map(str, experts)], env=env, capture_output=True,
+                              text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])["compile_s"]
+
+
+def test_compile_time_against_experts(results, request):
+    quick = is_quick(request.config)
+    results.formatters[SCALING_TABLE] = _fmt_scaling
+    rounds = QUICK_ROUNDS if quick else FULL_ROUNDS
+    for call in tqdm(QUICK_CALLS if quick else list(CALLS), desc="compile time against E"):
+        best = {e: float("inf") for e in SCALING_EXPERTS}
+        for _ in range(rounds):
+            if quick:  # one process for both sizes (the in-memory kernel cache is shared): a rough check
+                times = dict(zip(SCALING_EXPERTS, _fresh_process_compile(call, list(SCALING_EXPERTS))))
+            else:  # alternating, a fresh process each: both E see the same machine load
+                times = {e: _fresh_process_compile(call, [e])[0] for e in SCALING_EXPERTS}
+            best = {e: min(best[e], times[e]) for e in SCALING_EXPERTS}
+        small, large = SCALING_EXPERTS
+        results.record(SCALING_TABLE, dict(call=call, model="mlp", B=SCALING_BATCH, E_small=small, E_large=large),
+                       small_s=best[small], large_s=best[large], rounds=rounds)
+
+
+def _fmt_scaling(rows):
+    head = f"{'call':>52} | {'E=8 s':>7} {'E=64 s':>7} {'ratio':>6}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        lines.append(f"{CALLS[r['call']]:>52} | {r['small_s']:>7.2f} {r['large_s']:>7.2f} "
+                     f"{r['large_s'] / r['small_s']:>5.2f}x")
+    return lines
+
+
+if __name__ == "__main__":  # the fresh process of _fresh_process_compile
+    print(json.dumps(_child(sys.argv[1], [int(e) for e in sys.argv[2:]])))

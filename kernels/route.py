@@ -14,6 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from ..engine.ops import data_dependent_size
 from . import _block_start, _is_interpreted, _max, _sum
 
 
@@ -224,7 +225,7 @@ def _check(scores: Tensor, top_k: int) -> None:
 def _route_fake(scores: Tensor, threshold: float, top_k: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     _check(scores, top_k)
     b, e = scores.shape
-    n = torch.library.get_ctx().new_dynamic_size()
+    n = data_dependent_size(torch.library.get_ctx())  # also where dynamo's capture flags are off
     i64 = dict(dtype=torch.int64)
     return (
         scores.new_empty(e, **i64),

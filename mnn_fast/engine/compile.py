@@ -1,11 +1,14 @@
-"""``mnn_fast.compile``: ``torch.compile`` with the settings routing needs, scoped to this model.
+"""``mnn_fast.compile``: ``torch.compile`` with the settings some models need, scoped to this model.
 
-Routing has data-dependent sizes (the routed-row count, each expert's rows). Dynamo traces them
-without graph breaks only with ``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops``;
-inductor's automatic channels-last rewrite (``layout_optimization``) mis-predicts conv output strides
-for data-dependent batch sizes and fails at run time. Rather than change these for every model in
-the process at import, the returned module applies them around its own calls (where tracing and
-compilation happen) and restores them after.
+Plain ``torch.compile(mnn)`` traces the module as one graph with torch's defaults (the ops' fake
+kernels size data-dependent outputs themselves, docs/inference.md). Two cases still need settings:
+the ``torch`` backend's routing (``nonzero``, ``.tolist()``) splits the graph unless dynamo's
+``capture_scalar_outputs`` and ``capture_dynamic_output_shape_ops`` are on, and inductor's automatic
+channels-last rewrite (``layout_optimization``) mis-predicts conv output strides for data-dependent
+batch sizes and fails at run time. Rather than change these for every model in the process at
+import, the returned module applies them around its own calls (where tracing and compilation
+happen) and restores them after; it also holds the grouped stacks of every module inside the
+compiled one, which dynamo would otherwise inline, hooks and all.
 """
 from __future__ import annotations
 

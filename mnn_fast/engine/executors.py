@@ -206,6 +206,18 @@ def _param_key(params: list[Tensor]) -> tuple[list[int], list[int]]:
     return [p._version for p in params], [p.data_ptr() for p in params]
 
 
+class _ThreadHolds(threading.local):
+    """One thread's holds of a :class:`_StackCache`. The attributes exist in every thread from its first
+    access (class defaults, per-thread ``holds``): a traced guard on ``held`` then reads the same
+    attribute whether or not this thread ever held, instead of recompiling once it first does."""
+
+    held = False
+    depth = 0
+
+    def __init__(self):
+        self.holds: list[bool] = []
+
+
 class _StackCache:
     """Stacked copies of per-expert tensors, rebuilt only when one of them changed.
 
@@ -221,8 +233,16 @@ class _StackCache:
         # Per thread: a compiled call another thread makes without holding must never read stacks
         # this thread refreshed (the weights may have changed since). Dynamo evaluates its guard on
         # `held` in the calling thread. `depth` lets holds nest.
-        self._thread = threading.local()
+        self._thread = _ThreadHolds()
         self._lock = threading.Lock()  # one refresh at a time
+        # Whether a traced call has read the stacks: only then must a module's pre-hook check every
+        # expert before each call. Eager inference checks only the active experts' slices (refresh).
+        self.traced = False
+
+    @property
+    def stacked(self) -> bool:
+        """Whether anything is stacked yet."""
+        return self._key is not None
 
     @property
     def value(self) -> list[Tensor]:
@@ -231,7 +251,7 @@ class _StackCache:
     @property
     def fresh_for_traced_calls(self) -> bool:
         """Whether the calling thread holds the stacks (:meth:`held`)."""
-        return getattr(self._thread, "held", False)
+        return self._thread.held
 
     def get(self, groups_of_tensors: list[list[Tensor]]) -> list[Tensor]:
         recording = torch.is_grad_enabled() and any(t.requires_grad for ts in groups_of_tensors for t in ts)
@@ -281,17 +301,29 @@ class _StackCache:
     def held(self, groups_of_tensors: list[list[Tensor]]) -> Iterator[None]:
         """Refreshes the stacks now (eagerly) and marks them fresh for traced calls within the block;
         only where autograd is off, since a held stack is detached from the experts' parameters."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
-            yield
-            return
-        with self._lock:
-            self.get(groups_of_tensors)
-        local = self._thread
-        local.depth = getattr(local, "depth", 0) + 1
-        local.held = True
+        self.enter(groups_of_tensors)
         try:
             yield
         finally:
+            self.exit()
+
+    # enter/exit: :meth:`held` split in two, for a module's forward pre-hook and forward hook.
+    def enter(self, groups_of_tensors: list[list[Tensor]] | None, hold: bool = True) -> None:
+        """Opens a hold (:meth:`held`); every ``enter`` needs one :meth:`exit` in the same thread.
+        ``hold=False`` opens one that holds nothing (``groups_of_tensors`` may then be ``None``)."""
+        local = self._thread
+        holding = hold and not (torch.is_grad_enabled() or torch.compiler.is_compiling())
+        if holding:
+            with self._lock:
+                self.get(groups_of_tensors)
+            local.depth += 1
+            local.held = True
+        local.holds.append(holding)
+
+    def exit(self) -> None:
+        """Closes this thread's latest :meth:`enter`."""
+        local = self._thread
+        if local.holds and local.holds.pop():
             local.depth -= 1
             local.held = local.depth > 0
 
@@ -378,8 +410,12 @@ class GroupedLinearStack:
     def _stacked(self, counts: Tensor | None = None) -> list[Tensor]:
         compiling = torch.compiler.is_compiling()
         # Grad mode is checked again: another thread may hold the cache while this call records.
-        if compiling and self._cache.fresh_for_traced_calls and not torch.is_grad_enabled():
-            return self._cache.value  # never touches the E experts' parameters in the graph
+        if self._cache.fresh_for_traced_calls and not torch.is_grad_enabled():
+            # Traced: never touches the E experts' parameters in the graph. Eager (the module's
+            # forward pre-hook held them): checked for changes once a call, by the hold.
+            if compiling:
+                self._cache.traced = True
+            return self._cache.value
         if counts is not None and not compiling and not torch.is_grad_enabled() and counts.device.type == "cpu":
             # Only the experts with rows are read: checking the others' parameters was ~1 us each,
             # paid on every call (~80 us at E=100, most of a one-sample forward). numpy finds
@@ -387,6 +423,8 @@ class GroupedLinearStack:
             stacked = self._cache.refresh(counts.numpy().nonzero()[0].tolist(), self._slots)
             if stacked is not None:
                 return stacked
+        if compiling:
+            self._cache.traced = True  # the next hold checks every expert, so a recompile reads the stacks
         return self._cache.get(self._per_layer())
 
     def weights_stacked_for_compiled_calls(self):
@@ -394,6 +432,16 @@ class GroupedLinearStack:
         traced code reads ``[E, out, in]`` tensors instead of stacking ``E`` parameters per layer in the
         graph, which made compile time grow with ``E``. A no-op while autograd is on."""
         return self._cache.held(self._per_layer())
+
+    def enter_call(self) -> None:
+        """:meth:`weights_stacked_for_compiled_calls` opened, for a forward pre-hook (:meth:`exit_call`
+        closes it, in the same thread). It checks every expert's weights only for the first stacking
+        and once a traced call has read the stacks: an eager call checks just its active experts."""
+        hold = self._cache.traced or not self._cache.stacked
+        self._cache.enter(self._per_layer() if hold else None, hold)
+
+    def exit_call(self) -> None:
+        self._cache.exit()
 
     @property
     def stacks_held(self) -> bool:

@@ -172,10 +172,27 @@ class MetaNeuralNetwork(nn.Module):
         if (self.executor == "grouped" and isinstance(self._grouped, GroupedLinearStack)
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
+        self._sync_stack_hooks()
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
             self.class_tables(self.num_classes)  # built eagerly so compiled code finds them ready
+
+    def _sync_stack_hooks(self) -> None:
+        """The hooks that hold the grouped stacks around each call (:func:`_hold_stacks`), registered
+        while the executor is a :class:`GroupedLinearStack` only: any hook sends every call through
+        ``nn.Module``'s slower hook path (a few microseconds)."""
+        wanted = isinstance(self._grouped, GroupedLinearStack)
+        pre = [k for k, hook in self._forward_pre_hooks.items() if hook is _hold_stacks]
+        if wanted and not pre:
+            self.register_forward_pre_hook(_hold_stacks)
+            self.register_forward_hook(_release_stacks, always_call=True)
+        elif pre and not wanted:
+            for k in pre:
+                del self._forward_pre_hooks[k]
+            for k in [k for k, hook in self._forward_hooks.items() if hook is _release_stacks]:
+                del self._forward_hooks[k]
+                self._forward_hooks_always_called.pop(k, None)
 
     def _apply(self, fn, *args, **kwargs):
         # Moving the module (.to/.cuda/.cpu) can change which backends can run.
@@ -373,3 +390,36 @@ class MetaNeuralNetwork(nn.Module):
                                          streams=self._streams)
         stages.check_specialist_output(outputs, xg, self.groups, num_classes)
         return outputs
+
+
+# ---------------------------------------------------------------- stacked weights under torch.compile
+# Registered by MetaNeuralNetwork._sync_stack_hooks while the executor is a GroupedLinearStack.
+# torch.compile(mnn) runs the module's hooks eagerly (outside dynamo, which picks up forward's frame)
+# and traces forward. The pre-hook stacks the grouped executor's weights there when one changed
+# (version counters), so the graph reads one [E, out, in] input per layer instead of stacking E
+# parameters per layer, which made compile time grow with E; the forward hook lets go after the call,
+# also when it raised. Only with autograd off (a held stack is detached from the parameters).
+# Where dynamo inlines the call (the module inside a larger compiled model), the hooks trace as
+# no-ops (their substitutes) and the graph stacks the parameters itself, as in training.
+
+
+@torch.compiler.disable
+def _hold_stacks(module: MetaNeuralNetwork, args) -> None:
+    if isinstance(module._grouped, GroupedLinearStack):
+        module._grouped.enter_call()
+
+
+@torch.compiler.disable
+def _release_stacks(module: MetaNeuralNetwork, args, output) -> None:
+    if isinstance(module._grouped, GroupedLinearStack):
+        module._grouped.exit_call()
+
+
+@torch.compiler.substitute_in_graph(_hold_stacks, skip_signature_check=True)
+def _hold_stacks_traced(module, args) -> None:
+    return None
+
+
+@torch.compiler.substitute_in_graph(_release_stacks, skip_signature_check=True)
+def _release_stacks_traced(module, args, output) -> None:
+    return None

@@ -7,10 +7,11 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch._library.fake_impl import allocate_size as _allocate_size
 
 from . import rowmath
 
-__all__ = ["EXTENSION_ERROR", "extension_has_cuda", "register_recombine_autograd", "torch_recombine",
+__all__ = ["EXTENSION_ERROR", "extension_has_cuda", "data_dependent_size", "expert_sizes", "register_recombine_autograd", "torch_recombine",
            "torch_contributions", "torch_log_softmax_rows", "torch_softmax_rows"]
 
 try:
@@ -28,6 +29,35 @@ def extension_has_cuda() -> bool:
     return torch._C._dispatch_has_kernel_for_dispatch_key("mnn_fast::route", "CUDA")
 
 
+# ---------------------------------------------------------------- counts as sizes
+
+# counts.tolist() in traced code is `aten._local_scalar_dense`, which dynamo splits the graph at unless
+# `capture_scalar_outputs` is on. This op returns the counts as sizes (SymInt[]: no custom_op return
+# type spells it, hence a schema of its own), each a fresh data-dependent symbol while tracing.
+_LIB = torch.library.Library("mnn_fast", "FRAGMENT")
+_LIB.define("expert_sizes(Tensor counts) -> SymInt[]")
+
+
+def _expert_sizes(counts: Tensor) -> list[int]:
+    return counts.tolist()
+
+
+def _fake_expert_sizes(counts: Tensor) -> list[torch.SymInt]:
+    torch._check(counts.dim() == 1, lambda: f"mnn_fast::expert_sizes: counts must be 1-D, got {counts.dim()}-D")
+    ctx = torch.library.get_ctx()
+    return [data_dependent_size(ctx) for _ in range(counts.shape[0])]
+
+
+_LIB.impl("expert_sizes", _expert_sizes, "CompositeExplicitAutograd")
+torch.library.register_fake("mnn_fast::expert_sizes", _fake_expert_sizes, lib=_LIB)
+
+
+def expert_sizes(counts: Tensor) -> list[int]:
+    """``counts: Tensor[E] int64`` as ``E`` Python ints (symbolic sizes ``>= 0`` under ``torch.compile``,
+    with no graph break even where ``capture_scalar_outputs`` is off)."""
+    return torch.ops.mnn_fast.expert_sizes(counts)
+
+
 # ---------------------------------------------------------------- fake kernels and autograd
 
 
@@ -35,10 +65,27 @@ def _fake_group_scores(probs: Tensor, group_offsets: Tensor, group_classes: Tens
     return probs.new_empty(probs.shape[0], group_offsets.shape[0] - 1)
 
 
+def data_dependent_size(ctx) -> torch.SymInt:
+    """A fresh size symbol (``>= 0``) for an output whose length depends on input values, also where
+    dynamo's ``capture_dynamic_output_shape_ops`` is off (plain ``torch.compile(mnn)``).
+
+    ``ctx.new_dynamic_size()`` refuses there: that flag makes dynamo split the graph at any op whose
+    output shape is data-dependent, because it cannot know whether the rest of the graph handles an
+    unbacked size. The ops of this library are written for one (``fullgraph=True`` traces them whole
+    and inductor compiles them), so their fake kernels allocate the symbol from the shape environment
+    directly, as torch's own ``device_mesh`` ops do. Outside tracing with a shape environment (fake
+    tensors without dynamic shapes) this is ``new_dynamic_size()``, which raises as torch documents.
+    """
+    shape_env = getattr(ctx, "_shape_env", None)
+    if shape_env is None or shape_env.allow_dynamic_output_shape_ops:
+        return ctx.new_dynamic_size()
+    return _allocate_size(shape_env)
+
+
 def _fake_route(scores: Tensor, threshold: float, top_k: int):
     num_samples, num_experts = scores.shape
     # N, the number of routed rows, depends on the scores' values.
-    rows = torch.library.get_ctx().new_dynamic_size()
+    rows = data_dependent_size(torch.library.get_ctx())
     new = lambda *shape: scores.new_empty(shape, dtype=torch.long)  # noqa: E731
     return new(num_experts), new(num_experts + 1), new(rows), new(num_samples + 1), new(rows)
 
@@ -49,7 +96,7 @@ def _fake_gather(x: Tensor, perm: Tensor) -> Tensor:
 
 def _fake_gather_split(x: Tensor, perm: Tensor, offsets: Tensor) -> list[Tensor]:
     ctx = torch.library.get_ctx()  # each expert's row count depends on the routing's values
-    return [x.new_empty(ctx.new_dynamic_size(), x.shape[1]) for _ in range(offsets.shape[0] - 1)]
+    return [x.new_empty(data_dependent_size(ctx), x.shape[1]) for _ in range(offsets.shape[0] - 1)]
 
 
 def _fake_combine(logp: Tensor, logv: Tensor, perm: Tensor, sample_offsets: Tensor, sample_rows: Tensor) -> Tensor:

@@ -16,6 +16,7 @@ from .backends import Backend
 from .alignment import as_fresh_aligned
 from .contributions import ClassTables, buffer_logits, specialist_contributions
 from .executors import recording_grad, run_on_streams
+from .ops import expert_sizes as traced_sizes
 from .routing import Routing
 
 __all__ = ["SwitchScores", "switch_scores", "route_batch", "route_args", "gather_rows", "gather_expert_rows", "run_specialists",
@@ -146,7 +147,9 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor | list[Tensor],
 
 def expert_sizes(counts: Tensor) -> list[int]:
     """``counts: Tensor[E] int64`` as Python ints, each marked a size (``>= 0``) for ``torch.compile``."""
-    sizes = counts.tolist()
+    # Traced: an op whose fake kernel makes the sizes symbols, so plain torch.compile needs no
+    # capture_scalar_outputs (traced_sizes); eager: tolist, without the dispatcher's overhead.
+    sizes = traced_sizes(counts) if torch.compiler.is_compiling() else counts.tolist()
     for n in sizes:
         torch._check(n >= 0)  # the data-dependent counts are sizes
     return sizes

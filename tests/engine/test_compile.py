@@ -1,11 +1,14 @@
-"""mnn_fast.compile(fullgraph=True) traces the module with zero graph breaks and matches eager;
-the settings it needs stay scoped to its own calls."""
+"""Plain torch.compile(mnn), with or without fullgraph, and mnn_fast.compile each trace the module as
+one graph and match eager; the grouped weights enter the graph stacked (inputs flat in E) and follow
+weight updates; mnn_fast.compile's settings stay scoped to its own calls."""
 import subprocess
 import sys
 import threading
 
 import pytest
 import torch
+from torch import nn
+from torch._dynamo.testing import CompileCounter
 
 import mnn_fast
 from models import cnn_mnn, mlp_mnn
@@ -176,3 +179,200 @@ def test_held_stacks_belong_to_the_holding_thread():
         worker.join()
         assert mnn._grouped.stacks_held
     assert seen == [False]
+
+
+# ------------------------------------------------------------------ plain torch.compile(mnn)
+
+# The three calls a user may type; each must give one graph.
+CALLS = {
+    "plain": lambda module, **kw: torch.compile(module, **kw),
+    "fullgraph": lambda module, **kw: torch.compile(module, fullgraph=True, **kw),
+    "mnn_fast.compile": lambda module, **kw: mnn_fast.compile(module, fullgraph=True, **kw),
+}
+
+
+@pytest.mark.parametrize("call", CALLS)
+@pytest.mark.parametrize("grad", [False, True], ids=["inference", "autograd"])
+def test_each_call_traces_one_graph(call, grad):
+    # inference: the grouped executor on held stacks, routing sized by the ops' fake kernels;
+    # autograd: the experts one by one on sizes from mnn_fast::expert_sizes (no .tolist() in the graph).
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(6, seed=7)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    counter = CompileCounter()
+    compiled = CALLS[call](mnn, backend=counter, dynamic=True)
+    with torch.set_grad_enabled(grad):
+        for batch in (3, 5, 7):  # dynamic=True: one graph for every batch size
+            x = torch.randn(batch, 24)
+            got, eager = compiled(x), mnn(x)
+            if grad:  # each expert runs on its rows plus a padding row: BLAS may round differently
+                torch.testing.assert_close(got, eager, atol=1e-6, rtol=1e-6)
+            else:  # the counting backend runs the traced ops themselves: the eager module's bits
+                assert torch.equal(got, eager)
+    assert counter.frame_count == 1
+
+
+def test_plain_compile_traces_convolutional_specialists_in_one_graph():
+    # The sequential executor (CNNs run one by one): each expert's rows come from the sizes op, and
+    # BatchNorm sees a batch provably non-empty (the padding row).
+    torch._dynamo.reset()
+    switch, specialists = cnn_mnn(2, seed=7)  # two experts: each is traced on its own
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    assert mnn.executor == "sequential"
+    counter = CompileCounter()
+    compiled = torch.compile(mnn, backend=counter, dynamic=True)
+    with torch.no_grad():
+        for batch in (6, 9):
+            x = torch.randn(batch, 3, 8, 8)
+            torch.testing.assert_close(compiled(x), mnn(x), atol=1e-6, rtol=1e-6)
+    assert counter.frame_count == 1
+
+
+def test_plain_compile_has_no_graph_break():
+    # explain runs under dynamo's default settings: exactly what plain torch.compile(mnn) meets.
+    switch, specialists = mlp_mnn(6, seed=7)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    with torch.no_grad():
+        explanation = torch._dynamo.explain(mnn)(torch.randn(16, 24))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1
+
+
+def test_default_dynamic_compiles_twice_over_batch_sizes():
+    # torch.compile's default (dynamic=None): the first batch size is compiled static, the second
+    # recompiles once with a symbolic batch, which every later size reuses.
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(6, seed=7)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    counter = CompileCounter()
+    compiled = torch.compile(mnn, backend=counter)
+    with torch.no_grad():
+        for batch in (3, 5, 7, 37):
+            x = torch.randn(batch, 24)
+            assert torch.equal(compiled(x), mnn(x))
+    assert counter.frame_count == 2
+
+
+@torch.no_grad()
+def test_plain_compile_matches_eager_with_inductor():
+    # The default backend (inductor) fuses the switch: equal to float32 rounding, same decisions.
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(6, seed=7)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    compiled = torch.compile(mnn, dynamic=True)
+    for batch in (37, 64):
+        x = torch.randn(batch, 24)
+        got, eager = compiled(x), mnn(x)
+        torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+        assert torch.equal(got.argmax(1), eager.argmax(1))
+
+
+@pytest.mark.parametrize("call", CALLS)
+def test_graph_inputs_do_not_grow_with_the_experts_for_each_call(call):
+    # The forward hooks hold the stacks around every call, so plain torch.compile reads one stacked
+    # input per layer as mnn_fast.compile does: E=4 and E=16 trace graphs of one size.
+    counts = []
+    for experts in (4, 16):
+        torch._dynamo.reset()
+        switch, specialists = mlp_mnn(experts, seed=3)
+        mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+        backend, seen = _graph_input_counter()
+        with torch.no_grad():
+            x = torch.randn(32, 24)
+            assert torch.equal(CALLS[call](mnn, backend=backend)(x), mnn(x))
+        assert len(seen) == 1
+        counts.append(seen[0])
+    assert counts[0] == counts[1], counts
+
+
+def _scale_in_place(specialists):
+    for s in specialists:
+        s[-1].weight.mul_(-2.0)
+
+
+def _load_other_weights(specialists):
+    for s in specialists:
+        s.load_state_dict({k: torch.randn_like(v) for k, v in s.state_dict().items()})
+
+
+def _assign_new_parameter(specialists):
+    for s in specialists:
+        s[0].weight = nn.Parameter(torch.randn_like(s[0].weight))
+
+
+@pytest.mark.parametrize("update", [_scale_in_place, _load_other_weights, _assign_new_parameter],
+                         ids=["in_place", "load_state_dict", "new_parameter"])
+@pytest.mark.parametrize("call", ["plain", "fullgraph"])
+def test_plain_compiled_module_sees_weight_updates(call, update):
+    # The stacks are checked against the parameters' version counters and storage before each call:
+    # an optimizer step (in place), a loaded checkpoint and a newly assigned Parameter all reach the
+    # next call; the in-place kinds through the same graph.
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(5, seed=4)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    counter = CompileCounter()
+    compiled = CALLS[call](mnn, backend=counter)
+    x = torch.randn(40, 24)
+    with torch.no_grad():
+        before = compiled(x)
+        update(specialists)
+        after = compiled(x)
+        assert not torch.equal(before, after)
+        assert torch.equal(after, mnn(x))
+    if update is not _assign_new_parameter:
+        assert counter.frame_count == 1
+    assert not mnn._grouped.stacks_held
+
+
+def test_hold_is_released_when_the_forward_raises():
+    # The release hook runs even when forward raises: a later traced call must not be told the
+    # stacks are fresh by a hold nobody closed.
+    switch, specialists = mlp_mnn(4, seed=1)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    compiled = torch.compile(mnn, backend=CompileCounter())
+    with torch.no_grad():
+        for call in (mnn, compiled):
+            with pytest.raises(ValueError, match="x must have shape"):
+                call(torch.randn(24))
+            assert not mnn._grouped.stacks_held
+
+
+def test_module_inside_a_compiled_model_traces_one_graph():
+    # Dynamo inlines the module's call here, hooks included: they trace as no-ops and the graph
+    # stacks the parameters itself, so fullgraph holds and weight updates still reach the output.
+    torch._dynamo.reset()
+    switch, specialists = mlp_mnn(5, seed=2)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    model = nn.Sequential(nn.Identity(), mnn)
+    counter = CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True)
+    x = torch.randn(30, 24)
+    with torch.no_grad():
+        assert torch.equal(compiled(x), mnn(x))
+        _scale_in_place(specialists)
+        assert torch.equal(compiled(x), mnn(x))
+    assert counter.frame_count == 1
+
+
+# Why each: experts with rows and without, no expert, one expert.
+@pytest.mark.parametrize("counts", [[3, 0, 5], [], [7]], ids=["mixed", "no_experts", "one"])
+def test_expert_sizes_op_passes_opcheck(counts):
+    counts = torch.tensor(counts, dtype=torch.long)
+    torch.library.opcheck(torch.ops.mnn_fast.expert_sizes.default, (counts,))
+    assert torch.ops.mnn_fast.expert_sizes(counts) == counts.tolist()
+
+
+def test_stack_hooks_only_on_grouped_linear_stacks():
+    # The hooks cost every call nn.Module's slower hook path: only where they hold something, and
+    # they follow the executor when the module is rebuilt (.to(), unpickling).
+    switch, specialists = mlp_mnn(4, seed=1)
+    grouped = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    sequential = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="sequential")
+    assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
+    assert not sequential._forward_pre_hooks and not sequential._forward_hooks
+    grouped.to(torch.float64)  # rebuilt: still one pair, not two
+    assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
+    grouped.requested_executor = "sequential"
+    grouped.to(torch.float32)
+    assert not grouped._forward_pre_hooks and not grouped._forward_hooks
+    assert not grouped._forward_hooks_always_called
