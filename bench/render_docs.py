@@ -352,22 +352,36 @@ def render(results_dir: Path = RESULTS, template: Path = TEMPLATE) -> str:
 # ------------------------------------------------------------------------------ the README
 
 def render_readme_speed(results_dir: Path = RESULTS) -> str:
-    """The README's speed block (between the markers, markers excluded): the MLP end-to-end rows
-    against the naive loop, the convolutional cells in one sentence, and the provenance line."""
+    """The README's speed block (between the markers, markers excluded): the engine alone against the
+    user's plain-torch loop and the reference loop, then the MLP end-to-end rows against the naive
+    loop and the convolutional cells in one sentence, each with its provenance line."""
     tables = load_tables(results_dir)
+    lines = []
+    alone = tables.get("module_overhead")
+    if alone is not None and all(r.get("user_ms") for r in alone["rows"]):
+        meta = alone["meta"]
+        rows = [[str(r["E"]), plain(r["user_ms"]), plain(r["naive_ms"]), plain(r["module_ms"]), times(r["vs_user"]),
+                 times(r["speedup"])] for r in sorted(alone["rows"], key=lambda r: r["E"])]
+        lines += [f"**The engine alone** (identity switch and specialists, B = {alone['rows'][0]['B']}, about two "
+                  f"experts per sample), ms: command `{meta.get('command', 'not recorded')}` ({mode(meta)}), "
+                  f"{date(meta)}; {machine(meta)}; commit `{commit(meta)}`.", ""]
+        lines += table(["E", "the user's loop", "reference loop", "module", "vs the user's loop", "vs the reference loop"],
+                       rows)
+        lines += [""]
     data = tables.get("end_to_end")
     if data is None:
-        return "No end-to-end results are committed yet: run `make bench` and `make bench-docs`."
+        return "\n".join(lines + ["No end-to-end results are committed yet: run `make bench` and `make bench-docs`."])
     meta, rows = data["meta"], sorted(data["rows"], key=_end_to_end_key)
     mlp = [[str(r["E"]), str(r["B"]), ms(r.get("naive")), ms(r.get("engine_sequential")), ms(r.get("engine_grouped")),
             ms(r.get("engine_grouped_parallel")), times(ratio(r.get("naive"), r.get("engine_grouped"))),
             times(ratio(r.get("naive"), r.get("engine_grouped_parallel")))]
            for r in rows if r["model"] == "mlp"]
-    lines = [f"Command `{meta.get('command', 'not recorded')}` ({mode(meta)}{_rounds(r for r in rows if r['model'] == 'mlp')}), "
-             f"{date(meta)}; "
-             f"{machine(meta)}; torch {meta.get('torch', '?')}; commit `{commit(meta)}`.", ""]
-    lines += table(["E", "B", "naive loop", "`sequential`", "`grouped` (bitwise)", "`grouped_parallel`",
-                    "`grouped` vs naive", "`grouped_parallel` vs naive"], mlp)
+    lines += [f"**MLP specialists** (512-64-C, C = E, about two active per sample) against the reference loop, ms: "
+              f"command `{meta.get('command', 'not recorded')}` ({mode(meta)}{_rounds(r for r in rows if r['model'] == 'mlp')}), "
+              f"{date(meta)}; "
+              f"{machine(meta)}; torch {meta.get('torch', '?')}; commit `{commit(meta)}`.", ""]
+    lines += table(["E", "B", "reference loop", "`sequential`", "`grouped` (bitwise)", "`grouped_parallel`",
+                    "`grouped` vs reference", "`grouped_parallel` vs reference"], mlp)
     cnn = []
     for r in rows:
         best = _best(r)

@@ -7,6 +7,9 @@ bad placement) makes every rank raise together instead of leaving the others wai
 """
 from __future__ import annotations
 
+import functools
+from typing import Callable
+
 import torch
 import torch.distributed as dist
 
@@ -15,7 +18,7 @@ from . import exchange
 from .expert_parallel import ExpertParallel
 from .placement import check_placement, contiguous_placement
 
-__all__ = ["load_sharded", "load_local_shard", "agree"]
+__all__ = ["load_sharded", "read_local_shard", "agree"]
 
 
 def load_sharded(run_dir, group=None, *, placement=None, test_threshold: float = 0.25, splits=None,
@@ -43,29 +46,34 @@ def load_sharded(run_dir, group=None, *, placement=None, test_threshold: float =
         raise RuntimeError("torch.distributed is not initialised: call torch.distributed.init_process_group first")
     if group is dist.group.WORLD:
         group = None
-    failure, ep = None, None
+    failure, build = None, None
     try:
-        ep = load_local_shard(run_dir, group, placement=placement, test_threshold=test_threshold, splits=splits,
-                              **kwargs)
+        build = read_local_shard(run_dir, group, placement=placement, test_threshold=test_threshold, splits=splits,
+                                 **kwargs)
     except Exception as exc:  # noqa: BLE001 -- raised below, once every rank knows
         failure = exc
     agree(failure, group, "loading the run")
-    return ep
+    return build()
 
 
 def agree(failure: BaseException | None, group=None, stage: str = "") -> None:
     """Every rank of ``group`` says whether it failed (one all-gather of a flag); raises ``failure``
-    on the rank that had it and a ``RuntimeError`` naming the failed ranks on the others."""
+    on the rank that had it and a :class:`RankFailure` (a ``RuntimeError``) naming the failed ranks on
+    the others."""
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
     flags = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(flags, torch.tensor([int(failure is not None)], device=device), group=group)
-    exchange.raise_failures([int(f.item()) for f in flags], failure, stage)
+    exchange.raise_failures([int(f.item()) for f in flags], failure, "set-up", stage)
 
 
-def load_local_shard(run_dir, group=None, *, placement=None, test_threshold: float = 0.25, splits=None,
-                     **kwargs) -> ExpertParallel:
-    """:func:`load_sharded` without the final agreement: no collective at all, so a caller can do more
-    of its own local work first and then call :func:`agree` once for all of it."""
+def read_local_shard(run_dir, group=None, *, placement=None, test_threshold: float = 0.25, splits=None,
+                     **kwargs) -> Callable[[], ExpertParallel]:
+    """:func:`load_sharded`'s reading and checks, without its agreement: no collective at all, so a
+    caller can do more of its own local work first and then call :func:`agree` once for all of it.
+
+    Returns the function that builds the :class:`ExpertParallel`, to call once every rank agreed:
+    building one registers it with the group (ranks number their instances alike), so either every
+    rank builds it or none does."""
     trained = open_trained_run(run_dir, splits)
     world_size, rank = dist.get_world_size(group), dist.get_rank(group)
     placement = check_placement(contiguous_placement(trained.num_experts, world_size) if placement is None
@@ -78,5 +86,6 @@ def load_local_shard(run_dir, group=None, *, placement=None, test_threshold: flo
                          f"there (not trained yet, or not copied to this machine)")
     switch, switch_sha = trained.load_switch()
     specialists = {e: trained.load_specialist(e, switch_sha) for e in mine}
-    return ExpertParallel(switch, specialists, trained.cfg.groups, test_threshold, num_experts=trained.num_experts,
-                          num_classes=trained.num_classes, placement=placement, group=group, **kwargs)
+    return functools.partial(ExpertParallel, switch, specialists, trained.cfg.groups, test_threshold,
+                             num_experts=trained.num_experts, num_classes=trained.num_classes, placement=placement,
+                             group=group, **kwargs)

@@ -28,7 +28,7 @@ from ..engine.routing import check_threshold
 from ..launch.local import children_start_ignoring_sigint, quiet_on_interrupt
 from ..training.inputs import load_inputs
 from ..training.pipeline import load_mnn
-from .loading import agree, load_local_shard
+from .loading import agree, read_local_shard
 
 __all__ = ["predict", "read_predictions", "DEVICES"]
 
@@ -153,7 +153,7 @@ def _in_group(run, x: Tensor | None, data, cache_dir, group, tmp, settings: dict
               failure: Exception | None = None) -> None:
     """One rank of an initialised group: its inputs (when not given) and its shard, one agreement
     that every rank has both (and none had an earlier ``failure``), then the rounds."""
-    ep = None
+    build = None
     try:
         if failure is not None:
             raise failure
@@ -161,11 +161,11 @@ def _in_group(run, x: Tensor | None, data, cache_dir, group, tmp, settings: dict
             x = load_inputs(run, data, cache_dir)
         if settings["device"] == "cuda":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", dist.get_rank(group) % torch.cuda.device_count())))
-        ep = load_local_shard(run, group, test_threshold=settings["threshold"])
-        ep.to(settings["device"])
+        build = read_local_shard(run, group, test_threshold=settings["threshold"])
     except Exception as exc:  # noqa: BLE001 -- raised on every rank together by agree
         failure = exc
     agree(failure, group, "loading the run or the data")
+    ep = build().to(settings["device"])
     with _one_thread():
         _rounds(ep, x, dist.get_rank(group), dist.get_world_size(group), group, tmp, settings, ep.shard.num_classes)
 

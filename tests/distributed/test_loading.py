@@ -132,7 +132,7 @@ def test_two_ranks_load_only_their_own_files(run, tmp_path):
     assert one["error"] == "ValueError" and "rank 1 holds specialist(s) [7]" in one["message"]
     assert "expert_0007.safetensors is not there" in one["message"] and "\n" not in one["message"]
     assert "expert_0007.safetensors" not in one["opened"]
-    assert zero["error"] == "RuntimeError" and "rank(s) [1] failed loading the run" in zero["message"]
+    assert zero["error"] == "RankFailure" and "rank 1 failed loading the run" in zero["message"]
     # The group is still in step after the refused load.
     check_loaded(run, 2, placement, {r: got[r]["after"] for r in got}, x)
     # About 1/R of the specialists each: here exactly half.
