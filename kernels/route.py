@@ -14,7 +14,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ..engine.ops import data_dependent_size
+from mnn_fast.engine.ops import data_dependent_size  # absolute: the tests also import this file as kernels.route
 from . import _block_start, _is_interpreted, _max, _sum
 
 

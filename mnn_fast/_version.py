@@ -1,2 +1,2 @@
 """The package version: read by ``mnn_fast.__version__`` and, statically, by the build (pyproject.toml)."""
-__version__ = "0.2.0"
+__version__ = "0.3.0"

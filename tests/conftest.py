@@ -56,3 +56,15 @@ def threads(request):
     torch.set_num_threads(request.param)
     yield request.param
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """A trained digits run (one-epoch MLPs on 30% of digits: ten distinct specialists, a few seconds),
+    trained once per session for the sharded-loading and predict tests. It lives here, not in a
+    tests/distributed/conftest.py, because test modules import this file as ``conftest``."""
+    from mnn_fast.training import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("tiny_digits_run") / "run"
+    train(TrainConfig(dataset="digits", model="mlp", switch_epochs=1, specialist_epochs=1, train_fraction=0.3), root)
+    return root

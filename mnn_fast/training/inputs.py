@@ -7,7 +7,6 @@ mean and std the run recorded; arrays are used as given, as training uses them.
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ from torch import Tensor
 
 from .data import IMAGE_SUFFIXES, decode_images
 from .datarecord import read_data_record
+from .owndata import read_npz
 from .pipeline import open_trained_run, run_data
 
 __all__ = ["load_inputs", "DATA_NEEDS"]
@@ -54,20 +54,12 @@ def load_inputs(run_dir, data=None, cache_dir=None) -> Tensor:
 
 
 def _read_npz(path: Path) -> Tensor:
-    if not zipfile.is_zipfile(path):  # np.load would take any other file for a pickle and refuse that
-        raise ValueError(f"data: {str(path)!r} is not a readable .npz (not a zip archive of arrays)")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            key = "x" if "x" in z.files else "x_test" if "x_test" in z.files else None
-            if key is None:
-                raise ValueError(f"data: {str(path)!r} holds no x or x_test array (keys {z.files})")
-            x = z[key]
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"data: {str(path)!r} is not a readable .npz ({exc})") from None
-    except ValueError as exc:
-        if str(exc).startswith("data:"):
-            raise
-        raise ValueError(f"data: {str(path)!r}: {exc}") from None  # e.g. an object array (pickled)
+    def pick(files: list[str]) -> list[str]:
+        if "x" not in files and "x_test" not in files:
+            raise ValueError(f"data: {str(path)!r} holds no x or x_test array (keys {files})")
+        return ["x" if "x" in files else "x_test"]
+
+    (key, x), = read_npz(path, "data", pick).items()
     if x.dtype.kind not in "fiu" or x.ndim < 2:
         raise ValueError(f"data: {key} in {str(path)!r} must be a real-valued array [N, ...], got {x.dtype} "
                          f"of shape {x.shape}")

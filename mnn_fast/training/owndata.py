@@ -18,7 +18,7 @@ from torch import Tensor
 
 from .data import IMAGE_SUFFIXES, Splits, decode_images
 
-__all__ = ["load_image_folder", "load_arrays", "splits_from_arrays", "fingerprint", "ARRAY_KEYS"]
+__all__ = ["load_image_folder", "load_arrays", "splits_from_arrays", "fingerprint", "read_npz", "ARRAY_KEYS"]
 
 ARRAY_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
@@ -98,25 +98,38 @@ def splits_from_arrays(x_train, y_train, x_test, y_test, *, classes=None, name: 
                   tuple(xs["x_train"].shape[1:]), name, classes, source=source)
 
 
+def read_npz(path: Path, argument: str, keys) -> dict[str, np.ndarray]:
+    """The arrays of the ``.npz`` at ``path`` that ``keys(names in the file)`` picks, read without
+    unpickling anything. Every failure is one ``ValueError`` that starts with ``argument:`` (the
+    option or parameter the path came from); ``keys`` raises its own the same way."""
+    if not zipfile.is_zipfile(path):  # np.load would take any other file for a pickle and refuse that
+        raise ValueError(f"{argument}: {str(path)!r} is not a readable .npz (not a zip archive of arrays)")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in keys(list(z.files))}
+    except (OSError, zipfile.BadZipFile, EOFError) as exc:
+        raise ValueError(f"{argument}: {str(path)!r} is not a readable .npz ({exc})") from None
+    except ValueError as exc:
+        if str(exc).startswith(f"{argument}:"):
+            raise
+        raise ValueError(f"{argument}: {str(path)!r}: {exc}") from None  # e.g. an object array (pickled)
+
+
 def load_arrays(path: str | os.PathLike) -> Splits:
     """The :class:`Splits` of an ``.npz`` holding ``x_train``, ``y_train``, ``x_test``, ``y_test`` (and,
     optionally, ``classes``: the class names), read without unpickling anything."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"data_path: {str(path)!r} is not a file; expected an .npz with keys {', '.join(ARRAY_KEYS)}")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            missing = [k for k in ARRAY_KEYS if k not in z.files]
-            if missing:
-                raise ValueError(f"data_path: {str(path)!r} lacks key(s) {missing}; expected {', '.join(ARRAY_KEYS)}")
-            arrays = {k: z[k] for k in ARRAY_KEYS}
-            classes = [str(c) for c in z["classes"]] if "classes" in z.files else None
-    except (OSError, zipfile.BadZipFile, EOFError) as exc:
-        raise ValueError(f"data_path: {str(path)!r} is not a readable .npz ({exc})") from None
-    except ValueError as exc:
-        if str(exc).startswith("data_path:"):
-            raise
-        raise ValueError(f"data_path: {str(path)!r}: {exc}") from None  # e.g. an object array (pickled)
+
+    def keys(files: list[str]) -> list[str]:
+        missing = [k for k in ARRAY_KEYS if k not in files]
+        if missing:
+            raise ValueError(f"data_path: {str(path)!r} lacks key(s) {missing}; expected {', '.join(ARRAY_KEYS)}")
+        return list(ARRAY_KEYS) + (["classes"] if "classes" in files else [])
+
+    arrays = read_npz(path, "data_path", keys)
+    classes = [str(c) for c in arrays.pop("classes")] if "classes" in arrays else None
     return splits_from_arrays(**arrays, classes=classes, name=path.stem,
                               source={"dataset": "arrays", "data_path": str(path)})
 

@@ -247,3 +247,11 @@ def test_a_fingerprint_is_hashed_once_and_follows_every_change(monkeypatch):
     assert changed != first and hashed
     s.train_y = s.train_y.clone()  # a new tensor object, equal bytes
     assert fingerprint(s) == changed and len(hashed) == 2
+
+
+def test_an_npz_that_is_no_zip_archive_is_refused_in_one_line(tmp_path):
+    # a pickle or any other file: np.load would try to unpickle it, which read_npz never lets it do
+    path = tmp_path / "data.npz"
+    path.write_bytes(b"not a zip archive")
+    with pytest.raises(ValueError, match=r"^data_path: .*data.npz' is not a readable .npz \(not a zip archive"):
+        load_arrays(path)
