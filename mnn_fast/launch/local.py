@@ -12,6 +12,7 @@ import contextlib
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -19,7 +20,8 @@ from typing import Any, Callable, Sequence
 
 from tqdm import tqdm
 
-__all__ = ["run_jobs", "run_job", "quiet_on_interrupt", "children_start_ignoring_sigint", "CRASH_ONCE_ENV"]
+__all__ = ["run_jobs", "run_job", "quiet_on_interrupt", "quiet_lost_connections", "children_start_ignoring_sigint",
+           "CRASH_ONCE_ENV"]
 
 # Fault injection for tests: a path; the first job to start while it does not exist creates it and
 # kills its own worker, as an out-of-memory kill would. Never set outside tests.
@@ -32,6 +34,26 @@ def quiet_on_interrupt(interruptible: bool) -> None:
     parent ignores SIGINT (as under nohup), the workers keep ignoring it."""
     if interruptible:
         signal.signal(signal.SIGINT, lambda *_: os._exit(130))
+        sys.excepthook = _quiet_lost_connection
+
+
+def _quiet_lost_connection(kind, value, traceback) -> None:
+    # A tensor crosses processes as a file descriptor that multiprocessing's resource sharer hands
+    # over from a background thread; when Ctrl-C ends the other side mid-handover, that thread reports
+    # the reset connection through sys.excepthook. Expected then, and not worth a traceback.
+    if not issubclass(kind, (ConnectionError, EOFError)):
+        sys.__excepthook__(kind, value, traceback)
+
+
+@contextlib.contextmanager
+def quiet_lost_connections():
+    """The parent's side of :func:`quiet_on_interrupt`: while its workers run, a connection that a
+    killed worker left half-open is not reported through ``sys.excepthook``."""
+    previous, sys.excepthook = sys.excepthook, _quiet_lost_connection
+    try:
+        yield
+    finally:
+        sys.excepthook = previous
 
 
 @contextlib.contextmanager
@@ -74,7 +96,7 @@ def run_jobs(fn: Callable[[Any], Any], jobs: Sequence[Any], workers: int, on_res
         raise ValueError(f"workers must be a positive int, got {workers!r}")
     pending = list(jobs)
     context = multiprocessing.get_context("spawn")
-    with tqdm(total=len(pending), desc=desc) as bar:
+    with tqdm(total=len(pending), desc=desc) as bar, quiet_lost_connections():
         for attempt in range(retries + 1):
             if not pending:
                 return

@@ -72,3 +72,19 @@ def test_ctrl_c_is_one_line_and_the_same_command_resumes_byte_identical(workers,
     assert cli.main(argv) == 0
     assert specialist_bytes(run) == serial
     assert not list(run.rglob("*.tmp"))
+
+
+def test_a_connection_lost_after_ctrl_c_prints_no_traceback_but_other_errors_still_do(capsys):
+    # the resource sharer thread reports a worker killed mid-handover through sys.excepthook
+    import sys
+
+    from mnn_fast.launch.local import quiet_lost_connections
+
+    before = sys.excepthook
+    with quiet_lost_connections():
+        for error in (ConnectionResetError(104, "Connection reset by peer"), BrokenPipeError(), EOFError()):
+            sys.excepthook(type(error), error, None)
+        assert capsys.readouterr().err == ""
+        sys.excepthook(ValueError, ValueError("a real bug"), None)
+        assert "ValueError: a real bug" in capsys.readouterr().err
+    assert sys.excepthook is before
