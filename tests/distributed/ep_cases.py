@@ -7,6 +7,7 @@ same order, since every forward is a sequence of collectives they must all call.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -28,6 +29,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def one_rank_group():
+    """A one-rank gloo group in this process, for tests that need a group but no peers."""
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
+                            timeout=datetime.timedelta(seconds=60))
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def mlp(d_out: int, hidden: int = 16) -> nn.Module:

@@ -6,7 +6,6 @@ that fails the test if it is ever reached.
 """
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import queue as queue_module
 import time
@@ -18,7 +17,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import mnn_fast
-from ep_cases import SURVIVORS, free_port, mlp, models, worker
+from ep_cases import SURVIVORS, free_port, mlp, models, one_rank_group, worker
 from mnn_fast.distributed import (ExpertParallel, RankFailure, balanced_placement, check_placement, contiguous_placement,
                                   experts_by_rank, parameter_counts)
 
@@ -107,8 +106,6 @@ def test_every_rank_equals_the_single_process_module(world):
 @pytest.fixture
 def group1(monkeypatch):
     """A one-rank gloo group for the test; ``calls`` counts the collectives actually run."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
     calls = []
     real = dist.all_to_all_single
 
@@ -117,8 +114,8 @@ def group1(monkeypatch):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(dist, "all_to_all_single", counting)
-    yield calls
-    dist.destroy_process_group()
+    with one_rank_group():
+        yield calls
 
 
 def small_mnn():

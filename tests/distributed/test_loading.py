@@ -8,7 +8,6 @@ checked here on a one-rank group.
 """
 from __future__ import annotations
 
-import datetime
 import multiprocessing
 import queue as queue_module
 import shutil
@@ -17,7 +16,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from ep_cases import free_port
+from ep_cases import free_port, one_rank_group
 from load_cases import worker
 from mnn_fast import io
 from mnn_fast.distributed import contiguous_placement, experts_by_rank, load_sharded
@@ -145,13 +144,11 @@ def test_two_ranks_load_only_their_own_files(run, tmp_path):
 @pytest.fixture
 def group1(monkeypatch):
     """A one-rank gloo group; ``opened`` lists the tensor files read."""
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1,
-                            timeout=datetime.timedelta(seconds=60))
     opened = []
     real = io.read_tensors
     monkeypatch.setattr(io, "read_tensors", lambda path: opened.append(path) or real(path))
-    yield opened
-    dist.destroy_process_group()
+    with one_rank_group():
+        yield opened
 
 
 def test_placement_refused_before_any_file_is_read(run, group1):
