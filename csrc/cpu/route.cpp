@@ -1,5 +1,6 @@
 // route on CPU: the batch is cut into contiguous chunks. Pass 1 selects each sample's active
-// experts (threshold, then exact top-k by (key desc, index asc)) into a per-chunk list (O(N) int32)
+// experts (threshold, then exact top-k by (key desc, index asc); a threshold alone on narrow
+// contiguous rows from one flat compare pass over the chunk) into a per-chunk list (O(N) int32)
 // and a per-chunk expert histogram; exclusive scans give every (expert, chunk) its first row; pass 2
 // replays the lists to scatter perm / sample_rows. Chunks only split work: output is independent of them.
 #include <ATen/Parallel.h>
@@ -72,6 +73,38 @@ inline uint32_t above_mask(const float* s, float lim) {
   for (int64_t u = 0; u < kBlock; ++u) mask |= static_cast<uint32_t>(s[u] > lim) << u;
   return mask;
 #endif
+}
+
+// Bit j of words set iff s[j] > lim, for the n scores of contiguous rows read as one flat array:
+// a vector compare per 16 scores whatever E is, so narrow rows (E = 10) pay no scalar tail each.
+void above_bits(const float* s, int64_t n, float lim, uint64_t* words) {
+  int64_t j = 0;
+  for (; j + 64 <= n; j += 64) {
+    words[j >> 6] = static_cast<uint64_t>(above_mask(s + j, lim)) |
+                    static_cast<uint64_t>(above_mask(s + j + 16, lim)) << 16 |
+                    static_cast<uint64_t>(above_mask(s + j + 32, lim)) << 32 |
+                    static_cast<uint64_t>(above_mask(s + j + 48, lim)) << 48;
+  }
+  if (j < n) {
+    uint64_t w = 0;
+    for (int64_t u = 0; j + u < n; ++u) w |= static_cast<uint64_t>(s[j + u] > lim) << u;
+    words[j >> 6] = w;
+  }
+}
+
+// The set bits [p, p + E) of words as expert ids 0..E-1, in increasing order, to dst; how many.
+inline int64_t active_from_bits(const uint64_t* words, int64_t p, int64_t E, int32_t* dst) {
+  int64_t n = 0;
+  for (int64_t e0 = 0; e0 < E;) {
+    const int64_t q = p + e0;
+    const int shift = static_cast<int>(q & 63);
+    const int64_t take = std::min<int64_t>(64 - shift, E - e0);
+    uint64_t w = words[q >> 6] >> shift;
+    if (take < 64) w &= (static_cast<uint64_t>(1) << take) - 1;
+    for (; w != 0; w &= w - 1) dst[n++] = static_cast<int32_t>(e0 + __builtin_ctzll(w));
+    e0 += take;
+  }
+  return n;
 }
 
 // Ranking key of docs/ops.md: NaN ranks as -inf.
@@ -215,9 +248,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
   // one, a small guess (the MNN regime is ~2 of E) past which the lists grow geometrically.
   const int64_t per_sample_guess = has_threshold ? std::min<int64_t>(k > 0 ? k : E, 4) : (k > 0 ? k : E);
 
+  // A threshold alone on contiguous rows narrower than a block: one flat compare pass per chunk,
+  // then each sample's bits (wider rows take select_active's blocks, faster there: measured).
+  const bool flat = has_threshold && k == 0 && row_stride == E && E < kBlock;
   at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
     std::vector<float> key_buf(need_scratch ? E : 0);
     std::vector<int32_t> idx_buf(k > 0 ? E : 0);
+    std::vector<uint64_t> bits(flat ? (chunk * E + 63) / 64 : 0);
     for (int64_t t = t0; t < t1; ++t) {
       const int64_t b0 = std::min(B, t * chunk);
       const int64_t b1 = std::min(B, b0 + chunk);
@@ -225,12 +262,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> route_cpu
       IdList& list = lists[t];
       list.reserve_more((b1 - b0) * per_sample_guess + E);
       int64_t total = 0;
+      if (flat) above_bits(s + b0 * E, (b1 - b0) * E, thr, bits.data());
       for (int64_t i = b0; i < b1; ++i) {
         list.reserve_more(E);
         int32_t* dst = list.tail();
         const float* row = s + i * row_stride;
-        const int64_t n = has_threshold ? select_active<true>(row, E, thr, k, dst, key_buf.data(), idx_buf.data())
-                                        : select_active<false>(row, E, thr, k, dst, key_buf.data(), idx_buf.data());
+        const int64_t n = flat ? active_from_bits(bits.data(), (i - b0) * E, E, dst)
+                          : has_threshold ? select_active<true>(row, E, thr, k, dst, key_buf.data(), idx_buf.data())
+                                          : select_active<false>(row, E, thr, k, dst, key_buf.data(), idx_buf.data());
         for (int64_t j = 0; j < n; ++j) ++h[dst[j]];
         list.grow(n);
         so[i + 1] = n;

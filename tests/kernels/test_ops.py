@@ -70,6 +70,24 @@ def test_route_handles_infinities(backend):
     check_route(backend, scores, 0.3, 0)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("experts", [1, 2, 3, 5, 10, 15, 16, 17])
+def test_route_narrow_rows_any_thread_count(experts, threads):
+    # Rows narrower than the 16-score block are compared as one flat array per chunk of samples:
+    # a sample's bits then straddle 64-bit words, and the batch splits into as many chunks as
+    # threads; 16 and 17 take the block path beside it. A column slice (strided rows) must agree.
+    scores = make_scores(6001, experts, seed=experts, levels=8, nan_rows=60)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for threshold in (0.0, 0.1, 0.4):
+            check_route("cpp", scores, threshold, 0)
+        wide = make_scores(6001, experts + 3, seed=threads)
+        check_route("cpp", wide[:, 1:experts + 1], 0.1, 0)
+    finally:
+        torch.set_num_threads(before)
+
+
 def _size_limit(backend):
     # The Triton interpreter runs kernels in Python; keep its random cases small.
     return 40_000 if backend == "triton" else 2_000_000
