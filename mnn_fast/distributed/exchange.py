@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-__all__ = ["RankFailure", "WIRE_DTYPES", "HEADER", "all_to_all", "header", "check_headers", "raise_failures", "as_bytes"]
+__all__ = ["RankFailure", "WIRE_DTYPES", "HEADER", "control_device", "all_to_all", "header", "check_headers", "raise_failures", "as_bytes"]
 
 
 class RankFailure(RuntimeError):
@@ -35,6 +35,16 @@ class RankFailure(RuntimeError):
 WIRE_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 # Header words each rank sends every rank before its counts: failed?, dtype code, C, feature-shape key.
 HEADER = 4
+
+
+def control_device(group) -> torch.device:
+    """Where a group's small int64 exchanges (counts, status, failure flags) travel: the CPU when its
+    backend takes CPU tensors (gloo, or a ``"cpu:gloo,cuda:nccl"`` pair), else (NCCL alone) this
+    process's current CUDA device, as NCCL exchanges CUDA tensors only."""
+    backend = str(dist.get_backend(group))
+    if "gloo" in backend or not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", torch.cuda.current_device())
 
 
 def all_to_all(send: Tensor, send_sizes: Sequence[int], recv_sizes: Sequence[int], group) -> Tensor:

@@ -90,6 +90,7 @@ class ExpertParallel(nn.Module):
         held = experts_by_rank(placement, world_size)
         _check_local(specialists, held[rank], placement, rank)
         self._gloo = dist.get_backend(group) == "gloo"  # gloo exchanges CPU tensors only
+        self._control = exchange.control_device(group)  # counts and status words travel there
         if self._gloo:
             for e, module in [(-1, switch), *specialists.items()]:
                 device = next((p.device for p in module.parameters() if p.device.type != "cpu"), None)
@@ -206,6 +207,9 @@ class ExpertParallel(nn.Module):
         if x.device.type != "cpu" and self._gloo:
             raise ValueError(f"x is on {x.device} but the process group's backend is gloo, which exchanges CPU "
                              f"tensors: pass x.cpu()")
+        if self._control.type == "cuda" and x.device.type != "cuda":
+            raise ValueError(f"x is on {x.device} but the process group's backend is NCCL, which exchanges CUDA "
+                             f"tensors: pass x.to({str(self._control)!r})")
 
     def _forward(self, x: Tensor) -> Tensor:
         shard, ops, wire = self.shard, self.shard.ops, self.wire
@@ -219,7 +223,7 @@ class ExpertParallel(nn.Module):
             log_probs, scores = shard.switch_scores(x)
             routing = stages.route_batch(scores, ops, shard.threshold, shard.top_k, shard.switch_fn)
             rows = stages.gather_rows(x, self._rank_major_perm(routing), ops)
-            sent = routing.counts.index_select(0, self._order_tensor)
+            sent = routing.counts.cpu().index_select(0, self._order_tensor)
         except Exception as exc:  # noqa: BLE001 -- re-raised below, after the other ranks know
             failure = exc
         num_classes = log_probs.shape[1] if log_probs is not None else 0
@@ -227,7 +231,7 @@ class ExpertParallel(nn.Module):
         # 2. Counts: each rank tells each owner how many rows of each of its experts will come.
         head = exchange.header(failure is not None, x, num_classes)
         per_dest = torch.split(sent, [len(experts) for experts in self.held])
-        table = wire.all_to_all(torch.cat([torch.cat([head, c]) for c in per_dest]),
+        table = wire.all_to_all(torch.cat([torch.cat([head, c]) for c in per_dest]).to(self._control),
                                 [HEADER + len(experts) for experts in self.held],
                                 [HEADER + len(local)] * self.world_size, "counts").view(self.world_size, HEADER + len(local))
         exchange.raise_failures(table[:, 0].tolist(), failure, "counts", "before the exchange (in the switch or routing)")
@@ -247,7 +251,7 @@ class ExpertParallel(nn.Module):
             failure = exc
         widths = [[0 if y is None else y.shape[1] for y in outs] for outs in results]
         status = wire.all_to_all(torch.tensor([v for w in widths for v in (int(failure is not None), *w)],
-                                              dtype=torch.long),
+                                              dtype=torch.long, device=self._control),
                                  [1 + len(local)] * self.world_size, [1 + len(experts) for experts in self.held],
                                  "status").tolist()
         starts = [sum(1 + len(experts) for experts in self.held[:d]) for d in range(self.world_size)]
@@ -257,7 +261,7 @@ class ExpertParallel(nn.Module):
         payload = [y.float().reshape(-1) for outs in results for y in outs if y is not None]
         counts = routing.counts.tolist()
         back_widths = {e: status[starts[d] + 1 + j] for d, experts in enumerate(self.held) for j, e in enumerate(experts)}
-        logits = wire.all_to_all(torch.cat(payload) if payload else torch.empty(0),
+        logits = wire.all_to_all(torch.cat(payload) if payload else torch.empty(0, device=x.device),
                                  [sum(y.numel() for y in outs if y is not None) for outs in results],
                                  [sum(counts[e] * back_widths[e] for e in experts) for experts in self.held], "combine")
         outputs: list[Tensor | None] = [None] * self.num_experts
@@ -274,12 +278,13 @@ class ExpertParallel(nn.Module):
         itself when the placement is contiguous, as it is then already)."""
         if self._contiguous:
             return routing.perm
-        counts = routing.counts.index_select(0, self._order_tensor)
-        starts = routing.offsets[:-1].index_select(0, self._order_tensor)
+        order = self._order_tensor.to(routing.perm.device)
+        counts = routing.counts.index_select(0, order)
+        starts = routing.offsets[:-1].index_select(0, order)
         new_starts = torch.cumsum(counts, 0) - counts
         rows = routing.perm.shape[0]
         shift = torch.repeat_interleave(starts - new_starts, counts, output_size=rows)
-        return routing.perm.index_select(0, torch.arange(rows) + shift)
+        return routing.perm.index_select(0, torch.arange(rows, device=order.device) + shift)
 
     def _run_local(self, received: Tensor, arriving: list[list[int]], num_classes: int) -> list[list[Tensor | None]]:
         """Per source rank, per local expert, its logits ``Tensor[n, C or 1]`` (``None``: no rows)."""

@@ -60,7 +60,7 @@ def agree(failure: BaseException | None, group=None, stage: str = "") -> None:
     """Every rank of ``group`` says whether it failed (one all-gather of a flag); raises ``failure``
     on the rank that had it and a :class:`RankFailure` (a ``RuntimeError``) naming the failed ranks on
     the others."""
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" else "cpu"
+    device = exchange.control_device(group)
     flags = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size(group))]
     dist.all_gather(flags, torch.tensor([int(failure is not None)], device=device), group=group)
     exchange.raise_failures([int(f.item()) for f in flags], failure, "set-up", stage)

@@ -158,6 +158,28 @@ def test_a_failed_exchange_with_every_rank_answering_blames_this_rank(group1, mo
     assert (caught.value.rank, caught.value.stage, caught.value.ranks) == (0, "counts", (0,))
 
 
+@pytest.mark.parametrize("backend,cuda,expected", [
+    ("gloo", True, "cpu"), ("cpu:gloo,cuda:nccl", True, "cpu"), ("nccl", True, "cuda:0"), ("mpi", False, "cpu")])
+def test_control_words_travel_where_the_backend_takes_them(monkeypatch, backend, cuda, expected):
+    # NCCL exchanges CUDA tensors only: alone, it gets the counts and status words on this process's
+    # GPU; gloo (also beside NCCL) keeps them on the CPU, where reading them costs no device sync.
+    from mnn_fast.distributed import exchange
+    monkeypatch.setattr(dist, "get_backend", lambda group=None: backend)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert exchange.control_device(None) == torch.device(expected)
+
+
+def test_a_cpu_batch_is_refused_before_any_exchange_under_nccl(group1, monkeypatch):
+    from mnn_fast.distributed import exchange
+    monkeypatch.setattr(exchange, "control_device", lambda group: torch.device("cuda", 0))
+    ep = ExpertParallel.from_module(small_mnn())
+    with pytest.raises(ValueError, match=r"^x is on cpu but the process group's backend is NCCL, which exchanges "
+                                         r"CUDA tensors: pass x.to\('cuda:0'\)$"):
+        ep(torch.randn(3, 13))
+    assert group1 == []
+
+
 def test_built_from_local_parts(group1):
     mnn = models()["groups"]
     local = {e: mnn.specialists[e] for e in range(mnn.num_experts)}
