@@ -213,6 +213,16 @@ def _interleaved(rows, variant):
                   "sequential over floor", "grouped over floor", "grouped_parallel over floor"], out, right=1)
 
 
+def _allocator(rows, variant):
+    out = []
+    for r in rows:
+        setting = f"{r['allocator']} (`{r['env']}`)" if r.get("env") else r["allocator"]
+        out.append([setting, str(r["B"]), str(r["rounds"]), ms(r["naive"]), ms(r["engine_sequential"]), ms(r["floor"]),
+                    *(f"{r[f'faults_{name}']:.0f}" for name in ("naive", "engine_sequential", "floor"))])
+    return table(["allocator", "B", "rounds", "naive ms", "engine ms", "floor ms", "naive page faults",
+                  "engine page faults", "floor page faults"], out, right=1)
+
+
 def _compile(rows, variant):
     out = [[r["model"], str(r["E"]), str(r["B"]), f"`{r['executor']}`", ms(r["eager"]), ms(r["compiled"]),
             times(r["eager"] / r["compiled"]), plain(r["compile_s"])]
@@ -310,6 +320,7 @@ RENDERERS = {
     "module_overhead": _module_overhead,
     "end_to_end": _end_to_end,
     "end_to_end_interleaved": _interleaved,
+    "allocator": _allocator,
     "compile": _compile,
     "compile_scaling": _compile_scaling,
     "threads": _threads,
