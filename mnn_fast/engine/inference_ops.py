@@ -26,7 +26,7 @@ class InferenceOps:
     :class:`~mnn_fast.Routing`); only valid inside ``below_autograd()`` with grad mode off.
 
     ``segment_linear(x, weight, bias, offsets, parallel_segments, perm)``; ``perm=None`` reads ``x``'s
-    own rows.
+    own rows. ``gather_split(x, perm, offsets)``: each expert's rows as a fresh tensor.
     """
 
     softmax_rows: Callable
@@ -34,6 +34,7 @@ class InferenceOps:
     route: Callable
     recombine: Callable
     segment_linear: Callable
+    gather_split: Callable
     below_autograd: Callable[[], ContextManager]
 
 
@@ -49,4 +50,4 @@ def inference_ops(backend_name: str) -> InferenceOps | None:
         return None
     lib = torch.ops.mnn_fast
     return InferenceOps(_entry(lib.softmax_rows), _entry(lib.group_scores), _entry(lib.route),
-                        _entry(lib.recombine), _entry(lib.segment_linear), _BELOW_AUTOGRAD)
+                        _entry(lib.recombine), _entry(lib.segment_linear), _entry(lib.gather_split), _BELOW_AUTOGRAD)

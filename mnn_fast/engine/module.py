@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import stages
 from .alignment import FRESH_ALIGNMENT
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
-from .contributions import ClassTables, class_tables, specialist_contributions
+from .contributions import ClassTables, buffer_logits, class_tables, specialist_contributions
 from .executors import (EXECUTOR_NAMES, GroupedLinearStack, grouped_executor, new_stream_pool, recording_grad,
                         select_executor)
 from .inference_ops import inference_ops
@@ -167,9 +167,10 @@ class MetaNeuralNetwork(nn.Module):
         if self.executor in ("grouped", "grouped_parallel"):
             self._grouped = grouped_executor(self.specialists, self._backend, self.executor == "grouped_parallel")
         self._streams = new_stream_pool(self._module_device) if self.executor == "streams" else None
-        # The serving path (_serve): the bitwise grouped Linear executor on the library's C++ ops.
+        # The serving path (_serve): the bitwise executors (grouped Linear stacks, sequential) on the
+        # library's C++ ops.
         self._inference = None
-        if (self.executor == "grouped" and isinstance(self._grouped, GroupedLinearStack)
+        if ((self.executor == "sequential" or (self.executor == "grouped" and isinstance(self._grouped, GroupedLinearStack)))
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
@@ -255,7 +256,7 @@ class MetaNeuralNetwork(nn.Module):
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
         if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
-                and isinstance(x, Tensor) and self._grouped.fuses_gather(x)):
+                and isinstance(x, Tensor) and (self._grouped is None or self._grouped.fuses_gather(x))):
             return self._serve(x, return_routing)
         log_probs, scores = self.switch_scores(x)
         routing = stages.route_batch(scores, self._backend, self._threshold, self._top_k, self.switch_fn)
@@ -270,9 +271,9 @@ class MetaNeuralNetwork(nn.Module):
         return (out, routing) if return_routing else out
 
     def _serve(self, x: Tensor, return_routing: bool):
-        """:meth:`forward` in eager CPU inference with the grouped Linear executor: the same stages
-        and kernels, each op called at its C++ entry inside one region below the autograd key, so a
-        small batch pays little more than its switch and its active specialists."""
+        """:meth:`forward` in eager CPU inference with the grouped Linear or the sequential executor:
+        the same stages and kernels, each op called at its C++ entry inside one region below the
+        autograd key, so a small batch pays little more than its switch and its active specialists."""
         ops = self._inference
         self._check_input(x)
         z = self.switch(x)
@@ -285,16 +286,24 @@ class MetaNeuralNetwork(nn.Module):
                 args = scores, -math.inf if self._threshold is None else self._threshold, self._top_k or 0
             else:
                 args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
-            counts, offsets, perm, sample_offsets, sample_rows = ops.route(*args)
-            outputs = self._grouped.run_gathered(x, perm, counts, offsets, kernel=ops.segment_linear)
-            if not (outputs.dim() == 2 and outputs.shape[0] == perm.shape[0] and outputs.shape[1] == num_classes):
-                stages.check_specialist_output(outputs, perm, self.groups, num_classes)  # binary, or an error
+            routing = Routing(*ops.route(*args))
             tables = self._tables.get((num_classes, self._module_device)) or self.class_tables(num_classes)
-            out = ops.recombine(log_probs, [outputs.float()], offsets, tables.group_offsets, tables.group_classes,
-                                tables.log_spread, sample_offsets, sample_rows)
-        if return_routing:
-            return out, Routing(counts, offsets, perm, sample_offsets, sample_rows)
-        return out
+            if self._grouped is not None:
+                outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets,
+                                                     kernel=ops.segment_linear)
+                if not (outputs.dim() == 2 and outputs.shape[0] == routing.perm.shape[0]
+                        and outputs.shape[1] == num_classes):
+                    stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)  # binary, or an error
+                logits = [outputs.float()]
+            else:
+                outputs = self.specialist_outputs(self._gathered(x, routing, ops), routing, num_classes)
+                logits = buffer_logits(outputs, num_classes, x.device)
+                if logits is None:  # binary and width-C specialists mixed: contributions expert by expert
+                    out = stages.recombine_log_probs(log_probs, outputs, routing, tables, self._backend)
+                    return (out, routing) if return_routing else out
+            out = ops.recombine(log_probs, logits, routing.offsets, tables.group_offsets, tables.group_classes,
+                                tables.log_spread, routing.sample_offsets, routing.sample_rows)
+        return (out, routing) if return_routing else out
 
     def _fused_gather(self, x: Tensor) -> bool:
         """The grouped Linear kernel reads the routed rows of ``x`` itself (inference only: the C++
@@ -302,14 +311,15 @@ class MetaNeuralNetwork(nn.Module):
         grouped = self._grouped
         return isinstance(grouped, GroupedLinearStack) and grouped.fuses_gather(x) and not self._records_grad(x)
 
-    def _gathered(self, x: Tensor, routing: Routing) -> Tensor | list[Tensor]:
+    def _gathered(self, x: Tensor, routing: Routing, ops=None) -> Tensor | list[Tensor]:
         """The routed rows for the executor: one buffer ``x[perm]``, or, for the sequential executor in
         CPU inference when a row's bytes are not a multiple of the fresh alignment (so most segments
-        of one buffer would need realigning copies), each expert's rows as a fresh tensor."""
+        of one buffer would need realigning copies), each expert's rows as a fresh tensor (by
+        ``ops.gather_split``: the backend's, or the serving path's direct entry)."""
         row_bytes = math.prod(x.shape[1:]) * x.element_size()
         if (self._grouped is None and self._streams is None and self._backend.gather_split is not None
                 and row_bytes % FRESH_ALIGNMENT and self._eager_cpu_inference(x)):
-            return stages.gather_expert_rows(x, routing.perm, routing.offsets, self._backend)
+            return stages.gather_expert_rows(x, routing.perm, routing.offsets, ops or self._backend)
         return stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
 
     def _eager_cpu_inference(self, x: Tensor) -> bool:

@@ -14,6 +14,7 @@ from torch import nn
 
 from models import mlp, mlp_mnn
 from mnn_fast import MetaNeuralNetwork
+from mnn_fast.engine import stages
 from mnn_fast.reference import naive_forward
 
 
@@ -141,7 +142,9 @@ def test_an_inactive_experts_change_shows_when_it_becomes_active(mode, change):
 
 # Each case an edge of the serving path: an empty batch, nothing routed (t = 1), everything routed
 # (t = 0), top-k with and without a threshold, overlapping groups (group scores), binary specialists,
-# one expert, a switch_fn mask, an input that a Flatten turns into rows.
+# one expert, a switch_fn mask, an input that a Flatten turns into rows; for the sequential executor
+# also binary and width-C specialists mixed (contributions expert by expert), and rows of 64 bytes
+# (one gathered buffer, where other widths get each expert's rows from gather_split).
 CASES = {
     "empty": dict(batch=0),
     "nothing": dict(threshold=1.0),
@@ -154,32 +157,42 @@ CASES = {
     "switch_fn": dict(switch_fn=lambda s: s > s.mean(1, keepdim=True)),
     "flatten": dict(flatten=True),
 }
+SEQUENTIAL_ONLY = {"mixed_widths": dict(widths=[1, 6, 6, 1, 6, 1]), "aligned_rows": dict(features=16)}
+SERVED = [(case, executor) for case in CASES for executor in ("grouped", "sequential")]
+SERVED += [(case, "sequential") for case in SEQUENTIAL_ONLY]
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_serving_path_equals_the_generic_path_and_the_naive_loop(case):
-    spec = dict(batch=5, threshold=0.1, top_k=None, groups=None, experts=6, widths=None, switch_fn=None, flatten=False)
-    spec.update(CASES[case])
-    classes = 6
+@pytest.mark.parametrize("case,executor", SERVED)
+def test_serving_path_equals_the_generic_path_and_the_naive_loop(case, executor, monkeypatch):
+    spec = dict(batch=5, threshold=0.1, top_k=None, groups=None, experts=6, widths=None, switch_fn=None, flatten=False,
+                features=24)
+    spec.update({**CASES, **SEQUENTIAL_ONLY}[case])
+    classes, features = 6, spec["features"]
     torch.manual_seed(7)
-    switch = mlp(24, classes).eval()
-    specialists = [mlp(24, w).eval() for w in (spec["widths"] or [classes] * spec["experts"])]
-    x = torch.randn(spec["batch"], 24)
+    switch = mlp(features, classes).eval()
+    specialists = [mlp(features, w).eval() for w in (spec["widths"] or [classes] * spec["experts"])]
+    x = torch.randn(spec["batch"], features)
     if spec["flatten"]:
         switch = nn.Sequential(nn.Flatten(), switch)
         specialists = [nn.Sequential(nn.Flatten(), s) for s in specialists]
         x = x.view(-1, 4, 6)
     kwargs = dict(groups=spec["groups"], threshold=spec["threshold"], top_k=spec["top_k"])
-    mnn = MetaNeuralNetwork(switch, specialists, num_classes=classes, switch_fn=spec["switch_fn"], **kwargs)
-    assert mnn.executor == "grouped"
+    mnn = MetaNeuralNetwork(switch, specialists, num_classes=classes, switch_fn=spec["switch_fn"], executor=executor,
+                            **kwargs)
+    assert mnn.executor == executor
+    generic_routes = []  # only the generic path routes through stages.route_batch
+    route_batch = stages.route_batch
+    monkeypatch.setattr(stages, "route_batch", lambda *args: generic_routes.append(1) or route_batch(*args))
     with torch.no_grad():
         served, routing = mnn(x, return_routing=True)
+    assert generic_routes == []
     # With grad mode on and nothing requiring grad, the module takes its generic path (stages and
     # backend ops through their Python wrappers), with the same executor.
     for p in mnn.parameters():
         p.requires_grad_(False)
     with torch.enable_grad():
         generic, generic_routing = mnn(x, return_routing=True)
+    assert generic_routes == [1]
     with torch.no_grad():
         want = naive_forward(switch, specialists, x, switch_fn=spec["switch_fn"], **kwargs)
     assert torch.equal(served, generic)
