@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from . import stages
 from .alignment import FRESH_ALIGNMENT
 from .backends import BACKEND_NAMES, Backend, get_backend, select_backend
-from .contributions import ClassTables, buffer_logits, class_tables, specialist_contributions
+from .contributions import ClassTables, class_tables, specialist_contributions
 from .executors import (EXECUTOR_NAMES, GroupedLinearStack, grouped_executor, new_stream_pool, recording_grad,
                         select_executor)
 from .inference_ops import inference_ops
@@ -294,15 +294,9 @@ class MetaNeuralNetwork(nn.Module):
                 if not (outputs.dim() == 2 and outputs.shape[0] == routing.perm.shape[0]
                         and outputs.shape[1] == num_classes):
                     stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)  # binary, or an error
-                logits = [outputs.float()]
             else:
                 outputs = self.specialist_outputs(self._gathered(x, routing, ops), routing, num_classes)
-                logits = buffer_logits(outputs, num_classes, x.device)
-                if logits is None:  # binary and width-C specialists mixed: contributions expert by expert
-                    out = stages.recombine_log_probs(log_probs, outputs, routing, tables, self._backend)
-                    return (out, routing) if return_routing else out
-            out = ops.recombine(log_probs, logits, routing.offsets, tables.group_offsets, tables.group_classes,
-                                tables.log_spread, routing.sample_offsets, routing.sample_rows)
+            out = stages.recombine_log_probs(log_probs, outputs, routing, tables, self._backend, recombine=ops.recombine)
         return (out, routing) if return_routing else out
 
     def _fused_gather(self, x: Tensor) -> bool:

@@ -206,17 +206,20 @@ def combine_log_probs(log_probs: Tensor, logv: Tensor, routing: Routing, ops: Ba
     return ops.log_softmax_rows(acc)
 
 
-def recombine_log_probs(log_probs: Tensor, outputs, routing: Routing, tables: ClassTables, ops: Backend) -> Tensor:
+def recombine_log_probs(log_probs: Tensor, outputs, routing: Routing, tables: ClassTables, ops: Backend,
+                        recombine: Callable | None = None) -> Tensor:
     """``Tensor[B, C] float32``: the module's output from the switch's ``log_probs: Tensor[B, C]`` and the
     specialists' logits ``outputs`` (as :func:`run_specialists` returns them).
 
-    One ``ops.recombine`` call reads every logits row once, from the specialists' own outputs (no
-    ``[N, C]`` temporaries); specialists of mixed widths (binary and width ``C``) take contributions
-    expert by expert, then :func:`combine_log_probs`, which is the same arithmetic per row.
+    One ``ops.recombine`` call (or ``recombine``, the same op at another entry: the serving path's
+    direct one) reads every logits row once, from the specialists' own outputs (no ``[N, C]``
+    temporaries); specialists of mixed widths (binary and width ``C``) take contributions expert by
+    expert, then :func:`combine_log_probs`, which is the same arithmetic per row.
     """
     logits = buffer_logits(outputs, tables.num_classes, log_probs.device)
     if logits is None:
         logv = specialist_contributions(outputs, routing.offsets, tables, ops)
         return combine_log_probs(log_probs, logv, routing, ops)
-    return ops.recombine(log_probs, logits, routing.offsets, tables.group_offsets, tables.group_classes,
-                         tables.log_spread, routing.sample_offsets, routing.sample_rows)
+    return (recombine or ops.recombine)(log_probs, logits, routing.offsets, tables.group_offsets,
+                                        tables.group_classes, tables.log_spread, routing.sample_offsets,
+                                        routing.sample_rows)
