@@ -40,6 +40,9 @@ TORCH_LIBRARY(mnn_fast, m) {
       "segment_linear(Tensor x, Tensor weight, Tensor? bias, Tensor offsets, bool parallel_segments=False, "
       "Tensor? perm=None) -> Tensor");
   m.def(
+      "segment_linear_experts(Tensor x, Tensor[] weights, Tensor[] biases, Tensor offsets, int out_features, "
+      "Tensor? perm=None) -> Tensor");
+  m.def(
       "segment_stack(Tensor x, Tensor[] weights, Tensor?[] biases, str[] activations, float[] activation_args, "
       "Tensor offsets, Tensor? perm=None, int tile_rows=0) -> Tensor");
 }

@@ -20,52 +20,23 @@
 
 #include <algorithm>
 #include <cstring>
+#include <vector>
 
 #include "common.h"
+#include "segment_gemm.h"
 
 namespace mnn_fast {
 namespace cpu {
 namespace {
 
-// What at::empty returns on CPU (c10's allocator alignment), so "fresh" operands share it.
-constexpr uintptr_t kFreshAlignment = 64;
-
-bool fresh_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kFreshAlignment == 0; }
-
-// Segment e's n rows of x on an operand aligned as a fresh allocation: x's own rows when they
-// start on such a boundary, else a copy; with perm, the rows it names copied into `scratch` (the
-// start of a buffer, so aligned; reused from segment to segment, so its pages are touched once).
-// The copy is split over the threads: it is row by row, so the split changes no bit.
-at::Tensor segment_rows(const at::Tensor& x, const int64_t* perm, int64_t begin, int64_t n, at::Tensor scratch) {
-  if (perm == nullptr) {
-    // detach(): out= calls refuse inputs that require grad, even below autograd.
-    at::Tensor rows = x.narrow(0, begin, n).detach();
-    return fresh_aligned(rows) ? rows : rows.clone();
-  }
-  at::Tensor rows = scratch.defined() ? scratch.narrow(0, 0, n) : at::empty({n, x.size(1)}, x.options());
-  const int64_t row_bytes = x.size(1) * x.element_size();
-  const char* src = static_cast<const char*>(x.data_ptr());
-  char* dst = static_cast<char*>(rows.data_ptr());
-  at::parallel_for(0, n, grain_for(x.size(1)), [&](int64_t lo, int64_t hi) {
-    for (int64_t i = lo; i < hi; ++i) std::memcpy(dst + i * row_bytes, src + perm[begin + i] * row_bytes, row_bytes);
-  });
-  return rows;
-}
-
+// Segment e of the stacked form: its slice of the [E, M, K] stack, copied to a fresh tensor where
+// the slice does not start on a fresh allocation's alignment (as the expert's own weight does).
 void segment_gemm(at::Tensor& out, const at::Tensor& rows, const at::Tensor& weight,
                   const std::optional<at::Tensor>& bias, int64_t e, int64_t begin, int64_t n) {
-  at::Tensor dst = out.narrow(0, begin, n);
   at::Tensor w = weight.select(0, e).detach();
   if (!fresh_aligned(w)) w = w.contiguous().clone();
-  const at::Tensor w_t = w.t();
-  const bool direct = fresh_aligned(dst);
-  at::Tensor target = direct ? dst : at::empty({n, out.size(1)}, out.options());
-  if (bias.has_value()) {
-    at::addmm_out(target, bias->select(0, e).detach(), rows, w_t);
-  } else {
-    at::mm_out(target, rows, w_t);
-  }
-  if (!direct) dst.copy_(target);
+  const at::Tensor b = bias.has_value() ? bias->select(0, e).detach() : at::Tensor();
+  gemm_into(out, rows, w, bias.has_value() ? &b : nullptr, begin, n);
 }
 
 at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

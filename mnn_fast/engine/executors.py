@@ -395,6 +395,13 @@ class GroupedLinearStack:
         # segment_stack is not bitwise: never where the caller asked for the naive loop's bits.
         self._plan = stack_plan(self.layers) if segment_stack is not None and not bitwise else None
         self._dropouts = [layer for layer in self.layers if isinstance(layer, nn.Dropout)]
+        # serve()'s program: per layer ("linear", each expert's parameter dict, bias?, out_features),
+        # ("per_expert", layer) or ("call", callable). Only for the bitwise layer-by-layer form.
+        linear_params = iter(self._linear_params)
+        self._serve_steps = None if parallel or self._plan is not None else [
+            ("linear", next(linear_params), layer.bias is not None, layer.out_features) if isinstance(layer, nn.Linear)
+            else ("per_expert", layer) if per_expert else ("call", call)
+            for layer, per_expert, call in zip(self.layers, self._per_expert, self._calls)]
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []
@@ -467,6 +474,43 @@ class GroupedLinearStack:
         ``kernel``: the same segment matmul as one callable ``(x, weight, bias, offsets, parallel,
         perm)`` (:class:`~.inference_ops.InferenceOps`), in place of the backend's two."""
         return self._run(x, counts, perm, offsets, kernel)
+
+    def serve(self, x: Tensor, perm: Tensor, offsets: Tensor, counts: Tensor, kernel: Callable) -> Tensor | None:
+        """:meth:`run_gathered` for eager CPU inference with grad off, on the experts' own parameters.
+
+        ``kernel`` is ``segment_linear_experts`` (:class:`~.inference_ops.InferenceOps`): each Linear gets
+        the tensors its active experts' ``nn.Linear`` would read (the experts with rows, in order),
+        so nothing is stacked, copied or checked for changes, and a call reads only the active experts'
+        weights where they live, as the naive loop does. ``x: Tensor[B, ...]``, ``perm: Tensor[N] int64``,
+        ``offsets: Tensor[E+1] int64``, ``counts: Tensor[E] int64`` -> ``Tensor[N, out]``. ``None`` where this
+        form does not apply (parallel segments, the one-op stack, a parametrized or pruned weight, which
+        its module computes on access): the caller runs :meth:`run_gathered` instead.
+        """
+        if self._serve_steps is None:
+            return None
+        active = counts.numpy().nonzero()[0].tolist()
+        tensors = []  # per Linear, (weights, biases): read before any layer runs, so a fallback wastes nothing
+        try:
+            for step in self._serve_steps:
+                if step[0] == "linear":
+                    params = step[1]
+                    tensors.append(([params[e]["weight"] for e in active],
+                                    [params[e]["bias"] for e in active] if step[2] else []))
+        except KeyError:
+            return None
+        h = x
+        linears = iter(tensors)
+        bounds = None
+        for step in self._serve_steps:
+            if step[0] == "linear":
+                weights, biases = next(linears)
+                h, perm = kernel(h, weights, biases, offsets, step[3], perm), None
+            elif step[0] == "per_expert":
+                bounds = offsets.tolist() if bounds is None else bounds
+                h = torch.cat([step[1](h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
+            else:
+                h = step[1](h)
+        return h
 
     def _run(self, h: Tensor, counts: Tensor, perm: Tensor | None, offsets: Tensor | None = None,
              kernel: Callable | None = None) -> Tensor:

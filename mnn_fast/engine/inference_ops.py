@@ -26,7 +26,8 @@ class InferenceOps:
     :class:`~mnn_fast.Routing`); only valid inside ``below_autograd()`` with grad mode off.
 
     ``segment_linear(x, weight, bias, offsets, parallel_segments, perm)``; ``perm=None`` reads ``x``'s
-    own rows. ``gather_split(x, perm, offsets)``: each expert's rows as a fresh tensor.
+    own rows. ``segment_linear_experts(x, weights, biases, offsets, out_features, perm)``: the same
+    matmul on each expert's own weight (``segment_linear_experts``). ``gather_split(x, perm, offsets)``: each expert's rows as a fresh tensor.
     """
 
     softmax_rows: Callable
@@ -34,6 +35,7 @@ class InferenceOps:
     route: Callable
     recombine: Callable
     segment_linear: Callable
+    segment_linear_experts: Callable
     gather_split: Callable
     below_autograd: Callable[[], ContextManager]
 
@@ -50,4 +52,5 @@ def inference_ops(backend_name: str) -> InferenceOps | None:
         return None
     lib = torch.ops.mnn_fast
     return InferenceOps(_entry(lib.softmax_rows), _entry(lib.group_scores), _entry(lib.route),
-                        _entry(lib.recombine), _entry(lib.segment_linear), _entry(lib.gather_split), _BELOW_AUTOGRAD)
+                        _entry(lib.recombine), _entry(lib.segment_linear),
+                        _entry(lib.segment_linear_experts), _entry(lib.gather_split), _BELOW_AUTOGRAD)

@@ -289,8 +289,11 @@ class MetaNeuralNetwork(nn.Module):
             routing = Routing(*ops.route(*args))
             tables = self._tables.get((num_classes, self._module_device)) or self.class_tables(num_classes)
             if self._grouped is not None:
-                outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets,
-                                                     kernel=ops.segment_linear)
+                outputs = self._grouped.serve(x, routing.perm, routing.offsets, routing.counts,
+                                              ops.segment_linear_experts)
+                if outputs is None:
+                    outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets,
+                                                         kernel=ops.segment_linear)
                 if not (outputs.dim() == 2 and outputs.shape[0] == routing.perm.shape[0]
                         and outputs.shape[1] == num_classes):
                     stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)  # binary, or an error

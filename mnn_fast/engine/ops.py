@@ -222,6 +222,22 @@ def _fake_segment_linear(x: Tensor, weight: Tensor, bias, offsets: Tensor, paral
     return x.new_empty(x.shape[0] if perm is None else perm.shape[0], weight.shape[1])
 
 
+def _fake_segment_linear_experts(x: Tensor, weights: list[Tensor], biases: list[Tensor], offsets: Tensor, out_features: int,
+                                 perm: Tensor | None = None) -> Tensor:
+    return x.new_empty(x.shape[0] if perm is None else perm.shape[0], out_features)
+
+
+def _setup_segment_linear_experts(ctx, inputs, output):
+    # The eager serving path's form (grad off); training runs the stacked form, which has a backward.
+    raise NotImplementedError(
+        "mnn_fast::segment_linear_experts is inference-only (no backward); with autograd recording use "
+        "mnn_fast::segment_linear on stacked weights")
+
+
+def _backward_segment_linear_experts(ctx, grad):  # never reached: the setup refuses first
+    raise NotImplementedError("mnn_fast::segment_linear_experts has no backward")
+
+
 def _fake_segment_stack(x: Tensor, weights: list[Tensor], biases: list, activations: list[str],
                         activation_args: list[float], offsets: Tensor, perm: Tensor | None = None,
                         tile_rows: int = 0) -> Tensor:
@@ -352,6 +368,9 @@ torch_softmax_rows = _torch_row_op("softmax_rows", _softmax_rows_torch, _fake_so
 if EXTENSION_ERROR is None:
     torch.library.register_fake("mnn_fast::segment_linear")(_fake_segment_linear)
     torch.library.register_autograd("mnn_fast::segment_linear", _backward_segment_linear, setup_context=_setup_segment_linear)
+    torch.library.register_fake("mnn_fast::segment_linear_experts")(_fake_segment_linear_experts)
+    torch.library.register_autograd("mnn_fast::segment_linear_experts", _backward_segment_linear_experts,
+                                    setup_context=_setup_segment_linear_experts)
     torch.library.register_fake("mnn_fast::segment_stack")(_fake_segment_stack)
     torch.library.register_autograd("mnn_fast::segment_stack", _backward_segment_stack, setup_context=_setup_segment_stack)
     torch.library.register_fake("mnn_fast::group_scores")(_fake_group_scores)

@@ -258,6 +258,64 @@ def test_segment_linear_refuses_bad_offsets():
         segment_linear(x.double(), w, None, torch.tensor([0, 2, 5]))
 
 
+segment_linear_experts = torch.ops.mnn_fast.segment_linear_experts
+
+
+# The serving form: each expert's own weight, only for the segments with rows. Cases: empty segments
+# between full ones, every segment empty (N = 0: out_features alone gives the width), one segment
+# holding every row, one expert; odd widths (rows not a multiple of 64 bytes, so output slots start
+# misaligned); through perm (rows repeated, as a sample routed to two experts) or x's own rows.
+@pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 0], [10, 0, 0, 0], [0, 0, 7], [4]])
+@pytest.mark.parametrize("width", [16, 13])
+@pytest.mark.parametrize("with_bias", [True, False])
+@pytest.mark.parametrize("through_perm", [False, True])
+def test_segment_linear_experts_is_the_stacked_op_bitwise_and_passes_opcheck(counts, width, with_bias, through_perm):
+    gen = torch.Generator().manual_seed(1)
+    experts, out_features = len(counts), 7
+    weights = [torch.randn(out_features, width, generator=gen) for _ in range(experts)]
+    biases = [torch.randn(out_features, generator=gen) for _ in range(experts)]
+    offsets = torch.tensor([0] + counts).cumsum(0)
+    if through_perm:
+        x = torch.randn(6, width, generator=gen)
+        perm = torch.randint(0, 6, (sum(counts),), generator=gen)
+        rows = x[perm]
+    else:
+        x = rows = torch.randn(sum(counts), width, generator=gen)
+        perm = None
+    used = [e for e, n in enumerate(counts) if n]
+    given_w = [weights[e] for e in used]
+    given_b = [biases[e] for e in used] if with_bias else []
+    got = segment_linear_experts(x, given_w, given_b, offsets, out_features, perm)
+    stacked = segment_linear(x, torch.stack(weights), torch.stack(biases) if with_bias else None, offsets, False, perm)
+    parts = [nn.functional.linear(r.clone(), weights[e], biases[e] if with_bias else None)
+             for e, r in enumerate(torch.split(rows, counts))]
+    assert got.shape == (sum(counts), out_features)
+    assert torch.equal(got, stacked)
+    assert torch.equal(got, torch.cat(parts))
+    torch.library.opcheck(segment_linear_experts, (x, given_w, given_b, offsets, out_features, perm))
+
+
+def test_segment_linear_experts_refuses_what_does_not_match_the_segments():
+    x, offsets = torch.randn(5, 4), torch.tensor([0, 2, 2, 5])
+    w, b = [torch.randn(3, 4), torch.randn(3, 4)], [torch.randn(3), torch.randn(3)]
+    with pytest.raises(ValueError, match="one tensor per segment with rows"):
+        segment_linear_experts(x, w + w, b, offsets, 3)  # four weights for two segments with rows
+    with pytest.raises(ValueError, match="biases must be empty"):
+        segment_linear_experts(x, w, b[:1], offsets, 3)
+    with pytest.raises(ValueError, match=r"weights\[1\] must be a 2-D tensor \[out_features, K\] = \[3, 4\]"):
+        segment_linear_experts(x, [w[0], torch.randn(3, 5)], b, offsets, 3)
+    with pytest.raises(ValueError, match=r"out_features, K\] = \[2, 4\]"):
+        segment_linear_experts(x, w, [], offsets, 2)
+    with pytest.raises(TypeError, match=r"weights\[0\] must have x's dtype"):
+        segment_linear_experts(x, [w[0].double(), w[1]], b, offsets, 3)
+    with pytest.raises(ValueError, match=r"biases\[1\] must be a 1-D tensor \[3\]"):
+        segment_linear_experts(x, w, [b[0], torch.randn(4)], offsets, 3)
+    with pytest.raises(ValueError, match="perm values"):
+        segment_linear_experts(x, w, b, offsets, 3, torch.tensor([0, 1, 2, 3, 9]))
+    with pytest.raises(NotImplementedError, match="inference-only"):
+        segment_linear_experts(x.requires_grad_(), w, b, offsets, 3)
+
+
 # Runs of identical stacks (NSN specialists at three depths, depth-major): one grouped stack per run.
 @pytest.mark.parametrize("parallel", [False, True])
 def test_grouped_runs_of_different_stacks_match_sequential(parallel):

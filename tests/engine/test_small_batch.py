@@ -58,7 +58,8 @@ def one_hot_switch(d_in: int, classes: int, hot: int) -> nn.Module:
 
 def test_inactive_experts_parameters_are_not_read_after_the_first_call():
     # E = 60 and one sample waking expert 17: the grouped executor reads expert 17's parameters to
-    # check its stacked slice, and no other expert's (the first call stacks them all, once).
+    # hand them to its op, and no other expert's (the first call stacks them all, once, for compiled
+    # calls).
     classes, hot = 60, 17
     _, specialists = mlp_mnn(classes, seed=3)
     counters = _counted(specialists)
@@ -75,6 +76,22 @@ def test_inactive_experts_parameters_are_not_read_after_the_first_call():
     assert reads[hot] > 0
     assert [e for e, n in enumerate(reads) if n] == [hot]
     assert torch.equal(got, naive_forward(mnn.switch, specialists, x, threshold=0.5))
+
+
+def test_the_serving_path_reads_the_experts_own_weights_not_the_stacked_copy():
+    # Eager inference hands segment_linear_experts each active expert's own parameters: the stacked
+    # copy the first call builds (for compiled calls) is never read, so zeroing it changes nothing.
+    switch, specialists = mlp_mnn(8, seed=7)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    assert mnn.executor == "grouped"
+    x = torch.randn(9, 24)
+    with torch.no_grad():
+        mnn(x)
+        stacks = mnn._grouped._cache.value
+        assert stacks
+        for stack in stacks:
+            stack.zero_()
+        assert torch.equal(mnn(x), naive_forward(switch, specialists, x, threshold=0.05))
 
 
 @pytest.mark.parametrize("executor", ["sequential", "grouped"])
