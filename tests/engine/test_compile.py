@@ -362,12 +362,18 @@ def test_expert_sizes_op_passes_opcheck(counts):
     assert torch.ops.mnn_fast.expert_sizes(counts) == counts.tolist()
 
 
-def test_stack_hooks_only_on_grouped_linear_stacks():
-    # The hooks cost every call nn.Module's slower hook path: only where they hold something, and
-    # they follow the executor when the module is rebuilt (.to(), unpickling).
+def test_stack_hooks_only_on_grouped_linear_stacks_wrapped_by_torch_compile():
+    # The hooks cost every call nn.Module's slower hook path: only where they hold something (a
+    # grouped Linear stack that torch.compile wraps), and they follow the executor when the module
+    # is rebuilt (.to(), unpickling).
     switch, specialists = mlp_mnn(4, seed=1)
     grouped = MetaNeuralNetwork(switch, specialists, threshold=0.1)
     sequential = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor="sequential")
+    assert not grouped._forward_pre_hooks and not grouped._forward_hooks  # eager use: none
+    nn.Sequential(grouped)  # a parent that is not torch.compile's wrapper: still none
+    assert not grouped._forward_pre_hooks and not grouped._forward_hooks
+    torch.compile(grouped), torch.compile(sequential)
+    torch.compile(grouped)  # wrapped twice: still one pair
     assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
     assert not sequential._forward_pre_hooks and not sequential._forward_hooks
     grouped.to(torch.float64)  # rebuilt: still one pair, not two
