@@ -19,32 +19,53 @@ constexpr uintptr_t kFreshAlignment = 64;
 
 inline bool fresh_aligned(const at::Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % kFreshAlignment == 0; }
 
+// A plain tensor over t's storage with the given geometry: what narrow / t / detach give, without
+// their dispatcher calls (three or four each). A one-sample call makes a dozen of them right after
+// its GEMVs have pushed the dispatcher's code out of the cache, where each cost microseconds. It
+// carries no autograd history (as detach(), which out= calls need for inputs that require grad).
+inline at::Tensor window(const at::Tensor& t, at::IntArrayRef sizes, at::IntArrayRef strides, int64_t offset) {
+  auto impl = c10::make_intrusive<c10::TensorImpl>(c10::Storage(t.storage()), t.key_set(), t.dtype());
+  impl->set_sizes_and_strides(sizes, strides, offset);
+  return at::Tensor(std::move(impl));
+}
+
+// Rows [begin, begin + n) of a 2-D tensor.
+inline at::Tensor row_window(const at::Tensor& t, int64_t begin, int64_t n) {
+  return window(t, {n, t.size(1)}, {t.stride(0), t.stride(1)}, t.storage_offset() + begin * t.stride(0));
+}
+
 // Segment e's n rows of x on an operand aligned as a fresh allocation: x's own rows when they
 // start on such a boundary, else a copy; with perm, the rows it names copied into `scratch` (the
 // start of a buffer, so aligned; reused from segment to segment, so its pages are touched once).
-// The copy is split over the threads: it is row by row, so the split changes no bit.
+// The copy is split over the threads when it is large enough: row by row, so no bit changes.
 inline at::Tensor segment_rows(const at::Tensor& x, const int64_t* perm, int64_t begin, int64_t n, at::Tensor scratch) {
   if (perm == nullptr) {
-    // detach(): out= calls refuse inputs that require grad, even below autograd.
-    at::Tensor rows = x.narrow(0, begin, n).detach();
+    at::Tensor rows = row_window(x, begin, n);
     return fresh_aligned(rows) ? rows : rows.clone();
   }
-  at::Tensor rows = scratch.defined() ? scratch.narrow(0, 0, n) : at::empty({n, x.size(1)}, x.options());
+  at::Tensor rows = scratch.defined() ? row_window(scratch, 0, n) : at::empty({n, x.size(1)}, x.options());
   const int64_t row_bytes = x.size(1) * x.element_size();
   const char* src = static_cast<const char*>(x.data_ptr());
   char* dst = static_cast<char*>(rows.data_ptr());
-  at::parallel_for(0, n, grain_for(x.size(1)), [&](int64_t lo, int64_t hi) {
+  const auto copy = [&](int64_t lo, int64_t hi) {
     for (int64_t i = lo; i < hi; ++i) std::memcpy(dst + i * row_bytes, src + perm[begin + i] * row_bytes, row_bytes);
-  });
+  };
+  const int64_t grain = grain_for(x.size(1));
+  if (n <= grain) {
+    copy(0, n);
+  } else {
+    at::parallel_for(0, n, grain, copy);
+  }
   return rows;
 }
 
 // out[begin:begin+n] = rows @ w^T (+ bias): the addmm (mm without a bias) nn.Linear makes with
-// weight w, written through a fresh buffer where the output slot is not aligned as a fresh one.
+// weight w (w.t() as nn.Linear passes it), written through a fresh buffer where the output slot is
+// not aligned as a fresh one. out is contiguous.
 inline void gemm_into(at::Tensor& out, const at::Tensor& rows, const at::Tensor& w, const at::Tensor* bias, int64_t begin,
-               int64_t n) {
-  at::Tensor dst = out.narrow(0, begin, n);
-  const at::Tensor w_t = w.t();
+                      int64_t n) {
+  at::Tensor dst = row_window(out, begin, n);
+  const at::Tensor w_t = window(w, {w.size(1), w.size(0)}, {w.stride(1), w.stride(0)}, w.storage_offset());
   const bool direct = fresh_aligned(dst);
   at::Tensor target = direct ? dst : at::empty({n, out.size(1)}, out.options());
   if (bias != nullptr) {

@@ -67,8 +67,8 @@ at::Tensor segment_linear_experts_cpu(const at::Tensor& x_in, at::TensorList wei
   for (int64_t e = 0, k = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    const at::Tensor w = weights[k].detach();
-    const at::Tensor b = has_bias ? biases[k].detach() : at::Tensor();
+    const at::Tensor& w = weights[k];
+    const at::Tensor b = has_bias ? window(biases[k], {M}, {biases[k].stride(0)}, biases[k].storage_offset()) : at::Tensor();
     gemm_into(out, segment_rows(x, segments.idx, off[e], n, scratch), w, has_bias ? &b : nullptr, off[e], n);
     ++k;
   }

@@ -79,15 +79,17 @@ def test_inactive_experts_parameters_are_not_read_after_the_first_call():
 
 
 def test_the_serving_path_reads_the_experts_own_weights_not_the_stacked_copy():
-    # Eager inference hands segment_linear_experts each active expert's own parameters: the stacked
-    # copy the first call builds (for compiled calls) is never read, so zeroing it changes nothing.
+    # Eager inference hands segment_linear_experts each active expert's own parameters: a stacked
+    # copy (built here as compiled calls build it) is never read, so zeroing it changes nothing.
     switch, specialists = mlp_mnn(8, seed=7)
     mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
     assert mnn.executor == "grouped"
     x = torch.randn(9, 24)
     with torch.no_grad():
         mnn(x)
-        stacks = mnn._grouped._cache.value
+        assert not mnn._grouped._cache.value  # eager calls alone never stack
+        with mnn.weights_stacked_for_compiled_calls():
+            stacks = mnn._grouped._cache.value
         assert stacks
         for stack in stacks:
             stack.zero_()
