@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # Rebuild the extension whenever a kernel source or the build description changes.
-SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml \
+SOURCES := $(wildcard csrc/*.cpp csrc/*.h csrc/python/*.cpp csrc/cpu/*.cpp csrc/cpu/*.h csrc/cuda/*.cu csrc/cuda/*.cuh) setup.py pyproject.toml \
 	mnn_fast/_version.py
 # pytest-xdist workers: one per core. Each worker runs torch at one intra-op thread (tests/conftest.py);
 # tests that claim something at a thread count set it themselves.
@@ -54,4 +54,4 @@ check-package: install
 	bash .ci/check_package.sh
 
 clean:
-	rm -rf build *.egg-info mnn_fast/_C*.so docs/_build docs/generated
+	rm -rf build *.egg-info mnn_fast/_C*.so mnn_fast/_serving*.so docs/_build docs/generated

@@ -1,4 +1,6 @@
-"""Builds the `mnn_fast._C` extension from csrc/ (CPU always; CUDA when usable or FORCE_CUDA=1).
+"""Builds the `mnn_fast._C` extension from csrc/ (CPU always; CUDA when usable or FORCE_CUDA=1), and
+`mnn_fast._serving` from csrc/python/ (the serving path's direct entries into the ops, kept out of
+_C because they need libtorch_python, which C++ programs loading _C do not have).
 
 Packages are discovered, not listed: every package under mnn_fast/, and kernels/ (the Triton kernels)
 as `mnn_fast.kernels`. The version comes from mnn_fast/_version.py (pyproject.toml).
@@ -32,6 +34,8 @@ def _extensions():
     # (only whether FP exception flags may be raised speculatively); without it GCC will not
     # vectorise the row loops, whose float-to-int conversions it must otherwise keep conditional.
     cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math"]
+    serving = CppExtension("mnn_fast._serving", rel(glob.glob(os.path.join(ROOT, "csrc", "python", "*.cpp"))),
+                           extra_compile_args={"cxx": ["-O3", "-std=c++20"]})
     if _want_cuda():
         sources += rel(glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")))
         arch = os.environ.get("TORCH_CUDA_ARCH_LIST")
@@ -44,9 +48,10 @@ def _extensions():
                 define_macros=[("MNN_FAST_WITH_CUDA", "1")],
                 extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++20", "--fmad=false"]},
                 extra_link_args=["-fopenmp"],
-            )
+            ),
+            serving,
         ]
-    return [CppExtension("mnn_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"])]
+    return [CppExtension("mnn_fast._C", sources, extra_compile_args={"cxx": cxx}, extra_link_args=["-fopenmp"]), serving]
 
 
 def _packages():

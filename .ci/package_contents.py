@@ -36,8 +36,9 @@ for pkg, directory in packages.items():
     for py in sorted(directory.glob("*.py")):
         if f"{base}/{py.name}" not in names:
             fail(f"the wheel lacks {base}/{py.name} (package {pkg})")
-if not any(n.startswith("mnn_fast/_C") and n.endswith(".so") for n in names):
-    fail("the wheel holds no compiled extension mnn_fast/_C*.so")
+for extension in ("_C", "_serving"):
+    if not any(n.startswith(f"mnn_fast/{extension}") and n.endswith(".so") for n in names):
+        fail(f"the wheel holds no compiled extension mnn_fast/{extension}*.so")
 if not any(n.endswith(".dist-info/licenses/LICENSE") for n in names):
     fail("the wheel's metadata carries no LICENSE")
 print(f"wheel: {len(packages)} packages of the tree, all present: {', '.join(sorted(packages))}")

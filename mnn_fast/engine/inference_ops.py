@@ -1,10 +1,12 @@
-"""The C++ backend's ops at their C++ entry points, for the module's eager CPU inference path.
+"""The C++ backend's ops at direct entries, for the module's eager CPU inference path.
 
 Through ``torch.ops`` plus the backend's wrapper (which steps below the autograd key when grad mode is
-off) each op call crossed ~2 us of Python; a one-sample forward makes five, about what the whole
-routing and recombination may add to the specialists' own time. Here each op is its overload's C++
-callable, and the caller runs them all inside one ``below_autograd()`` region while grad mode is
-off and nothing is traced: the same kernels on the same tensors, so the same bits.
+off) each op call crossed ~2 us of Python; even an overload's own C++ callable converts every argument
+into a boxed stack first (~17 us of a one-sample forward's ~250, where these calls follow GEMVs that
+evicted the code). Here each op is ``mnn_fast._serving.serve_<op>`` (``csrc/python/serving.cpp``),
+which calls the op's typed dispatcher handle unboxed, and the caller runs them all inside one
+``below_autograd()`` region while grad mode is off and nothing is traced: the same kernels on the same
+tensors, so the same bits.
 """
 from __future__ import annotations
 
@@ -22,12 +24,14 @@ _BELOW_AUTOGRAD = getattr(torch._C, "_AutoDispatchBelowAutograd", None)
 
 @dataclass(frozen=True)
 class InferenceOps:
-    """The ``mnn_fast::`` CPU ops, each called as the schema in ``docs/ops.md`` gives it (tuples, not
-    :class:`~mnn_fast.Routing`); only valid inside ``below_autograd()`` with grad mode off.
+    """The ``mnn_fast::`` CPU ops, each called with the schema's arguments in order, all positional, as
+    ``docs/ops.md`` gives them (tuples, not :class:`~mnn_fast.Routing`); only valid inside
+    ``below_autograd()`` with grad mode off.
 
     ``segment_linear(x, weight, bias, offsets, parallel_segments, perm)``; ``perm=None`` reads ``x``'s
     own rows. ``segment_linear_experts(x, weights, biases, offsets, out_features, perm)``: the same
-    matmul on each expert's own weight (``segment_linear_experts``). ``gather_split(x, perm, offsets)``: each expert's rows as a fresh tensor.
+    matmul on each expert's own weight. ``gather_split(x, perm, offsets)``: each expert's rows as a
+    fresh tensor.
     """
 
     softmax_rows: Callable
@@ -40,17 +44,14 @@ class InferenceOps:
     below_autograd: Callable[[], ContextManager]
 
 
-def _entry(op) -> Callable:
-    # OpOverload's C++ callable; the overload itself (one Python frame more) where torch has none.
-    return getattr(op.default, "_op", op.default)
-
-
 def inference_ops(backend_name: str) -> InferenceOps | None:
-    """The direct ops for the library's own ``backend_name`` backend: the C++ CPU kernels for
+    """The direct entries for the library's own ``backend_name`` backend: the C++ CPU kernels for
     ``"cpp"``; ``None`` for any other (their ops keep their Python wrappers and checks)."""
     if backend_name != "cpp" or _BELOW_AUTOGRAD is None:
         return None
-    lib = torch.ops.mnn_fast
-    return InferenceOps(_entry(lib.softmax_rows), _entry(lib.group_scores), _entry(lib.route),
-                        _entry(lib.recombine), _entry(lib.segment_linear),
-                        _entry(lib.segment_linear_experts), _entry(lib.gather_split), _BELOW_AUTOGRAD)
+    from .. import _C  # noqa: F401  (the cpp backend exists only where it imports; it registers the ops)
+    from .. import _serving as entry
+
+    return InferenceOps(entry.serve_softmax_rows, entry.serve_group_scores, entry.serve_route, entry.serve_recombine,
+                        entry.serve_segment_linear, entry.serve_segment_linear_experts, entry.serve_gather_split,
+                        _BELOW_AUTOGRAD)

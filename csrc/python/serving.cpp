@@ -1,0 +1,251 @@
+// mnn_fast._serving: the serving path's entries into the mnn_fast ops (mnn_fast/engine/inference_ops.py),
+// each a plain CPython function that converts its arguments and calls the op's typed dispatcher
+// handle, unboxed. From Python, an OpOverload's C++ callable builds a boxed stack (toIValue per
+// argument, list elements included) and dispatches boxed; a one-sample forward makes five such
+// calls right after its GEMVs have evicted that code, which cost it ~17 us of ~250 (perf, 1 thread).
+// The same kernels run on the same tensors (the dispatcher still picks them, honouring the caller's
+// below-autograd region), so the bits are the ops'. The GIL is released while a kernel runs.
+// A module of its own, not part of mnn_fast._C: these functions need libtorch_python, which the op
+// library must not (C++ programs load _C without Python: examples/cpp). Import mnn_fast._C first,
+// which registers the ops this module looks up.
+#include <Python.h>
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/Exceptions.h>
+#include <torch/csrc/autograd/python_variable.h>
+
+#include <optional>
+#include <string>
+#include <tuple>
+#include <vector>
+
+namespace {
+
+using at::Tensor;
+
+// Argument conversion: a TypeError naming the function and the argument, never a crash.
+[[noreturn]] void bad_argument(const char* fn, const char* name, const char* expected, PyObject* got) {
+  throw torch::TypeError(std::string(fn) + ": " + name + " must be " + expected + ", got " + Py_TYPE(got)->tp_name);
+}
+
+const Tensor& tensor_arg(const char* fn, const char* name, PyObject* obj) {
+  if (!THPVariable_Check(obj)) bad_argument(fn, name, "a Tensor", obj);
+  return THPVariable_Unpack(obj);
+}
+
+std::optional<Tensor> optional_tensor_arg(const char* fn, const char* name, PyObject* obj) {
+  if (obj == Py_None) return std::nullopt;
+  return tensor_arg(fn, name, obj);
+}
+
+std::vector<Tensor> tensor_list_arg(const char* fn, const char* name, PyObject* obj) {
+  if (!PyList_Check(obj) && !PyTuple_Check(obj)) bad_argument(fn, name, "a list of Tensors", obj);
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  std::vector<Tensor> out;
+  out.reserve(n);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    if (!THPVariable_Check(items[i])) bad_argument(fn, name, "a list of Tensors", items[i]);
+    out.push_back(THPVariable_Unpack(items[i]));
+  }
+  return out;
+}
+
+double float_arg(const char* fn, const char* name, PyObject* obj) {
+  if (!PyFloat_Check(obj) && !PyLong_Check(obj)) bad_argument(fn, name, "a float", obj);
+  return PyFloat_AsDouble(obj);
+}
+
+int64_t int_arg(const char* fn, const char* name, PyObject* obj) {
+  if (!PyLong_Check(obj) || PyBool_Check(obj)) bad_argument(fn, name, "an int", obj);
+  return PyLong_AsLongLong(obj);
+}
+
+bool bool_arg(const char* fn, const char* name, PyObject* obj) {
+  if (!PyBool_Check(obj)) bad_argument(fn, name, "a bool", obj);
+  return obj == Py_True;
+}
+
+void check_count(const char* fn, Py_ssize_t nargs, Py_ssize_t want) {
+  if (nargs != want) {
+    throw torch::TypeError(std::string(fn) + " takes " + std::to_string(want) + " arguments, got " + std::to_string(nargs));
+  }
+}
+
+// The GIL released for the kernel's run, and taken back however it ends.
+class WithoutGil {
+ public:
+  WithoutGil() : state_(PyEval_SaveThread()) {}
+  ~WithoutGil() { PyEval_RestoreThread(state_); }
+  WithoutGil(const WithoutGil&) = delete;
+  WithoutGil& operator=(const WithoutGil&) = delete;
+
+ private:
+  PyThreadState* state_;
+};
+
+template <typename Sig>
+c10::TypedOperatorHandle<Sig> handle(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
+}
+
+PyObject* wrap_all(const std::vector<Tensor>& tensors) {
+  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(tensors.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i) PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(tensors[i]));
+  return out;
+}
+
+PyObject* py_softmax_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "softmax_rows";
+  check_count(fn, nargs, 1);
+  static const auto op = handle<std::tuple<Tensor, Tensor>(const Tensor&)>("mnn_fast::softmax_rows");
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  std::tuple<Tensor, Tensor> out;
+  {
+    WithoutGil no_gil;
+    out = op.call(x);
+  }
+  return wrap_all({std::get<0>(out), std::get<1>(out)});
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_group_scores(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "group_scores";
+  check_count(fn, nargs, 3);
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::group_scores");
+  const Tensor& probs = tensor_arg(fn, "probs", args[0]);
+  const Tensor& offsets = tensor_arg(fn, "group_offsets", args[1]);
+  const Tensor& classes = tensor_arg(fn, "group_classes", args[2]);
+  Tensor out;
+  {
+    WithoutGil no_gil;
+    out = op.call(probs, offsets, classes);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_route(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "route";
+  check_count(fn, nargs, 3);
+  using Out = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+  static const auto op = handle<Out(const Tensor&, double, int64_t)>("mnn_fast::route");
+  const Tensor& scores = tensor_arg(fn, "scores", args[0]);
+  const double threshold = float_arg(fn, "threshold", args[1]);
+  const int64_t top_k = int_arg(fn, "top_k", args[2]);
+  Out out;
+  {
+    WithoutGil no_gil;
+    out = op.call(scores, threshold, top_k);
+  }
+  return wrap_all({std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)});
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_recombine(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "recombine";
+  check_count(fn, nargs, 8);
+  static const auto op = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&, const Tensor&,
+                                       const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::recombine");
+  const Tensor& logp = tensor_arg(fn, "logp", args[0]);
+  const std::vector<Tensor> logits = tensor_list_arg(fn, "logits", args[1]);
+  const char* names[] = {"offsets", "group_offsets", "group_classes", "log_spread", "sample_offsets", "sample_rows"};
+  const Tensor* rest[6];
+  for (int i = 0; i < 6; ++i) rest[i] = &tensor_arg(fn, names[i], args[2 + i]);
+  Tensor out;
+  {
+    WithoutGil no_gil;
+    out = op.call(logp, logits, *rest[0], *rest[1], *rest[2], *rest[3], *rest[4], *rest[5]);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_segment_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "segment_linear";
+  check_count(fn, nargs, 6);
+  static const auto op = handle<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, bool,
+                                       const std::optional<Tensor>&)>("mnn_fast::segment_linear");
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const Tensor& weight = tensor_arg(fn, "weight", args[1]);
+  const std::optional<Tensor> bias = optional_tensor_arg(fn, "bias", args[2]);
+  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
+  const bool parallel = bool_arg(fn, "parallel_segments", args[4]);
+  const std::optional<Tensor> perm = optional_tensor_arg(fn, "perm", args[5]);
+  Tensor out;
+  {
+    WithoutGil no_gil;
+    out = op.call(x, weight, bias, offsets, parallel, perm);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_segment_linear_experts(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "segment_linear_experts";
+  check_count(fn, nargs, 6);
+  static const auto op = handle<Tensor(const Tensor&, at::TensorList, at::TensorList, const Tensor&, int64_t,
+                                       const std::optional<Tensor>&)>("mnn_fast::segment_linear_experts");
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const std::vector<Tensor> weights = tensor_list_arg(fn, "weights", args[1]);
+  const std::vector<Tensor> biases = tensor_list_arg(fn, "biases", args[2]);
+  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
+  const int64_t out_features = int_arg(fn, "out_features", args[4]);
+  const std::optional<Tensor> perm = optional_tensor_arg(fn, "perm", args[5]);
+  Tensor out;
+  {
+    WithoutGil no_gil;
+    out = op.call(x, weights, biases, offsets, out_features, perm);
+  }
+  return THPVariable_Wrap(out);
+  END_HANDLE_TH_ERRORS
+}
+
+PyObject* py_gather_split(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "gather_split";
+  check_count(fn, nargs, 3);
+  static const auto op =
+      handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::gather_split");
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const Tensor& perm = tensor_arg(fn, "perm", args[1]);
+  const Tensor& offsets = tensor_arg(fn, "offsets", args[2]);
+  std::vector<Tensor> parts;
+  {
+    WithoutGil no_gil;
+    parts = op.call(x, perm, offsets);
+  }
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(parts.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < parts.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(parts[i]));
+  return out;
+  END_HANDLE_TH_ERRORS
+}
+
+}  // namespace
+
+#define MNN_FAST_ENTRY(name, doc) \
+  { "serve_" #name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, doc }
+
+PyMethodDef kMnnFastServingMethods[] = {
+    MNN_FAST_ENTRY(softmax_rows, "mnn_fast::softmax_rows(x), called unboxed"),
+    MNN_FAST_ENTRY(group_scores, "mnn_fast::group_scores(probs, group_offsets, group_classes), called unboxed"),
+    MNN_FAST_ENTRY(route, "mnn_fast::route(scores, threshold, top_k), called unboxed"),
+    MNN_FAST_ENTRY(recombine, "mnn_fast::recombine(logp, logits, offsets, ...), called unboxed"),
+    MNN_FAST_ENTRY(segment_linear, "mnn_fast::segment_linear(x, weight, bias, offsets, parallel_segments, perm), called unboxed"),
+    MNN_FAST_ENTRY(segment_linear_experts,
+                   "mnn_fast::segment_linear_experts(x, weights, biases, offsets, out_features, perm), called unboxed"),
+    MNN_FAST_ENTRY(gather_split, "mnn_fast::gather_split(x, perm, offsets), called unboxed"),
+    {nullptr, nullptr, 0, nullptr}};
+
+extern "C" PyObject* PyInit__serving(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_serving", nullptr, -1, kMnnFastServingMethods};
+  return PyModule_Create(&module_def);
+}
