@@ -53,12 +53,16 @@ std::vector<Tensor> tensor_list_arg(const char* fn, const char* name, PyObject* 
 
 double float_arg(const char* fn, const char* name, PyObject* obj) {
   if (!PyFloat_Check(obj) && !PyLong_Check(obj)) bad_argument(fn, name, "a float", obj);
-  return PyFloat_AsDouble(obj);
+  const double value = PyFloat_AsDouble(obj);
+  if (value == -1.0 && PyErr_Occurred()) throw python_error();  // an int too large for a double
+  return value;
 }
 
 int64_t int_arg(const char* fn, const char* name, PyObject* obj) {
   if (!PyLong_Check(obj) || PyBool_Check(obj)) bad_argument(fn, name, "an int", obj);
-  return PyLong_AsLongLong(obj);
+  const int64_t value = PyLong_AsLongLong(obj);
+  if (value == -1 && PyErr_Occurred()) throw python_error();  // OverflowError: beyond int64
+  return value;
 }
 
 bool bool_arg(const char* fn, const char* name, PyObject* obj) {
@@ -89,11 +93,33 @@ c10::TypedOperatorHandle<Sig> handle(const char* name) {
   return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
 }
 
-PyObject* wrap_all(const std::vector<Tensor>& tensors) {
-  PyObject* out = PyTuple_New(static_cast<Py_ssize_t>(tensors.size()));
+PyObject* wrap(const Tensor& t) { return THPVariable_Wrap(t); }
+
+template <typename... Ts>
+PyObject* wrap(const std::tuple<Ts...>& tensors) {
+  PyObject* out = PyTuple_New(sizeof...(Ts));
   if (out == nullptr) return nullptr;
-  for (size_t i = 0; i < tensors.size(); ++i) PyTuple_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(tensors[i]));
+  Py_ssize_t i = 0;
+  std::apply([&](const auto&... t) { (PyTuple_SET_ITEM(out, i++, THPVariable_Wrap(t)), ...); }, tensors);
   return out;
+}
+
+PyObject* wrap(const std::vector<Tensor>& tensors) {
+  PyObject* out = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
+  if (out == nullptr) return nullptr;
+  for (size_t i = 0; i < tensors.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(tensors[i]));
+  return out;
+}
+
+// Runs the op call without the GIL and wraps what it returns (arguments converted beforehand).
+template <typename Call>
+PyObject* run(Call&& call) {
+  decltype(call()) out;
+  {
+    WithoutGil no_gil;
+    out = call();
+  }
+  return wrap(out);
 }
 
 PyObject* py_softmax_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
@@ -102,12 +128,7 @@ PyObject* py_softmax_rows(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   check_count(fn, nargs, 1);
   static const auto op = handle<std::tuple<Tensor, Tensor>(const Tensor&)>("mnn_fast::softmax_rows");
   const Tensor& x = tensor_arg(fn, "x", args[0]);
-  std::tuple<Tensor, Tensor> out;
-  {
-    WithoutGil no_gil;
-    out = op.call(x);
-  }
-  return wrap_all({std::get<0>(out), std::get<1>(out)});
+  return run([&] { return op.call(x); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -119,12 +140,7 @@ PyObject* py_group_scores(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& probs = tensor_arg(fn, "probs", args[0]);
   const Tensor& offsets = tensor_arg(fn, "group_offsets", args[1]);
   const Tensor& classes = tensor_arg(fn, "group_classes", args[2]);
-  Tensor out;
-  {
-    WithoutGil no_gil;
-    out = op.call(probs, offsets, classes);
-  }
-  return THPVariable_Wrap(out);
+  return run([&] { return op.call(probs, offsets, classes); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -137,12 +153,7 @@ PyObject* py_route(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& scores = tensor_arg(fn, "scores", args[0]);
   const double threshold = float_arg(fn, "threshold", args[1]);
   const int64_t top_k = int_arg(fn, "top_k", args[2]);
-  Out out;
-  {
-    WithoutGil no_gil;
-    out = op.call(scores, threshold, top_k);
-  }
-  return wrap_all({std::get<0>(out), std::get<1>(out), std::get<2>(out), std::get<3>(out), std::get<4>(out)});
+  return run([&] { return op.call(scores, threshold, top_k); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -157,33 +168,25 @@ PyObject* py_recombine(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const char* names[] = {"offsets", "group_offsets", "group_classes", "log_spread", "sample_offsets", "sample_rows"};
   const Tensor* rest[6];
   for (int i = 0; i < 6; ++i) rest[i] = &tensor_arg(fn, names[i], args[2 + i]);
-  Tensor out;
-  {
-    WithoutGil no_gil;
-    out = op.call(logp, logits, *rest[0], *rest[1], *rest[2], *rest[3], *rest[4], *rest[5]);
-  }
-  return THPVariable_Wrap(out);
+  return run([&] { return op.call(logp, logits, *rest[0], *rest[1], *rest[2], *rest[3], *rest[4], *rest[5]); });
   END_HANDLE_TH_ERRORS
 }
 
+// segment_linear and segment_linear_experts: x, the weights (one stack, or a list), the biases
+// (optional, or a list), offsets, a scalar (parallel_segments, or out_features), perm.
 PyObject* py_segment_linear(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "segment_linear";
   check_count(fn, nargs, 6);
   static const auto op = handle<Tensor(const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&, bool,
                                        const std::optional<Tensor>&)>("mnn_fast::segment_linear");
-  const Tensor& x = tensor_arg(fn, "x", args[0]);
   const Tensor& weight = tensor_arg(fn, "weight", args[1]);
   const std::optional<Tensor> bias = optional_tensor_arg(fn, "bias", args[2]);
-  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
   const bool parallel = bool_arg(fn, "parallel_segments", args[4]);
   const std::optional<Tensor> perm = optional_tensor_arg(fn, "perm", args[5]);
-  Tensor out;
-  {
-    WithoutGil no_gil;
-    out = op.call(x, weight, bias, offsets, parallel, perm);
-  }
-  return THPVariable_Wrap(out);
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
+  return run([&] { return op.call(x, weight, bias, offsets, parallel, perm); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -193,18 +196,13 @@ PyObject* py_segment_linear_experts(PyObject*, PyObject* const* args, Py_ssize_t
   check_count(fn, nargs, 6);
   static const auto op = handle<Tensor(const Tensor&, at::TensorList, at::TensorList, const Tensor&, int64_t,
                                        const std::optional<Tensor>&)>("mnn_fast::segment_linear_experts");
-  const Tensor& x = tensor_arg(fn, "x", args[0]);
   const std::vector<Tensor> weights = tensor_list_arg(fn, "weights", args[1]);
   const std::vector<Tensor> biases = tensor_list_arg(fn, "biases", args[2]);
-  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
   const int64_t out_features = int_arg(fn, "out_features", args[4]);
   const std::optional<Tensor> perm = optional_tensor_arg(fn, "perm", args[5]);
-  Tensor out;
-  {
-    WithoutGil no_gil;
-    out = op.call(x, weights, biases, offsets, out_features, perm);
-  }
-  return THPVariable_Wrap(out);
+  const Tensor& x = tensor_arg(fn, "x", args[0]);
+  const Tensor& offsets = tensor_arg(fn, "offsets", args[3]);
+  return run([&] { return op.call(x, weights, biases, offsets, out_features, perm); });
   END_HANDLE_TH_ERRORS
 }
 
@@ -217,15 +215,7 @@ PyObject* py_gather_split(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   const Tensor& x = tensor_arg(fn, "x", args[0]);
   const Tensor& perm = tensor_arg(fn, "perm", args[1]);
   const Tensor& offsets = tensor_arg(fn, "offsets", args[2]);
-  std::vector<Tensor> parts;
-  {
-    WithoutGil no_gil;
-    parts = op.call(x, perm, offsets);
-  }
-  PyObject* out = PyList_New(static_cast<Py_ssize_t>(parts.size()));
-  if (out == nullptr) return nullptr;
-  for (size_t i = 0; i < parts.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(parts[i]));
-  return out;
+  return run([&] { return op.call(x, perm, offsets); });
   END_HANDLE_TH_ERRORS
 }
 

@@ -97,6 +97,14 @@ def test_a_wrong_argument_is_a_type_error_naming_it(call, message):
             call()
 
 
+def test_an_int_beyond_int64_is_an_overflow_error():
+    with torch.no_grad(), DIRECT.below_autograd():
+        with pytest.raises(OverflowError):
+            DIRECT.route(torch.rand(2, 3), 0.1, 2**70)
+        with pytest.raises(OverflowError):
+            DIRECT.route(torch.rand(2, 3), 10**400, 0)
+
+
 def test_kernels_run_without_the_gil():
     # A serving process may call the module from several Python threads: each kernel runs with the
     # GIL released, so their calls can overlap. A Python thread stamps the time in a loop while the
