@@ -418,7 +418,7 @@ def _note_compile_wrapper(parent: nn.Module, name: str, child) -> None:
     """A global module-registration hook: ``torch.compile(mnn)`` registers ``mnn`` as its
     ``OptimizedModule``'s ``_orig_mod``, before its first call; only then does the module need its
     stack hooks. Returns ``None``: the registration goes on unchanged."""
-    if name == "_orig_mod" and isinstance(child, MetaNeuralNetwork) and not child._wrapped_for_compile:
+    if name == "_orig_mod" and isinstance(child, MetaNeuralNetwork) and not getattr(child, "_wrapped_for_compile", False):
         child._wrapped_for_compile = True
         child._sync_stack_hooks()
 

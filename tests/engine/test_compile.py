@@ -375,6 +375,10 @@ def test_stack_hooks_only_on_grouped_linear_stacks_wrapped_by_torch_compile():
     torch.compile(grouped), torch.compile(sequential)
     torch.compile(grouped)  # wrapped twice: still one pair
     assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
+    older = MetaNeuralNetwork(switch, specialists, threshold=0.1)
+    del older.__dict__["_wrapped_for_compile"]  # as unpickled from a version without the flag
+    torch.compile(older)
+    assert len(older._forward_pre_hooks) == 1
     assert not sequential._forward_pre_hooks and not sequential._forward_hooks
     grouped.to(torch.float64)  # rebuilt: still one pair, not two
     assert len(grouped._forward_pre_hooks) == 1 and len(grouped._forward_hooks) == 1
