@@ -151,6 +151,12 @@ def _routing_core(rows, variant):
 
 
 def _module_overhead(rows, variant):
+    if variant == "per_element":
+        out = [[str(r["E"]), str(r["B"]), str(r["arith_elements"]), f"{r['arith_ns_per_element']:.2f}",
+                f"{r['copy_ns_per_element']:.2f}", times(r["arith_ns_per_element"] / r["copy_ns_per_element"])]
+               for r in sorted(rows, key=lambda r: r["E"]) if "arith_ns_per_element" in r]
+        return table(["E", "B", "elements", "row arithmetic ns per element", "copy ns per element",
+                      "arithmetic / copy"], out)
     out = [[str(r["E"]), str(r["B"]), str(r["rows"]), plain(r.get("user_ms")), plain(r["naive_ms"]), plain(r["module_ms"]),
             times(r.get("vs_user")), times(r.get("target")), times(r["speedup"]), plain(r["arith_ms"]),
             times(r["ceiling"]), plain(r["copy_ms"]), f"{r['copy_share']:.2f}"]

@@ -13,6 +13,9 @@ at copy bandwidth). ``arith ms`` = the row arithmetic the naive loop shares with
 section 5): ``softmax_rows`` on the switch logits plus one ``recombine`` of the routed rows, the same
 exp passes the naive loop makes through ``contributions`` and ``log_softmax_rows``; ``ceiling`` =
 naive / arith, the most any engine with that arithmetic could gain over this naive loop.
+``arith ns/el`` = that arithmetic's time per element it reads or writes row-wise (the switch logits,
+the routed rows, the output rows: ``(2 B + N) E`` floats), against ``copy ns/el``, a copy of as many
+floats into a buffer touched before: how far the vectorised row arithmetic is from moving its data.
 """
 from __future__ import annotations
 
@@ -75,14 +78,16 @@ def _interleaved_ms(fns: dict, rounds: int) -> dict:
 
 def _fmt(rows):
     head = (f"{'E':>5} {'B':>5} {'rows':>6} | {'user ms':>8} {'naive ms':>9} {'module ms':>9} {'vs user':>8} "
-            f"{'target':>6} {'vs naive':>8} | {'arith ms':>8} {'ceiling':>7} | {'copy ms':>8} {'copy share':>10}")
+            f"{'target':>6} {'vs naive':>8} | {'arith ms':>8} {'ceiling':>7} | {'copy ms':>8} {'copy share':>10} | "
+            f"{'arith ns/el':>11} {'copy ns/el':>10}")
     lines = ["identity switch and experts: the engine's own cost; median of 7, interleaved, same inputs, one run",
              head, "-" * len(head)]
     for r in sorted(rows, key=lambda r: r["E"]):
         target = f"{r['target']:.0f}x" if r.get("target") else "-"
         lines.append(f"{r['E']:>5} {r['B']:>5} {r['rows']:>6} | {r['user_ms']:>8.2f} {r['naive_ms']:>9.2f} "
                      f"{r['module_ms']:>9.2f} {r['vs_user']:>7.1f}x {target:>6} {r['speedup']:>7.1f}x | "
-                     f"{r['arith_ms']:>8.2f} {r['ceiling']:>6.1f}x | {r['copy_ms']:>8.2f} {r['copy_share']:>10.2f}")
+                     f"{r['arith_ms']:>8.2f} {r['ceiling']:>6.1f}x | {r['copy_ms']:>8.2f} {r['copy_share']:>10.2f} | "
+                     f"{r['arith_ns_per_element']:>11.2f} {r['copy_ns_per_element']:>10.2f}")
     return lines
 
 
@@ -129,7 +134,12 @@ def test_identity_module_vs_naive(results, experts):
     # add first-touch faults (4.6x the copy at E=1000 here) and flatter the module.
     target = torch.empty_like(block)
     copy_ms = _median_ms(lambda: target.copy_(block), 7)
+    # The row arithmetic per element against a copy of as many floats (into a touched buffer too).
+    elements = (2 * BATCH + rows) * experts
+    source, sink = torch.randn(elements), torch.empty(elements)
+    element_copy_ms = _median_ms(lambda: sink.copy_(source), 7)
     results.record(TABLE, dict(E=experts, B=BATCH), rows=rows, scale=scale, active=active, user_ms=user_ms,
                    naive_ms=naive_ms, module_ms=module_ms, vs_user=user_ms / module_ms, target=TARGET.get(experts),
                    cpu_isa=cpu_isa(), speedup=naive_ms / module_ms, arith_ms=arith_ms, ceiling=naive_ms / arith_ms,
-                   copy_ms=copy_ms, copy_share=copy_ms / module_ms)
+                   copy_ms=copy_ms, copy_share=copy_ms / module_ms, arith_elements=elements,
+                   arith_ns_per_element=arith_ms * 1e6 / elements, copy_ns_per_element=element_copy_ms * 1e6 / elements)
