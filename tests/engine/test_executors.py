@@ -264,12 +264,15 @@ segment_linear_experts = torch.ops.mnn_fast.segment_linear_experts
 # The serving form: each expert's own weight, only for the segments with rows. Cases: empty segments
 # between full ones, every segment empty (N = 0: out_features alone gives the width), one segment
 # holding every row, one expert; odd widths (rows not a multiple of 64 bytes, so output slots start
-# misaligned); through perm (rows repeated, as a sample routed to two experts) or x's own rows.
+# misaligned); through perm (rows repeated, as a sample routed to two experts) or x's own rows; 1
+# and 3 intra-op threads (the GEMMs run at the caller's count, as nn.Linear's do).
 @pytest.mark.parametrize("counts", [[3, 0, 5, 2], [0, 0, 0, 0], [10, 0, 0, 0], [0, 0, 7], [4]])
 @pytest.mark.parametrize("width", [16, 13])
 @pytest.mark.parametrize("with_bias", [True, False])
 @pytest.mark.parametrize("through_perm", [False, True])
-def test_segment_linear_experts_is_the_stacked_op_bitwise_and_passes_opcheck(counts, width, with_bias, through_perm):
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_segment_linear_experts_is_the_stacked_op_bitwise_and_passes_opcheck(counts, width, with_bias, through_perm,
+                                                                              threads):
     gen = torch.Generator().manual_seed(1)
     experts, out_features = len(counts), 7
     weights = [torch.randn(out_features, width, generator=gen) for _ in range(experts)]

@@ -34,7 +34,8 @@ def _equal(a, b) -> bool:
 
 # B = 0 (nothing routed), B = 1 (the serving case), an odd width (E = 7), many experts (E = 300).
 @pytest.mark.parametrize("batch,experts", [(0, 5), (1, 10), (37, 7), (64, 300)])
-def test_each_direct_entry_equals_its_op(batch, experts):
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_each_direct_entry_equals_its_op(batch, experts, threads):
     z, log_probs, probs, routing = _routing(batch, experts, seed=batch + experts)
     counts, offsets, perm, sample_offsets, sample_rows = routing
     x = torch.randn(batch, 13)

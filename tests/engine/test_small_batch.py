@@ -163,7 +163,8 @@ def test_an_inactive_experts_change_shows_when_it_becomes_active(mode, change):
 # (t = 0), top-k with and without a threshold, overlapping groups (group scores), binary specialists,
 # one expert, a switch_fn mask, an input that a Flatten turns into rows; for the sequential executor
 # also binary and width-C specialists mixed (contributions expert by expert), and rows of 64 bytes
-# (one gathered buffer, where other widths get each expert's rows from gather_split).
+# (one gathered buffer, where other widths get each expert's rows from gather_split). Each at 1 and
+# 3 intra-op threads: the kernels split their work by the count, and the bits must not change.
 CASES = {
     "empty": dict(batch=0),
     "nothing": dict(threshold=1.0),
@@ -182,7 +183,8 @@ SERVED += [(case, "sequential") for case in SEQUENTIAL_ONLY]
 
 
 @pytest.mark.parametrize("case,executor", SERVED)
-def test_serving_path_equals_the_generic_path_and_the_naive_loop(case, executor, monkeypatch):
+@pytest.mark.parametrize("threads", [1, 3], indirect=True)
+def test_serving_path_equals_the_generic_path_and_the_naive_loop(case, executor, threads, monkeypatch):
     spec = dict(batch=5, threshold=0.1, top_k=None, groups=None, experts=6, widths=None, switch_fn=None, flatten=False,
                 features=24)
     spec.update({**CASES, **SEQUENTIAL_ONLY}[case])
