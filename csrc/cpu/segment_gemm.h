@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 
@@ -32,6 +33,18 @@ inline at::Tensor window(const at::Tensor& t, at::IntArrayRef sizes, at::IntArra
 // Rows [begin, begin + n) of a 2-D tensor.
 inline at::Tensor row_window(const at::Tensor& t, int64_t begin, int64_t n) {
   return window(t, {n, t.size(1)}, {t.stride(0), t.stride(1)}, t.storage_offset() + begin * t.stride(0));
+}
+
+// The same tensor without autograd history, for an out= call's inputs (window of its whole geometry).
+inline at::Tensor plain(const at::Tensor& t) { return window(t, t.sizes(), t.strides(), t.storage_offset()); }
+
+// The buffer segment_rows copies perm's rows into when segments run one after another: one for
+// every segment, sized by the largest ([largest, x.size(1)]); undefined without perm (x's own rows).
+inline at::Tensor perm_scratch(const at::Tensor& x, const SegmentRows& segments, int64_t E) {
+  if (segments.idx == nullptr) return at::Tensor();
+  int64_t largest = 0;
+  for (int64_t e = 0; e < E; ++e) largest = std::max(largest, segments.off[e + 1] - segments.off[e]);
+  return at::empty({largest, x.size(1)}, x.options());
 }
 
 // Segment e's n rows of x on an operand aligned as a fresh allocation: x's own rows when they

@@ -18,10 +18,6 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
-#include <algorithm>
-#include <cstring>
-#include <vector>
-
 #include "common.h"
 #include "segment_gemm.h"
 
@@ -73,12 +69,7 @@ at::Tensor segment_linear_cpu(const at::Tensor& x_in, const at::Tensor& weight, 
     if (n > 0) segment_gemm(out, segment_rows(x, idx, off[e], n, scratch), weight, bias, e, off[e], n);
   };
   if (!parallel_segments) {
-    at::Tensor scratch;  // one buffer for every segment's rows, sized by the largest
-    if (idx != nullptr) {
-      int64_t largest = 0;
-      for (int64_t e = 0; e < E; ++e) largest = std::max(largest, off[e + 1] - off[e]);
-      scratch = at::empty({largest, K}, x.options());
-    }
+    const at::Tensor scratch = perm_scratch(x, segments, E);
     for (int64_t e = 0; e < E; ++e) run_segment(e, scratch);
     return out;
   }

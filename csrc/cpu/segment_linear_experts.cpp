@@ -5,8 +5,6 @@
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
-#include <algorithm>
-
 #include "common.h"
 #include "segment_gemm.h"
 
@@ -58,18 +56,12 @@ at::Tensor segment_linear_experts_cpu(const at::Tensor& x_in, at::TensorList wei
   const at::Tensor x = x_in.contiguous();
   at::Tensor out = at::empty({segments.N, M}, x.options());
   if (segments.N == 0) return out;
-  at::Tensor scratch;  // one buffer for every segment's rows, sized by the largest
-  if (segments.idx != nullptr) {
-    int64_t largest = 0;
-    for (int64_t e = 0; e < E; ++e) largest = std::max(largest, off[e + 1] - off[e]);
-    scratch = at::empty({largest, K}, x.options());
-  }
+  const at::Tensor scratch = perm_scratch(x, segments, E);
   for (int64_t e = 0, k = 0; e < E; ++e) {
     const int64_t n = off[e + 1] - off[e];
     if (n == 0) continue;
-    const at::Tensor& w = weights[k];
-    const at::Tensor b = has_bias ? window(biases[k], {M}, {biases[k].stride(0)}, biases[k].storage_offset()) : at::Tensor();
-    gemm_into(out, segment_rows(x, segments.idx, off[e], n, scratch), w, has_bias ? &b : nullptr, off[e], n);
+    const at::Tensor b = has_bias ? plain(biases[k]) : at::Tensor();
+    gemm_into(out, segment_rows(x, segments.idx, off[e], n, scratch), weights[k], has_bias ? &b : nullptr, off[e], n);
     ++k;
   }
   return out;

@@ -333,6 +333,12 @@ def recording_grad(experts: Sequence[nn.Module]) -> bool:
     return torch.is_grad_enabled() and any(p.requires_grad for m in experts for p in m.parameters())
 
 
+def _each_expert(layer: nn.Module, h: Tensor, bounds: list[int]) -> Tensor:
+    """``layer`` on each expert's rows ``h[bounds[e]:bounds[e+1]]`` as a tensor of their own (as the naive
+    loop computes a non-exact row-wise layer), concatenated back in expert order."""
+    return torch.cat([layer(h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
+
+
 class GroupedLinearStack:
     """Runs ``E`` identical Linear stacks as segment matmuls over the expert-major buffer.
 
@@ -507,7 +513,7 @@ class GroupedLinearStack:
                 h, perm = kernel(h, weights, biases, offsets, step[3], perm), None
             elif step[0] == "per_expert":
                 bounds = offsets.tolist() if bounds is None else bounds
-                h = torch.cat([step[1](h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
+                h = _each_expert(step[1], h, bounds)
             else:
                 h = step[1](h)
         return h
@@ -539,7 +545,7 @@ class GroupedLinearStack:
                     h = self.segment_linear(h, weight, bias, offsets, self.parallel)
             elif per_expert and not torch.compiler.is_compiling():  # compiled code fuses: not bitwise anyway
                 bounds = offsets.tolist() if bounds is None else bounds
-                h = torch.cat([layer(h[a:b]) for a, b in zip(bounds[:-1], bounds[1:]) if b > a] or [h])
+                h = _each_expert(layer, h, bounds)
             else:
                 h = call(h)
         return h

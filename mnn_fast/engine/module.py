@@ -405,13 +405,14 @@ class MetaNeuralNetwork(nn.Module):
 
 # ---------------------------------------------------------------- stacked weights under torch.compile
 # Registered by MetaNeuralNetwork._sync_stack_hooks while the executor is a GroupedLinearStack, once
-# torch.compile has wrapped the module (_note_compile_wrapper). torch.compile(mnn) runs the module's hooks eagerly (outside dynamo, which picks up forward's frame)
-# and traces forward. The pre-hook stacks the grouped executor's weights there when one changed
-# (version counters), so the graph reads one [E, out, in] input per layer instead of stacking E
-# parameters per layer, which made compile time grow with E; the forward hook lets go after the call,
-# also when it raised. Only with autograd off (a held stack is detached from the parameters).
-# Where dynamo inlines the call (the module inside a larger compiled model), the hooks trace as
-# no-ops (their substitutes) and the graph stacks the parameters itself, as in training.
+# torch.compile has wrapped the module (_note_compile_wrapper). torch.compile(mnn) runs the module's
+# hooks eagerly (outside dynamo, which picks up forward's frame) and traces forward. The pre-hook
+# stacks the grouped executor's weights there when one changed (version counters), so the graph
+# reads one [E, out, in] input per layer instead of stacking E parameters per layer, which made
+# compile time grow with E; the forward hook lets go after the call, also when it raised. Only with
+# autograd off (a held stack is detached from the parameters). Where dynamo inlines the call (the
+# module inside a larger compiled model), the hooks trace as no-ops (their substitutes) and the graph
+# stacks the parameters itself, as in training.
 
 
 def _note_compile_wrapper(parent: nn.Module, name: str, child) -> None:
