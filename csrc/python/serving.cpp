@@ -219,6 +219,192 @@ PyObject* py_gather_split(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   END_HANDLE_TH_ERRORS
 }
 
+// A grouped Linear stack's whole forward after the switch, in one call: softmax_rows, group_scores
+// (when groups are not one class each), route, each Linear step as segment_linear_experts on the
+// active experts' own weight and bias (read from their modules' parameter dicts), the row-wise
+// "call" steps (ReLU, ...) through Python, then recombine. The same op calls in the same order as
+// the module's step-by-step path, so the same bits; what goes is the Python between them, which a
+// one-sample call pays cold right after its GEMVs (~20 us of ~200 at 1 thread).
+//
+// Arguments: z (the switch's logits), x, threshold, top_k, group_offsets and group_classes (the
+// experts' CSR groups, or None for one class per expert), steps, then the recombine tables
+// (class group offsets, classes, log spread). steps: a list of (0, [E parameter dicts], has_bias,
+// out_features) for a Linear or (1, callable, None, None) for a row-wise layer.
+//
+// Returns (out, outputs, log_probs, counts, offsets, perm, sample_offsets, sample_rows). out is
+// None when the caller must finish: outputs None where a weight or bias is not a plain entry of
+// its module's parameters (parametrized, pruned: the module computes it on access), or the
+// specialists' outputs when they are not float32 [N, C] (binary experts, or an error to explain).
+constexpr int kLinearStep = 0;
+constexpr int kCallStep = 1;
+
+struct Step {
+  int kind;
+  PyObject* target;  // borrowed: the list of parameter dicts, or the callable
+  bool has_bias;
+  int64_t out_features;
+};
+
+std::vector<Step> steps_arg(const char* fn, PyObject* obj) {
+  if (!PyList_Check(obj) && !PyTuple_Check(obj)) bad_argument(fn, "steps", "a list of step tuples", obj);
+  std::vector<Step> steps;
+  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
+  PyObject** items = PySequence_Fast_ITEMS(obj);
+  for (Py_ssize_t i = 0; i < n; ++i) {
+    PyObject* item = items[i];
+    if (!PyTuple_Check(item) || PyTuple_GET_SIZE(item) != 4) bad_argument(fn, "steps", "a list of 4-tuples", item);
+    const int64_t kind = int_arg(fn, "a step's kind", PyTuple_GET_ITEM(item, 0));
+    PyObject* target = PyTuple_GET_ITEM(item, 1);
+    if (kind == kLinearStep) {
+      if (!PyList_Check(target)) bad_argument(fn, "a Linear step's parameters", "a list of dicts", target);
+      steps.push_back({kLinearStep, target, bool_arg(fn, "a Linear step's has_bias", PyTuple_GET_ITEM(item, 2)),
+                       int_arg(fn, "a Linear step's out_features", PyTuple_GET_ITEM(item, 3))});
+    } else if (kind == kCallStep) {
+      if (!PyCallable_Check(target)) bad_argument(fn, "a call step's layer", "callable", target);
+      steps.push_back({kCallStep, target, false, 0});
+    } else {
+      TORCH_CHECK_VALUE(false, fn, ": a step's kind must be 0 (Linear) or 1 (call), got ", kind);
+    }
+  }
+  return steps;
+}
+
+// The tensor `name` of a module's parameter dict, or nothing when it is not there (a parametrized
+// or pruned weight) or not a tensor. A dict subclass is read through its own __getitem__, as Python
+// would.
+std::optional<Tensor> parameter_entry(PyObject* dict, PyObject* name) {
+  if (PyDict_CheckExact(dict)) {
+    PyObject* value = PyDict_GetItemWithError(dict, name);  // borrowed
+    if (value == nullptr && PyErr_Occurred()) throw python_error();
+    if (value == nullptr || !THPVariable_Check(value)) return std::nullopt;
+    return THPVariable_Unpack(value);
+  }
+  PyObject* value = PyObject_GetItem(dict, name);  // a new reference
+  if (value == nullptr) {
+    if (!PyErr_ExceptionMatches(PyExc_KeyError)) throw python_error();
+    PyErr_Clear();
+    return std::nullopt;
+  }
+  std::optional<Tensor> tensor;
+  if (THPVariable_Check(value)) tensor = THPVariable_Unpack(value);
+  Py_DECREF(value);
+  return tensor;
+}
+
+PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
+  HANDLE_TH_ERRORS
+  constexpr const char* fn = "grouped_forward";
+  check_count(fn, nargs, 10);
+  static const auto softmax_rows = handle<std::tuple<Tensor, Tensor>(const Tensor&)>("mnn_fast::softmax_rows");
+  static const auto group_scores =
+      handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::group_scores");
+  using Routed = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
+  static const auto route = handle<Routed(const Tensor&, double, int64_t)>("mnn_fast::route");
+  static const auto linear = handle<Tensor(const Tensor&, at::TensorList, at::TensorList, const Tensor&, int64_t,
+                                           const std::optional<Tensor>&)>("mnn_fast::segment_linear_experts");
+  static const auto recombine = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
+                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+      "mnn_fast::recombine");
+  static PyObject* const weight_name = PyUnicode_InternFromString("weight");
+  static PyObject* const bias_name = PyUnicode_InternFromString("bias");
+
+  const Tensor& z = tensor_arg(fn, "z", args[0]);
+  const Tensor& x = tensor_arg(fn, "x", args[1]);
+  const double threshold = float_arg(fn, "threshold", args[2]);
+  const int64_t top_k = int_arg(fn, "top_k", args[3]);
+  const std::optional<Tensor> expert_offsets = optional_tensor_arg(fn, "group_offsets", args[4]);
+  const std::optional<Tensor> expert_classes = optional_tensor_arg(fn, "group_classes", args[5]);
+  if (expert_offsets.has_value() != expert_classes.has_value()) {
+    throw torch::TypeError(std::string(fn) + ": group_offsets and group_classes must both be Tensors or both None");
+  }
+  const std::vector<Step> steps = steps_arg(fn, args[6]);
+  const Tensor& class_offsets = tensor_arg(fn, "class_group_offsets", args[7]);
+  const Tensor& class_groups = tensor_arg(fn, "class_group_classes", args[8]);
+  const Tensor& log_spread = tensor_arg(fn, "log_spread", args[9]);
+
+  Tensor log_probs, probs, counts, offsets, perm, sample_offsets, sample_rows;
+  {
+    WithoutGil no_gil;
+    std::tie(log_probs, probs) = softmax_rows.call(z.scalar_type() == at::kFloat ? z : z.to(at::kFloat));
+    const Tensor scores = expert_offsets ? group_scores.call(probs, *expert_offsets, *expert_classes) : probs;
+    std::tie(counts, offsets, perm, sample_offsets, sample_rows) = route.call(scores, threshold, top_k);
+  }
+  const int64_t E = counts.numel();
+  const int64_t* count = counts.data_ptr<int64_t>();  // route's own output: CPU, contiguous int64
+  std::vector<int64_t> active;
+  for (int64_t e = 0; e < E; ++e) {
+    if (count[e] > 0) active.push_back(e);
+  }
+  // Every Linear's tensors are read before any layer runs, so a fallback wastes no matmul.
+  std::vector<std::vector<Tensor>> weights, biases;
+  bool plain = true;
+  for (const Step& step : steps) {
+    if (step.kind != kLinearStep) continue;
+    plain = PyList_GET_SIZE(step.target) == E;
+    std::vector<Tensor>& w = weights.emplace_back();
+    std::vector<Tensor>& b = biases.emplace_back();
+    for (size_t j = 0; plain && j < active.size(); ++j) {
+      PyObject* params = PyList_GET_ITEM(step.target, active[j]);
+      std::optional<Tensor> weight = parameter_entry(params, weight_name);
+      std::optional<Tensor> bias = step.has_bias ? parameter_entry(params, bias_name) : std::nullopt;
+      plain = weight.has_value() && (bias.has_value() || !step.has_bias);
+      if (plain) w.push_back(*std::move(weight));
+      if (plain && bias.has_value()) b.push_back(*std::move(bias));
+    }
+    if (!plain) break;
+  }
+  std::optional<Tensor> outputs, out;
+  if (plain) {
+    Tensor h = x;
+    std::optional<Tensor> rows = perm;  // the first Linear reads x's routed rows itself
+    size_t layer = 0;
+    for (const Step& step : steps) {
+      if (step.kind == kLinearStep) {
+        WithoutGil no_gil;
+        h = linear.call(h, weights[layer], biases[layer], offsets, step.out_features, rows);
+        rows = std::nullopt;
+        ++layer;
+        continue;
+      }
+      PyObject* arg = THPVariable_Wrap(h);
+      if (arg == nullptr) throw python_error();
+      PyObject* result = PyObject_CallOneArg(step.target, arg);
+      Py_DECREF(arg);
+      if (result == nullptr) throw python_error();
+      if (!THPVariable_Check(result)) {
+        const std::string got = Py_TYPE(result)->tp_name;
+        Py_DECREF(result);
+        throw torch::TypeError(std::string(fn) + ": a specialist layer must return a Tensor, got " + got);
+      }
+      h = THPVariable_Unpack(result);
+      Py_DECREF(result);
+    }
+    outputs = h;
+    const int64_t C = log_probs.size(1);
+    if (h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == perm.size(0) && h.size(1) == C) {
+      WithoutGil no_gil;
+      out = recombine.call(log_probs, {h}, offsets, class_offsets, class_groups, log_spread, sample_offsets,
+                           sample_rows);
+    }
+  }
+  PyObject* result = PyTuple_New(8);
+  if (result == nullptr) return nullptr;
+  const auto set = [&](Py_ssize_t i, const std::optional<Tensor>& t) {
+    PyObject* item = t.has_value() ? THPVariable_Wrap(*t) : (Py_INCREF(Py_None), Py_None);
+    PyTuple_SET_ITEM(result, i, item);
+  };
+  set(0, out);
+  set(1, outputs);
+  set(2, log_probs);
+  set(3, counts);
+  set(4, offsets);
+  set(5, perm);
+  set(6, sample_offsets);
+  set(7, sample_rows);
+  return result;
+  END_HANDLE_TH_ERRORS
+}
+
 }  // namespace
 
 #define MNN_FAST_ENTRY(name, doc) \
@@ -233,6 +419,8 @@ PyMethodDef kMnnFastServingMethods[] = {
     MNN_FAST_ENTRY(segment_linear_experts,
                    "mnn_fast::segment_linear_experts(x, weights, biases, offsets, out_features, perm), called unboxed"),
     MNN_FAST_ENTRY(gather_split, "mnn_fast::gather_split(x, perm, offsets), called unboxed"),
+    MNN_FAST_ENTRY(grouped_forward,
+                   "A grouped Linear stack's forward after the switch: softmax_rows, route, its Linears, recombine"),
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__serving(void) {

@@ -406,8 +406,13 @@ class GroupedLinearStack:
         linear_params = iter(self._linear_params)
         self._serve_steps = None if parallel or self._plan is not None else [
             ("linear", next(linear_params), layer.bias is not None, layer.out_features) if isinstance(layer, nn.Linear)
-            else ("per_expert", layer) if per_expert else ("call", call)
+            else ("per_expert", layer, None, None) if per_expert else ("call", call, None, None)
             for layer, per_expert, call in zip(self.layers, self._per_expert, self._calls)]
+        #: The same program as ``_serving.serve_grouped_forward`` takes it (``0``: a Linear, ``1``: a
+        #: row-wise call), for the module's one-call serving path; ``None`` where a layer runs per
+        #: expert (:meth:`serve` handles those) or :meth:`serve` does not apply.
+        self.serve_program = None if self._serve_steps is None or any(s[0] == "per_expert" for s in self._serve_steps) \
+            else [(0, *step[1:]) if step[0] == "linear" else (1, *step[1:]) for step in self._serve_steps]
 
     def _per_layer(self) -> list[list[Tensor]]:
         per_layer = []

@@ -31,7 +31,9 @@ class InferenceOps:
     ``segment_linear(x, weight, bias, offsets, parallel_segments, perm)``; ``perm=None`` reads ``x``'s
     own rows. ``segment_linear_experts(x, weights, biases, offsets, out_features, perm)``: the same
     matmul on each expert's own weight. ``gather_split(x, perm, offsets)``: each expert's rows as a
-    fresh tensor.
+    fresh tensor. ``grouped_forward(z, x, threshold, top_k, group_offsets, group_classes, program,
+    class_group_offsets, class_group_classes, log_spread)``: a grouped Linear stack's forward after
+    the switch in one call (``csrc/python/serving.cpp`` gives its arguments and results).
     """
 
     softmax_rows: Callable
@@ -41,6 +43,7 @@ class InferenceOps:
     segment_linear: Callable
     segment_linear_experts: Callable
     gather_split: Callable
+    grouped_forward: Callable
     below_autograd: Callable[[], ContextManager]
 
 
@@ -54,4 +57,4 @@ def inference_ops(backend_name: str) -> InferenceOps | None:
 
     return InferenceOps(entry.serve_softmax_rows, entry.serve_group_scores, entry.serve_route, entry.serve_recombine,
                         entry.serve_segment_linear, entry.serve_segment_linear_experts, entry.serve_gather_split,
-                        _BELOW_AUTOGRAD)
+                        entry.serve_grouped_forward, _BELOW_AUTOGRAD)

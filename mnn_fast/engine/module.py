@@ -127,6 +127,7 @@ class MetaNeuralNetwork(nn.Module):
     @threshold.setter
     def threshold(self, value) -> None:
         self._threshold = check_threshold(value, self._top_k)
+        self._accepted = None  # the serving path's arguments hold the threshold
 
     @property
     def top_k(self) -> int | None:
@@ -137,6 +138,7 @@ class MetaNeuralNetwork(nn.Module):
         top_k = check_top_k(value, self.num_experts)
         check_threshold(self._threshold, top_k)
         self._top_k = top_k
+        self._accepted = None
 
     @property
     def backend(self) -> str:
@@ -177,6 +179,7 @@ class MetaNeuralNetwork(nn.Module):
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
+        self._accepted = None  # (C, arguments) of the serving path for the logits width it checked
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -279,23 +282,42 @@ class MetaNeuralNetwork(nn.Module):
         the same stages and kernels, each op called at its C++ entry inside one region below the
         autograd key, so a small batch pays little more than its switch and its active specialists."""
         ops = self._inference
-        self._check_input(x)
-        z = self.switch(x)
-        num_classes = self._check_logits(z, x)
+        switch = self._modules["switch"]
+        owner, param = self._switch_param
+        # The usual call passes in a few reads (a one-sample call pays each Python step cold, after
+        # the GEMVs): a CPU batch of the switch's dtype, logits of the width checked before. Anything
+        # else takes the full checks and their messages.
+        if not (owner is switch and param is not None and x.dtype is param.dtype and x.is_cpu
+                and self._module_device.type == "cpu" and x.dim() >= 2):
+            self._check_input(x)
+        z = switch(x)
+        accepted = self._accepted
+        if not (accepted is not None and type(z) is Tensor and z.dim() == 2 and z.shape[0] == x.shape[0]
+                and z.shape[1] == accepted[0]):
+            accepted = self._accepted = self._serving_arguments(self._check_logits(z, x))
+        num_classes, program_args = accepted
         with ops.below_autograd():
-            log_probs, probs = ops.softmax_rows(z.float())
-            scores = probs if self._one_class_groups == num_classes else ops.group_scores(
-                probs, self.group_offsets, self.group_classes)
-            if self.switch_fn is None:
-                args = scores, -math.inf if self._threshold is None else self._threshold, self._top_k or 0
+            outputs = None
+            if program_args is not None and self.switch_fn is None:
+                # The rest in one call: each Python step here runs cold after the GEMVs.
+                out, outputs, log_probs, *routed = ops.grouped_forward(z, x, *program_args)
+                if out is not None:
+                    return (out, Routing(*routed)) if return_routing else out
             else:
-                args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
-            routing = Routing(*ops.route(*args))
-            tables = self._tables.get((num_classes, self._module_device)) or self.class_tables(num_classes)
+                log_probs, probs = ops.softmax_rows(z.float())
+                scores = probs if self._one_class_groups == num_classes else ops.group_scores(
+                    probs, self.group_offsets, self.group_classes)
+                if self.switch_fn is None:
+                    args = scores, -math.inf if self._threshold is None else self._threshold, self._top_k or 0
+                else:
+                    args = stages.route_args(scores, self._threshold, self._top_k, self.switch_fn)
+                routed = ops.route(*args)
+                if self._grouped is not None:
+                    counts, offsets, perm = routed[:3]
+                    outputs = self._grouped.serve(x, perm, offsets, counts, ops.segment_linear_experts)
+            routing = Routing(*routed)
             if self._grouped is not None:
-                outputs = self._grouped.serve(x, routing.perm, routing.offsets, routing.counts,
-                                              ops.segment_linear_experts)
-                if outputs is None:
+                if outputs is None:  # a parametrized or pruned weight: the stacked form reads it
                     outputs = self._grouped.run_gathered(x, routing.perm, routing.counts, routing.offsets,
                                                          kernel=ops.segment_linear)
                 if not (outputs.dim() == 2 and outputs.shape[0] == routing.perm.shape[0]
@@ -303,8 +325,22 @@ class MetaNeuralNetwork(nn.Module):
                     stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)  # binary, or an error
             else:
                 outputs = self.specialist_outputs(self._gathered(x, routing, ops), routing, num_classes)
-            out = stages.recombine_log_probs(log_probs, outputs, routing, tables, self._backend, recombine=ops.recombine)
+            out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend,
+                                             recombine=ops.recombine)
         return (out, routing) if return_routing else out
+
+    def _serving_arguments(self, num_classes: int) -> tuple[int, tuple | None]:
+        """``(C, arguments)`` for :meth:`_serve` once it has checked logits of width ``C``: what
+        ``grouped_forward`` takes after ``(z, x)``, fixed until the threshold, top-k or executor
+        change (each resets the cache), or ``None`` where the executor has no one-call program."""
+        program = None if self._grouped is None else self._grouped.serve_program
+        if program is None:
+            return num_classes, None
+        tables = self.class_tables(num_classes)
+        groups = (None, None) if self._one_class_groups == num_classes else (self.group_offsets, self.group_classes)
+        threshold = -math.inf if self._threshold is None else self._threshold
+        return num_classes, (threshold, self._top_k or 0, *groups, program, tables.group_offsets,
+                             tables.group_classes, tables.log_spread)
 
     def _fused_gather(self, x: Tensor) -> bool:
         """The grouped Linear kernel reads the routed rows of ``x`` itself (inference only: the C++
@@ -368,7 +404,7 @@ class MetaNeuralNetwork(nn.Module):
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
                       "_inference", "_tables", "_workspaces", "_module_device", "_switch_param",
-                      "_one_class_groups")
+                      "_one_class_groups", "_accepted")
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -8,6 +8,8 @@ weights change.
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from torch import nn
@@ -220,3 +222,42 @@ def test_serving_path_equals_the_generic_path_and_the_naive_loop(case, executor,
     assert torch.equal(served, want)
     for a, b in zip(routing, generic_routing):
         assert torch.equal(a, b)
+
+
+def test_a_grouped_mlp_call_is_one_entry_call_after_the_switch(monkeypatch):
+    # Each Python step after the switch runs cold in a one-sample call (the GEMVs evicted it): with
+    # grouped MLP specialists the whole rest is one grouped_forward call, and no other op is called.
+    switch, specialists = mlp_mnn(10, seed=8)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    calls = []
+
+    def counted(name, fn):
+        return lambda *args: calls.append(name) or fn(*args)
+
+    ops = mnn._inference
+    mnn._inference = dataclasses.replace(ops, **{
+        name: counted(name, getattr(ops, name)) for name in ("softmax_rows", "group_scores", "route", "recombine",
+                                                             "segment_linear", "segment_linear_experts",
+                                                             "gather_split", "grouped_forward")})
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        got, routing = mnn(x, return_routing=True)
+    assert calls == ["grouped_forward"]
+    want, want_routing = naive_forward(switch, specialists, x, threshold=0.05, return_routing=True)
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(routing, want_routing))
+
+
+@pytest.mark.parametrize("change", ["threshold", "top_k"])
+def test_a_new_threshold_or_top_k_applies_to_the_next_call(change):
+    # The serving path keeps its op arguments between calls; setting either must reach the next one.
+    switch, specialists = mlp_mnn(10, seed=9)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    x = torch.randn(6, 24)
+    with torch.no_grad():
+        before = mnn(x, return_routing=True)[1].perm.numel()
+        setattr(mnn, change, 0.3 if change == "threshold" else 1)
+        got, routing = mnn(x, return_routing=True)
+        want = naive_forward(switch, specialists, x, threshold=mnn.threshold, top_k=mnn.top_k)
+    assert routing.perm.numel() < before
+    assert torch.equal(got, want)
