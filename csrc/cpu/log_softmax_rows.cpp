@@ -22,7 +22,7 @@ at::Tensor log_softmax_rows_cpu(const at::Tensor& x_in) {
   if (B == 0 || C == 0) return out;
   const float* src = x.data_ptr<float>();
   float* dst = out.data_ptr<float>();
-  const tile::Kernels* tiles = tile::kernels();  // one ISA for the whole call
+  const tile::Kernels* tiles = tile::kernels_for(B);  // one ISA for the whole call
   at::parallel_for(0, B, grain_for(C * 30), [&](int64_t begin, int64_t end) {
     if (tiles != nullptr) {  // eight or sixteen rows at a time, in place in the output (tile.h): the same bits
       std::copy(src + begin * C, src + end * C, dst + begin * C);

@@ -96,7 +96,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   // Eight (AVX2) or sixteen (AVX-512) rows at a time, one per SIMD lane (tile.h): the same bits as
   // one row at a time, without each row's long serial chain. Width-C logits; the rest (and the sse2
   // choice) take the row path below.
-  const tile::Kernels* tiles = W == C ? tile::kernels() : nullptr;
+  const tile::Kernels* tiles = W == C ? tile::kernels_for(N) : nullptr;
   at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
     if (!valid(begin, end)) return;
     std::copy(lp + begin * C, lp + end * C, dst + begin * C);

@@ -25,7 +25,7 @@ std::tuple<at::Tensor, at::Tensor> softmax_rows_cpu(const at::Tensor& x_in) {
   const float* src = x.data_ptr<float>();
   float* log_dst = log_probs.data_ptr<float>();
   float* prob_dst = probs.data_ptr<float>();
-  const tile::Kernels* tiles = tile::kernels();  // one ISA for the whole call
+  const tile::Kernels* tiles = tile::kernels_for(B);  // one ISA for the whole call
   at::parallel_for(0, B, grain_for(C * 20), [&](int64_t begin, int64_t end) {
     if (tiles != nullptr) {
       const int per_tile = tiles->rows;

@@ -41,6 +41,14 @@ inline const Kernels* kernels() {
   }
 }
 
+// kernels(), or nullptr (the row path) for a call of only `rows` rows: fewer than a quarter tile
+// leaves most lanes idle, and a one-sample call runs its tile scratch and larger code cold (after
+// the GEMVs that precede it). The same bits either way.
+inline const Kernels* kernels_for(int64_t rows) {
+  const Kernels* tiles = kernels();
+  return tiles != nullptr && rows * 4 >= tiles->rows ? tiles : nullptr;
+}
+
 }  // namespace tile
 }  // namespace cpu
 }  // namespace mnn_fast

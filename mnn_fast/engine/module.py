@@ -127,7 +127,7 @@ class MetaNeuralNetwork(nn.Module):
     @threshold.setter
     def threshold(self, value) -> None:
         self._threshold = check_threshold(value, self._top_k)
-        self._accepted = None  # the serving path's arguments hold the threshold
+        self._grouped_call = None  # its arguments hold the threshold
 
     @property
     def top_k(self) -> int | None:
@@ -138,7 +138,7 @@ class MetaNeuralNetwork(nn.Module):
         top_k = check_top_k(value, self.num_experts)
         check_threshold(self._threshold, top_k)
         self._top_k = top_k
-        self._accepted = None
+        self._grouped_call = None
 
     @property
     def backend(self) -> str:
@@ -179,7 +179,7 @@ class MetaNeuralNetwork(nn.Module):
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
-        self._accepted = None  # (C, arguments) of the serving path for the logits width it checked
+        self._grouped_call = None  # grouped_forward's arguments for the logits width checked (_grouped_arguments)
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -291,16 +291,24 @@ class MetaNeuralNetwork(nn.Module):
                 and self._module_device.type == "cpu" and x.dim() >= 2):
             self._check_input(x)
         z = switch(x)
-        accepted = self._accepted
-        if not (accepted is not None and type(z) is Tensor and z.dim() == 2 and z.shape[0] == x.shape[0]
-                and z.shape[1] == accepted[0]):
-            accepted = self._accepted = self._serving_arguments(self._check_logits(z, x))
-        num_classes, program_args = accepted
+        # The usual call is one more: grouped_forward checks z against the width checked before
+        # (None where it differs) and does the rest, below autograd itself.
+        arguments, result = self._grouped_call, None
+        if arguments is not None and self.switch_fn is None:
+            result = ops.grouped_forward(z, x, *arguments)
+            if result is not None and result[0] is not None:
+                return (result[0], Routing(*result[3:])) if return_routing else result[0]
+        if result is None:
+            num_classes = self._check_logits(z, x)
+            arguments = self._grouped_call = self._grouped_arguments(num_classes)
+            if arguments is not None and self.switch_fn is None:
+                result = ops.grouped_forward(z, x, *arguments)
+        else:
+            num_classes = arguments[0]
         with ops.below_autograd():
             outputs = None
-            if program_args is not None and self.switch_fn is None:
-                # The rest in one call: each Python step here runs cold after the GEMVs.
-                out, outputs, log_probs, *routed = ops.grouped_forward(z, x, *program_args)
+            if result is not None:
+                out, outputs, log_probs, *routed = result
                 if out is not None:
                     return (out, Routing(*routed)) if return_routing else out
             else:
@@ -329,18 +337,18 @@ class MetaNeuralNetwork(nn.Module):
                                              recombine=ops.recombine)
         return (out, routing) if return_routing else out
 
-    def _serving_arguments(self, num_classes: int) -> tuple[int, tuple | None]:
-        """``(C, arguments)`` for :meth:`_serve` once it has checked logits of width ``C``: what
-        ``grouped_forward`` takes after ``(z, x)``, fixed until the threshold, top-k or executor
-        change (each resets the cache), or ``None`` where the executor has no one-call program."""
+    def _grouped_arguments(self, num_classes: int) -> tuple | None:
+        """What ``grouped_forward`` takes after ``(z, x)`` for logits of width ``C = num_classes``
+        (checked), or ``None`` where the executor has no one-call program. Kept between calls
+        until the threshold, top-k or executor change (each resets it)."""
         program = None if self._grouped is None else self._grouped.serve_program
         if program is None:
-            return num_classes, None
+            return None
         tables = self.class_tables(num_classes)
         groups = (None, None) if self._one_class_groups == num_classes else (self.group_offsets, self.group_classes)
         threshold = -math.inf if self._threshold is None else self._threshold
-        return num_classes, (threshold, self._top_k or 0, *groups, program, tables.group_offsets,
-                             tables.group_classes, tables.log_spread)
+        return (num_classes, threshold, self._top_k or 0, *groups, program, tables.group_offsets,
+                tables.group_classes, tables.log_spread)
 
     def _fused_gather(self, x: Tensor) -> bool:
         """The grouped Linear kernel reads the routed rows of ``x`` itself (inference only: the C++
@@ -404,7 +412,7 @@ class MetaNeuralNetwork(nn.Module):
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
                       "_inference", "_tables", "_workspaces", "_module_device", "_switch_param",
-                      "_one_class_groups", "_accepted")
+                      "_one_class_groups", "_grouped_call")
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -61,10 +61,12 @@ def make(batch, experts, classes, seed=0, bias=True, width=None):
     return torch.randn(batch, classes) * 3, torch.randn(batch, 11), nets
 
 
-def call(z, x, threshold, top_k, groups, nets, tables, steps=None):
-    with torch.no_grad(), DIRECT.below_autograd():
-        return DIRECT.grouped_forward(z, x, threshold, top_k, *(groups or (None, None)), steps or program(nets),
-                                      tables.group_offsets, tables.group_classes, tables.log_spread)
+def call(z, x, threshold, top_k, groups, nets, tables, steps=None, classes=None):
+    # No below_autograd() region: the entry steps below autograd itself.
+    with torch.no_grad():
+        return DIRECT.grouped_forward(z, x, tables.num_classes if classes is None else classes, threshold, top_k,
+                                      *(groups or (None, None)), steps or program(nets), tables.group_offsets,
+                                      tables.group_classes, tables.log_spread)
 
 
 # B = 0 (nothing to route), B = 1 (the serving case), an odd batch; E = 1, an odd E, E = 200 (most
@@ -94,6 +96,15 @@ def test_groups_and_no_bias_equal_the_ops_in_turn(bias):
     with torch.no_grad():
         want = ops_in_turn(z, x, 0.1, 0, (offsets, classes), nets, tables)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+# The caller checks the switch's output only when it is not the [B, C] it checked before: a wrong
+# width, a batch of another size, 1-D logits, something other than a tensor.
+@pytest.mark.parametrize("z", [torch.randn(5, 4), torch.randn(6, 5), torch.randn(5), [1.0] * 5])
+def test_logits_other_than_those_checked_before_are_left_to_the_caller(z):
+    _, x, nets = make(5, 5, 5)
+    tables = class_tables([[e] for e in range(5)], 5, torch.device("cpu"))
+    assert call(z, x, 0.1, 0, None, nets, tables) is None
 
 
 def test_a_weight_missing_from_its_dict_leaves_the_rest_to_the_caller():
@@ -158,7 +169,7 @@ def test_groups_come_as_both_tensors_or_neither():
     tables = class_tables([[e] for e in range(3)], 3, torch.device("cpu"))
     with torch.no_grad(), DIRECT.below_autograd():
         with pytest.raises(TypeError, match="group_offsets and group_classes must both be Tensors or both None"):
-            DIRECT.grouped_forward(z, x, 0.1, 0, torch.arange(4), None, program(nets), tables.group_offsets,
+            DIRECT.grouped_forward(z, x, 3, 0.1, 0, torch.arange(4), None, program(nets), tables.group_offsets,
                                    tables.group_classes, tables.log_spread)
-        with pytest.raises(TypeError, match="grouped_forward takes 10 arguments, got 2"):
+        with pytest.raises(TypeError, match="grouped_forward takes 11 arguments, got 2"):
             DIRECT.grouped_forward(z, x)
