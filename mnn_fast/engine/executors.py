@@ -434,7 +434,7 @@ class GroupedLinearStack:
             if compiling:
                 self._cache.traced = True
             return self._cache.value
-        if counts is not None and not compiling and not torch.is_grad_enabled() and counts.device.type == "cpu":
+        if counts is not None and not compiling and not torch.is_grad_enabled() and counts.is_cpu:
             # Only the experts with rows are read: checking the others' parameters was ~1 us each,
             # paid on every call (~80 us at E=100, most of a one-sample forward). numpy finds
             # them in a fifth of the time of Tensor.nonzero.

@@ -158,6 +158,8 @@ class MetaNeuralNetwork(nn.Module):
         # Kept for the per-call input checks: walking every submodule for its first parameter cost
         # ~10 us a call. Refreshed whenever the module moves or changes dtype (_apply).
         self._module_device = self._device()
+        # Read by each serving call; device.type builds its string through a C++ stream per read.
+        self._on_cpu = self._module_device.type == "cpu"
         self._switch_param = (self.switch, next(self.switch.parameters(), None))
         # is_identity walks every group: at E = 1000 that was ~0.5 ms of each forward.
         self._one_class_groups = len(self.groups) if is_identity(self.groups, len(self.groups)) else None
@@ -287,8 +289,8 @@ class MetaNeuralNetwork(nn.Module):
         # The usual call passes in a few reads (a one-sample call pays each Python step cold, after
         # the GEMVs): a CPU batch of the switch's dtype, logits of the width checked before. Anything
         # else takes the full checks and their messages.
-        if not (owner is switch and param is not None and x.dtype is param.dtype and x.is_cpu
-                and self._module_device.type == "cpu" and x.dim() >= 2):
+        if not (owner is switch and param is not None and x.dtype is param.dtype and x.is_cpu and self._on_cpu
+                and x.dim() >= 2):
             self._check_input(x)
         z = switch(x)
         # The usual call is one more: grouped_forward checks z against the width checked before
@@ -369,7 +371,7 @@ class MetaNeuralNetwork(nn.Module):
 
     def _eager_cpu_inference(self, x: Tensor) -> bool:
         """CPU, eager, and nothing that autograd records: where gathered rows need no autograd."""
-        return x.device.type == "cpu" and not torch.compiler.is_compiling() and not self._records_grad(x)
+        return x.is_cpu and not torch.compiler.is_compiling() and not self._records_grad(x)
 
     def _records_grad(self, x: Tensor) -> bool:
         """Whether autograd records this forward (through ``x`` or the specialists' parameters)."""
@@ -411,7 +413,7 @@ class MetaNeuralNetwork(nn.Module):
     # from them on load: the executor holds a lock and thread-local state, the backend record holds
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
-                      "_inference", "_tables", "_workspaces", "_module_device", "_switch_param",
+                      "_inference", "_tables", "_workspaces", "_module_device", "_on_cpu", "_switch_param",
                       "_one_class_groups", "_grouped_call")
 
     def __getstate__(self):

@@ -132,7 +132,7 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor | list[Tensor],
         # Each expert sees its rows where the naive loop's fresh x[idx] would be: on the allocator's
         # alignment (a segment of one buffer may start anywhere), or BLAS may round differently. CPU
         # only: that is where the bitwise promise is made, and on a GPU it would be a copy per expert.
-        if not isinstance(xg, list) and xg.device.type == "cpu":
+        if not isinstance(xg, list) and xg.is_cpu:
             chunks = [as_fresh_aligned(rows) for rows in chunks]
         if streams is not None:
             outputs = run_on_streams(specialists, chunks, streams)
