@@ -227,18 +227,20 @@ PyObject* py_gather_split(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
 // the module's step-by-step path, so the same bits; what goes is the Python between them, which a
 // one-sample call pays cold right after its GEMVs (~20 us of ~200 at 1 thread).
 //
-// Arguments: z (the switch's output), x, C (the logits width the caller has checked), threshold,
+// Arguments: z (the switch's output), x, routing (whether the caller wants the routing back), C
+// (the logits width the caller has checked), threshold,
 // top_k, group_offsets and group_classes (the experts' CSR groups, or None for one class per
 // expert), steps, then the recombine tables (class group offsets, classes, log spread). steps: a
 // list of (0, [E parameter dicts], has_bias, out_features) for a Linear or (1, callable, None,
 // None) for a row-wise layer. It runs below autograd (the caller has grad mode off).
 //
 // Returns None, having done nothing, when z is not a Tensor[B, C] for x's B and that C: the caller
-// checks it and explains. Otherwise (out, outputs, log_probs, counts, offsets, perm,
-// sample_offsets, sample_rows), where out is None when the caller must finish: outputs None where a
-// weight or bias is not a plain entry of its module's parameters (parametrized, pruned: the module
-// computes it on access), or the specialists' outputs when they are not float32 [N, C] (binary
-// experts, or an error to explain).
+// checks it and explains. With routing False and the forward complete, out alone: wrapping seven
+// more tensors for Python costs a one-sample call more than it uses. Otherwise (out, outputs,
+// log_probs, counts, offsets, perm, sample_offsets, sample_rows), where out is None when the
+// caller must finish: outputs None where a weight or bias is not a plain entry of its module's
+// parameters (parametrized, pruned: the module computes it on access), or the specialists'
+// outputs when they are not float32 [N, C] (binary experts, or an error to explain).
 constexpr int kLinearStep = 0;
 constexpr int kCallStep = 1;
 
@@ -298,7 +300,7 @@ std::optional<Tensor> parameter_entry(PyObject* dict, PyObject* name) {
 PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
   constexpr const char* fn = "grouped_forward";
-  check_count(fn, nargs, 11);
+  check_count(fn, nargs, 12);
   static const auto softmax_rows = handle<std::tuple<Tensor, Tensor>(const Tensor&)>("mnn_fast::softmax_rows");
   static const auto group_scores =
       handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::group_scores");
@@ -313,18 +315,19 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   static PyObject* const bias_name = PyUnicode_InternFromString("bias");
 
   const Tensor& x = tensor_arg(fn, "x", args[1]);
-  const int64_t C = int_arg(fn, "C", args[2]);
-  const double threshold = float_arg(fn, "threshold", args[3]);
-  const int64_t top_k = int_arg(fn, "top_k", args[4]);
-  const std::optional<Tensor> expert_offsets = optional_tensor_arg(fn, "group_offsets", args[5]);
-  const std::optional<Tensor> expert_classes = optional_tensor_arg(fn, "group_classes", args[6]);
+  const bool want_routing = bool_arg(fn, "routing", args[2]);
+  const int64_t C = int_arg(fn, "C", args[3]);
+  const double threshold = float_arg(fn, "threshold", args[4]);
+  const int64_t top_k = int_arg(fn, "top_k", args[5]);
+  const std::optional<Tensor> expert_offsets = optional_tensor_arg(fn, "group_offsets", args[6]);
+  const std::optional<Tensor> expert_classes = optional_tensor_arg(fn, "group_classes", args[7]);
   if (expert_offsets.has_value() != expert_classes.has_value()) {
     throw torch::TypeError(std::string(fn) + ": group_offsets and group_classes must both be Tensors or both None");
   }
-  const std::vector<Step> steps = steps_arg(fn, args[7]);
-  const Tensor& class_offsets = tensor_arg(fn, "class_group_offsets", args[8]);
-  const Tensor& class_groups = tensor_arg(fn, "class_group_classes", args[9]);
-  const Tensor& log_spread = tensor_arg(fn, "log_spread", args[10]);
+  const std::vector<Step> steps = steps_arg(fn, args[8]);
+  const Tensor& class_offsets = tensor_arg(fn, "class_group_offsets", args[9]);
+  const Tensor& class_groups = tensor_arg(fn, "class_group_classes", args[10]);
+  const Tensor& log_spread = tensor_arg(fn, "log_spread", args[11]);
   if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
   const Tensor& z = THPVariable_Unpack(args[0]);
   if (z.dim() != 2 || x.dim() < 1 || z.size(0) != x.size(0) || z.size(1) != C) Py_RETURN_NONE;
@@ -395,6 +398,7 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
                            sample_rows);
     }
   }
+  if (out.has_value() && !want_routing) return THPVariable_Wrap(*out);
   PyObject* result = PyTuple_New(8);
   if (result == nullptr) return nullptr;
   const auto set = [&](Py_ssize_t i, const std::optional<Tensor>& t) {

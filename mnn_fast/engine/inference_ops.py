@@ -31,7 +31,7 @@ class InferenceOps:
     ``segment_linear(x, weight, bias, offsets, parallel_segments, perm)``; ``perm=None`` reads ``x``'s
     own rows. ``segment_linear_experts(x, weights, biases, offsets, out_features, perm)``: the same
     matmul on each expert's own weight. ``gather_split(x, perm, offsets)``: each expert's rows as a
-    fresh tensor. ``grouped_forward(z, x, C, threshold, top_k, group_offsets, group_classes, program,
+    fresh tensor. ``grouped_forward(z, x, routing, C, threshold, top_k, group_offsets, group_classes, program,
     class_group_offsets, class_group_classes, log_spread)``: a grouped Linear stack's forward after
     the switch in one call, below autograd by itself (``csrc/python/serving.cpp`` gives its
     arguments and results).

@@ -297,14 +297,16 @@ class MetaNeuralNetwork(nn.Module):
         # (None where it differs) and does the rest, below autograd itself.
         arguments, result = self._grouped_call, None
         if arguments is not None and self.switch_fn is None:
-            result = ops.grouped_forward(z, x, *arguments)
+            result = ops.grouped_forward(z, x, return_routing, *arguments)
+            if type(result) is Tensor:  # the output alone: complete, no routing asked for
+                return result
             if result is not None and result[0] is not None:
-                return (result[0], Routing(*result[3:])) if return_routing else result[0]
+                return result[0], Routing(*result[3:])
         if result is None:
             num_classes = self._check_logits(z, x)
             arguments = self._grouped_call = self._grouped_arguments(num_classes)
             if arguments is not None and self.switch_fn is None:
-                result = ops.grouped_forward(z, x, *arguments)
+                result = ops.grouped_forward(z, x, True, *arguments)
         else:
             num_classes = arguments[0]
         with ops.below_autograd():

@@ -64,7 +64,7 @@ def make(batch, experts, classes, seed=0, bias=True, width=None):
 def call(z, x, threshold, top_k, groups, nets, tables, steps=None, classes=None):
     # No below_autograd() region: the entry steps below autograd itself.
     with torch.no_grad():
-        return DIRECT.grouped_forward(z, x, tables.num_classes if classes is None else classes, threshold, top_k,
+        return DIRECT.grouped_forward(z, x, True, tables.num_classes if classes is None else classes, threshold, top_k,
                                       *(groups or (None, None)), steps or program(nets), tables.group_offsets,
                                       tables.group_classes, tables.log_spread)
 
@@ -96,6 +96,16 @@ def test_groups_and_no_bias_equal_the_ops_in_turn(bias):
     with torch.no_grad():
         want = ops_in_turn(z, x, 0.1, 0, (offsets, classes), nets, tables)
     assert all(torch.equal(a, b) for a, b in zip(got, want))
+
+
+def test_without_the_routing_asked_for_the_output_comes_alone():
+    z, x, nets = make(7, 6, 6, seed=5)
+    tables = class_tables([[e] for e in range(6)], 6, torch.device("cpu"))
+    with torch.no_grad():
+        alone = DIRECT.grouped_forward(z, x, False, 6, 0.1, 0, None, None, program(nets), tables.group_offsets,
+                                       tables.group_classes, tables.log_spread)
+    assert isinstance(alone, torch.Tensor)
+    assert torch.equal(alone, call(z, x, 0.1, 0, None, nets, tables)[0])
 
 
 # The caller checks the switch's output only when it is not the [B, C] it checked before: a wrong
@@ -169,7 +179,7 @@ def test_groups_come_as_both_tensors_or_neither():
     tables = class_tables([[e] for e in range(3)], 3, torch.device("cpu"))
     with torch.no_grad(), DIRECT.below_autograd():
         with pytest.raises(TypeError, match="group_offsets and group_classes must both be Tensors or both None"):
-            DIRECT.grouped_forward(z, x, 3, 0.1, 0, torch.arange(4), None, program(nets), tables.group_offsets,
+            DIRECT.grouped_forward(z, x, True, 3, 0.1, 0, torch.arange(4), None, program(nets), tables.group_offsets,
                                    tables.group_classes, tables.log_spread)
-        with pytest.raises(TypeError, match="grouped_forward takes 11 arguments, got 2"):
+        with pytest.raises(TypeError, match="grouped_forward takes 12 arguments, got 2"):
             DIRECT.grouped_forward(z, x)
