@@ -81,7 +81,15 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   const auto logits_row = [&](int64_t r, int64_t e) { return parts == 1 ? base[0] + r * W : base[e] + (r - off[e]) * W; };
   const auto group_of = [&](int64_t e) { return rows::ExpertGroup{gc + go[e], go[e + 1] - go[e], spread[e]}; };
   // Whether samples [begin, end) index only rows that exist; the kernel reads nothing otherwise.
+  // Non-decreasing offsets with both ends in [0, N] keep every sample's range inside; then one
+  // branch-free pass over the chunk's rows. Only a failing chunk looks for its first bad sample.
   const auto valid = [&](int64_t begin, int64_t end) {
+    bool ok = 0 <= so[begin] && so[end] <= N;
+    for (int64_t i = begin; i < end; ++i) ok &= so[i] <= so[i + 1];
+    if (ok) {
+      for (int64_t k = so[begin]; k < so[end]; ++k) ok &= static_cast<uint64_t>(sr[k]) < static_cast<uint64_t>(N);
+    }
+    if (ok) return true;
     for (int64_t i = begin; i < end; ++i) {
       const int64_t a = so[i], b = so[i + 1];
       bool ok = 0 <= a && a <= b && b <= N;
@@ -99,30 +107,32 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   const tile::Kernels* tiles = W == C ? tile::kernels_for(N) : nullptr;
   at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
     if (!valid(begin, end)) return;
-    std::copy(lp + begin * C, lp + end * C, dst + begin * C);
     if (tiles != nullptr) {
       const int per_tile = tiles->rows;
       std::vector<float> tile(per_tile * C), in_group;
       const float* y[tile::kMaxRows];
       rows::ExpertGroup g[tile::kMaxRows];
-      int64_t owner[tile::kMaxRows], starts[tile::kMaxRows + 1] = {0};
+      const float* acc_from[tile::kMaxRows];  // a sample's first row starts from logp, the rest from dst
+      float* acc_rows[tile::kMaxRows];
+      int64_t starts[tile::kMaxRows + 1] = {0};
       float spreads[tile::kMaxRows];
       int count = 0;
       const auto flush = [&]() {
         in_group.resize(starts[count]);
         tiles->contributions(y, g, count, C, tile.data(), in_group.data(), starts, spreads);
-        for (int r = 0; r < count; ++r) {  // in sample_rows order: each sample's rows by increasing expert
-          tiles->accumulate(dst + owner[r] * C, C, g[r], in_group.data() + starts[r], spreads[r]);
-        }
+        // in sample_rows order: each sample's rows by increasing expert
+        tiles->accumulate_rows(acc_from, acc_rows, count, C, g, in_group.data(), starts, spreads);
         count = 0;
       };
       for (int64_t i = begin; i < end; ++i) {
+        if (so[i] == so[i + 1]) std::copy(lp + i * C, lp + (i + 1) * C, dst + i * C);
         for (int64_t k = so[i]; k < so[i + 1]; ++k) {
           const int64_t r = sr[k];
           const int64_t e = expert_of[r];
           y[count] = logits_row(r, e);
           g[count] = group_of(e);
-          owner[count] = i;
+          acc_from[count] = k == so[i] ? lp + i * C : dst + i * C;
+          acc_rows[count] = dst + i * C;
           starts[count + 1] = starts[count] + g[count].size;
           if (++count == per_tile) flush();
         }
@@ -131,6 +141,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
       tiles->log_softmax_matrix_rows(dst, begin, end, C, tile.data());
       return;
     }
+    std::copy(lp + begin * C, lp + end * C, dst + begin * C);
     std::vector<float> ls(C), outside(C);
     std::vector<uint8_t> inside(C, 0);
     for (int64_t i = begin; i < end; ++i) {

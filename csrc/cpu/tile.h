@@ -23,7 +23,8 @@ struct Kernels {
   void (*log_softmax_matrix_rows)(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile);
   void (*contributions)(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C, float* tile,
                         float* in_group, const int64_t* starts, float* spread);
-  void (*accumulate)(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread);
+  void (*accumulate_rows)(const float* const* from, float* const* dst, int count, int64_t C,
+                          const rows::ExpertGroup* g, float* in_group, const int64_t* starts, const float* spread);
 };
 
 extern const Kernels kAvx2;

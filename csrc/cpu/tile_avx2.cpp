@@ -21,7 +21,7 @@ using I = __m256i;
 
 inline F load_f(const float* p) { return _mm256_loadu_ps(p); }
 inline void store_f(float* p, F v) { _mm256_storeu_ps(p, v); }
-// The first n < 8 floats (the rest 0; nothing past p + n is read or written).
+// The first n <= 8 floats (the rest 0; nothing past p + n is read or written).
 inline __m256i first(int64_t n) {
   return _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
 }
@@ -56,13 +56,17 @@ inline I ior(I a, I b) { return _mm256_or_si256(a, b); }
 inline I shl23(I a) { return _mm256_slli_epi32(a, 23); }
 inline I sar23(I a) { return _mm256_srai_epi32(a, 23); }
 inline I inc_where(M m, I a) { return _mm256_sub_epi32(a, _mm256_castps_si256(m)); }  // true lanes are -1
+inline F put_lane(F v, int lane, float x) {
+  const __m256i at = _mm256_cmpeq_epi32(_mm256_set1_epi32(lane), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  return _mm256_blendv_ps(v, _mm256_set1_ps(x), _mm256_castsi256_ps(at));
+}
 
 #include "tile_impl.h"
 
 }  // namespace tile_avx2
 
 const tile::Kernels tile::kAvx2 = {tile_avx2::kRows, tile_avx2::softmax_rows, tile_avx2::log_softmax_matrix_rows,
-                                   tile_avx2::contributions, tile_avx2::accumulate};
+                                   tile_avx2::contributions, tile_avx2::accumulate_rows};
 
 }  // namespace cpu
 }  // namespace mnn_fast

@@ -13,6 +13,7 @@
 // GCC 12 flags the "undefined" source register inside its own AVX-512 intrinsics.
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 
 namespace mnn_fast {
 namespace cpu {
@@ -25,7 +26,7 @@ using I = __m512i;
 
 inline F load_f(const float* p) { return _mm512_loadu_ps(p); }
 inline void store_f(float* p, F v) { _mm512_storeu_ps(p, v); }
-// The first n < 16 floats (the rest 0; nothing past p + n is read or written).
+// The first n <= 16 floats (the rest 0; nothing past p + n is read or written).
 inline M first(int64_t n) { return static_cast<M>((1u << n) - 1); }
 inline F load_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }
 inline void store_n(float* p, F v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
@@ -58,6 +59,7 @@ inline I ior(I a, I b) { return _mm512_or_si512(a, b); }
 inline I shl23(I a) { return _mm512_slli_epi32(a, 23); }
 inline I sar23(I a) { return _mm512_srai_epi32(a, 23); }
 inline I inc_where(M m, I a) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(1)); }
+inline F put_lane(F v, int lane, float x) { return _mm512_mask_mov_ps(v, static_cast<M>(1u << lane), _mm512_set1_ps(x)); }
 
 #include "tile_impl.h"
 
@@ -65,7 +67,7 @@ inline I inc_where(M m, I a) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1
 
 const tile::Kernels tile::kAvx512 = {tile_avx512::kRows, tile_avx512::softmax_rows,
                                      tile_avx512::log_softmax_matrix_rows, tile_avx512::contributions,
-                                     tile_avx512::accumulate};
+                                     tile_avx512::accumulate_rows};
 
 }  // namespace cpu
 }  // namespace mnn_fast

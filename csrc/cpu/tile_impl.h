@@ -191,6 +191,13 @@ inline void add_scalar(float* dst, int64_t n, float value) {
   if (c < n) store_n(dst + c, add(load_n(dst + c, n - c), v), n - c);
 }
 
+// dst[c] = src[c] for c < n.
+inline void copy_row(const float* src, int64_t n, float* dst) {
+  int64_t c = 0;
+  for (; c + kRows <= n; c += kRows) store_f(dst + c, load_f(src + c));
+  if (c < n) store_n(dst + c, load_n(src + c, n - c), n - c);
+}
+
 // dst[c] = (src[c] - m) - log_s for c < n.
 inline void sub2(const float* src, int64_t n, float m, float log_s, float* dst) {
   const F vm = set1(m), vl = set1(log_s);
@@ -317,8 +324,40 @@ void contributions(const float* const* y, const rows::ExpertGroup* g, int count,
 
 // dst[c] = dst[c] + v[c], v = in_group[k] at the group's classes[k] and `spread` elsewhere (one
 // float32 add per class, as rows::contribution_row<true>); in_group is overwritten.
-void accumulate(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread) {
+inline void accumulate(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread) {
   for (int64_t k = 0; k < g.size; ++k) in_group[k] = rowmath::add(dst[g.classes[k]], in_group[k]);
   add_scalar(dst, C, spread);
   for (int64_t k = 0; k < g.size; ++k) dst[g.classes[k]] = in_group[k];
+}
+
+// accumulate() for the `count` rows of one contributions() call, in order (rows of one sample add
+// in increasing expert order): row r into dst[r], which starts from from[r] (logp's row for a
+// sample's first row, dst[r] itself after), with in_group[starts[r]:] and spread[r]. A row of at
+// most kRows classes is one register: v built in it (spread, the group's values put in their
+// lanes) and added, dst first: the same add per class as accumulate().
+void accumulate_rows(const float* const* from, float* const* dst, int count, int64_t C, const rows::ExpertGroup* g,
+                     float* in_group, const int64_t* starts, const float* spread) {
+  if (C > kRows) {
+    for (int r = 0; r < count; ++r) {
+      if (from[r] != dst[r]) copy_row(from[r], C, dst[r]);
+      accumulate(dst[r], C, g[r], in_group + starts[r], spread[r]);
+    }
+    return;
+  }
+  // A sample's rows are adjacent: its row stays in a register from its first row to its last (a
+  // masked store read back at once by a masked load would wait for the store to complete).
+  float* held = nullptr;
+  F acc = zero();
+  for (int r = 0; r < count; ++r) {
+    F v = set1(spread[r]);
+    const float* values = in_group + starts[r];
+    for (int64_t k = 0; k < g[r].size; ++k) v = put_lane(v, static_cast<int>(g[r].classes[k]), values[k]);
+    if (dst[r] != held) {
+      if (held != nullptr) store_n(held, acc, C);
+      held = dst[r];
+      acc = load_n(from[r], C);
+    }
+    acc = add(acc, v);
+  }
+  if (held != nullptr) store_n(held, acc, C);
 }
