@@ -304,7 +304,8 @@ class MetaNeuralNetwork(nn.Module):
                 return result[0], Routing(*result[3:])
         if result is None:
             num_classes = self._check_logits(z, x)
-            arguments = self._grouped_call = self._grouped_arguments(num_classes)
+            if arguments is None or arguments[0] != num_classes:  # with a switch_fn: built once too
+                arguments = self._grouped_call = self._grouped_arguments(num_classes)
             if arguments is not None and self.switch_fn is None:
                 result = ops.grouped_forward(z, x, True, *arguments)
         else:

@@ -261,3 +261,19 @@ def test_a_new_threshold_or_top_k_applies_to_the_next_call(change):
         want = naive_forward(switch, specialists, x, threshold=mnn.threshold, top_k=mnn.top_k)
     assert routing.perm.numel() < before
     assert torch.equal(got, want)
+
+
+def test_with_a_switch_fn_the_serving_arguments_are_built_once(monkeypatch):
+    # A switch_fn takes the op-by-op path; the width-dependent arguments it shares with the one-call
+    # path are still kept between calls (they were rebuilt on every call), and stay exact.
+    switch, specialists = mlp_mnn(10, seed=10)
+    rule = lambda scores: scores > 0.05  # noqa: E731
+    mnn = MetaNeuralNetwork(switch, specialists, switch_fn=rule)
+    built = []
+    build = mnn._grouped_arguments
+    monkeypatch.setattr(mnn, "_grouped_arguments", lambda *args: built.append(1) or build(*args))
+    with torch.no_grad():
+        for batch in (1, 5, 1):
+            x = torch.randn(batch, 24)
+            assert torch.equal(mnn(x), naive_forward(switch, specialists, x, switch_fn=rule))
+    assert built == [1]
