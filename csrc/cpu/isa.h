@@ -10,7 +10,8 @@ namespace cpu {
 
 // sse2: the 16 lanes as four SSE2 registers, one row at a time (every x86-64 CPU). avx2: the same
 // lanes as two AVX2 registers, and the tile kernels (tile_impl.h) eight rows at a time. avx512:
-// the tile kernels sixteen rows at a time in AVX-512 registers (row-at-a-time passes stay AVX2).
+// the tile kernels sixteen rows at a time in AVX-512 registers, wide rows one at a time in them
+// (rows.h's row-at-a-time passes stay AVX2).
 enum class Isa : int { kSse2 = 0, kAvx2 = 1, kAvx512 = 2 };
 constexpr int kIsaCount = 3;
 

@@ -27,6 +27,10 @@ std::tuple<at::Tensor, at::Tensor> softmax_rows_cpu(const at::Tensor& x_in) {
   float* prob_dst = probs.data_ptr<float>();
   const tile::Kernels* tiles = tile::kernels_for(B);  // one ISA for the whole call
   at::parallel_for(0, B, grain_for(C * 20), [&](int64_t begin, int64_t end) {
+    if (tiles != nullptr && C >= tile::kWideColumns) {
+      tiles->softmax_rows_wide(src, begin, end, C, log_dst, prob_dst);
+      return;
+    }
     if (tiles != nullptr) {
       const int per_tile = tiles->rows;
       std::vector<float> tile(per_tile * C);

@@ -1,6 +1,7 @@
 // The tile kernels: the row passes of rows.h for several rows at once, one row per SIMD lane (eight
-// on AVX2, sixteen on AVX-512), compiled once per ISA (tile_avx2.cpp, tile_avx512.cpp from
-// tile_impl.h) and picked at run time by isa.h's choice. Same bits as rows.h (tested bitwise).
+// on AVX2, sixteen on AVX-512), or for wide rows one at a time in their own layout, compiled once
+// per ISA (tile_avx2.cpp, tile_avx512.cpp from tile_impl.h) and picked at run time by isa.h's
+// choice. Same bits as rows.h (tested bitwise).
 #pragma once
 
 #include <cstdint>
@@ -13,6 +14,9 @@ namespace cpu {
 namespace tile {
 
 constexpr int kMaxRows = 16;
+// From this many columns a row goes alone, in its own layout (tile_impl.h: "wide rows"); below it
+// kRows rows go transposed into a tile. Measured crossover (AVX-512, softmax_rows): ~128 columns.
+constexpr int64_t kWideColumns = 160;
 
 // One ISA's kernels (tile_impl.h says what each computes); `rows` per call, the tile scratch holds
 // rows * C floats.
@@ -20,9 +24,13 @@ struct Kernels {
   int rows;
   void (*softmax_rows)(const float* const* x, int count, int64_t C, float* tile, float* const* log_out,
                        float* const* prob_out);
+  void (*softmax_rows_wide)(const float* x, int64_t begin, int64_t end, int64_t C, float* log_out,
+                            float* prob_out);
   void (*log_softmax_matrix_rows)(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile);
   void (*contributions)(const float* const* y, const rows::ExpertGroup* g, int count, int64_t C, float* tile,
                         float* in_group, const int64_t* starts, float* spread);
+  bool (*contribute_wide)(const float* y, int64_t C, const rows::ExpertGroup& g, float* kept, float* in_group,
+                          const float* from, float* dst, const float* next);
   void (*accumulate_rows)(const float* const* from, float* const* dst, int count, int64_t C,
                           const rows::ExpertGroup* g, float* in_group, const int64_t* starts, const float* spread);
 };

@@ -61,12 +61,16 @@ inline F put_lane(F v, int lane, float x) {
   return _mm256_blendv_ps(v, _mm256_set1_ps(x), _mm256_castsi256_ps(at));
 }
 
+inline F select_first(int64_t n, F a, F b) { return _mm256_blendv_ps(b, a, _mm256_castsi256_ps(first(n > 0 ? n : 0))); }
+inline bool any(M m) { return _mm256_movemask_ps(m) != 0; }
+
 #include "tile_impl.h"
 
 }  // namespace tile_avx2
 
-const tile::Kernels tile::kAvx2 = {tile_avx2::kRows, tile_avx2::softmax_rows, tile_avx2::log_softmax_matrix_rows,
-                                   tile_avx2::contributions, tile_avx2::accumulate_rows};
+const tile::Kernels tile::kAvx2 = {tile_avx2::kRows, tile_avx2::softmax_rows, tile_avx2::softmax_rows_wide,
+                                   tile_avx2::log_softmax_matrix_rows, tile_avx2::contributions, tile_avx2::contribute_wide,
+                                   tile_avx2::accumulate_rows};
 
 }  // namespace cpu
 }  // namespace mnn_fast

@@ -61,12 +61,15 @@ inline I sar23(I a) { return _mm512_srai_epi32(a, 23); }
 inline I inc_where(M m, I a) { return _mm512_mask_add_epi32(a, m, a, _mm512_set1_epi32(1)); }
 inline F put_lane(F v, int lane, float x) { return _mm512_mask_mov_ps(v, static_cast<M>(1u << lane), _mm512_set1_ps(x)); }
 
+inline F select_first(int64_t n, F a, F b) { return _mm512_mask_blend_ps(first(n > 0 ? n : 0), b, a); }
+inline bool any(M m) { return m != 0; }
+
 #include "tile_impl.h"
 
 }  // namespace tile_avx512
 
-const tile::Kernels tile::kAvx512 = {tile_avx512::kRows, tile_avx512::softmax_rows,
-                                     tile_avx512::log_softmax_matrix_rows, tile_avx512::contributions,
+const tile::Kernels tile::kAvx512 = {tile_avx512::kRows, tile_avx512::softmax_rows, tile_avx512::softmax_rows_wide,
+                                     tile_avx512::log_softmax_matrix_rows, tile_avx512::contributions, tile_avx512::contribute_wide,
                                      tile_avx512::accumulate_rows};
 
 }  // namespace cpu

@@ -182,20 +182,13 @@ inline void shift_scale(float* tile, int64_t C, F m, F log_s) {
   for (int64_t c = 0; c < C; ++c) store_f(tile + kRows * c, sub(sub(load_f(tile + kRows * c), m), log_s));
 }
 
-// dst[c] = dst[c] + value for c < n (one float32 add each, as the scalar loop); the last
-// columns by a masked load and store, which touch nothing past n.
-inline void add_scalar(float* dst, int64_t n, float value) {
+// dst[c] = src[c] + value for c < n (one float32 add each, as the scalar loop; src may be dst); the
+// last columns by a masked load and store, which touch nothing past n.
+inline void add_scalar(const float* src, float* dst, int64_t n, float value) {
   const F v = set1(value);
   int64_t c = 0;
-  for (; c + kRows <= n; c += kRows) store_f(dst + c, add(load_f(dst + c), v));
-  if (c < n) store_n(dst + c, add(load_n(dst + c, n - c), v), n - c);
-}
-
-// dst[c] = src[c] for c < n.
-inline void copy_row(const float* src, int64_t n, float* dst) {
-  int64_t c = 0;
-  for (; c + kRows <= n; c += kRows) store_f(dst + c, load_f(src + c));
-  if (c < n) store_n(dst + c, load_n(src + c, n - c), n - c);
+  for (; c + kRows <= n; c += kRows) store_f(dst + c, add(load_f(src + c), v));
+  if (c < n) store_n(dst + c, add(load_n(src + c, n - c), v), n - c);
 }
 
 // dst[c] = (src[c] - m) - log_s for c < n.
@@ -264,8 +257,124 @@ void softmax_rows(const float* const* x, int count, int64_t C, float* tile, floa
   }
 }
 
+// ---------------------------------------------------------------- wide rows, one at a time
+// A row of tile::kWideColumns or more is read in its own layout: rowmath's 16 lanes are the 16
+// columns of each block (kBlockRegs registers of kRows floats), so nothing is transposed, where a
+// tile of kRows such rows would not fit the L1 cache (softmax_rows at C = 1000: ~1.5x faster so).
+// Rows are independent: the CPU overlaps one row's serial folds with the next row's passes.
+constexpr int kBlockRegs = kLanes / kRows;
+
+// Asks for a row's cache lines ahead of its use: one row at a time streams too little at once to
+// hide the latency of rows from L3 or memory (tiles read kRows rows together).
+inline void prefetch_row(const float* x, int64_t n) {
+  for (int64_t c = 0; c < n; c += 16) __builtin_prefetch(x + c);
+}
+
+// Register k of the block at column c of a row of n columns; past n: -inf.
+inline F load_lanes(const float* x, int64_t c, int64_t n, int k) {
+  const int64_t at = c + kRows * k;
+  if (at + kRows <= n) return load_f(x + at);
+  return select_first(n - at, load_n(x + at, n - at > 0 ? n - at : 0), set1(-rows::kInf));
+}
+
+// rows::row_max of a row of n >= 1 columns.
+inline float row_max_wide(const float* x, int64_t n) {
+  F m[kBlockRegs];
+  M nan = mnone();
+  for (int k = 0; k < kBlockRegs; ++k) m[k] = set1(-rows::kInf);
+  for (int64_t c = 0; c < n; c += kLanes) {
+    for (int k = 0; k < kBlockRegs; ++k) {
+      const F v = load_lanes(x, c, n, k);
+      m[k] = max_v(v, m[k]);
+      nan = mor(nan, unord(v));
+    }
+  }
+  if (any(nan)) return rows::kNaN;
+  float lanes[kLanes];
+  for (int k = 0; k < kBlockRegs; ++k) store_f(lanes + kRows * k, m[k]);
+  float best = -rows::kInf;  // rows::fold_max's order: a tree could pick the other sign of a zero
+  for (int j = 0; j < kLanes; ++j) best = lanes[j] > best ? lanes[j] : best;
+  return best;
+}
+
+// rows::lane_sum_exp(x, n, m); the exps are also written to kept[0:n] (which may not alias x).
+inline float sum_exp_wide(const float* x, int64_t n, float m, float* kept) {
+  const F vm = set1(m);
+  F acc[kBlockRegs];
+  for (int k = 0; k < kBlockRegs; ++k) acc[k] = zero();
+  for (int64_t c = 0; c < n; c += kLanes) {
+    for (int k = 0; k < kBlockRegs; ++k) {
+      const int64_t at = c + kRows * k;
+      if (at >= n) break;  // a register of padding only adds +0
+      const F e = exp_v(sub(load_lanes(x, c, n, k), vm));
+      if (at + kRows <= n) {
+        store_f(kept + at, e);
+      } else {
+        store_n(kept + at, e, n - at);
+      }
+      acc[k] = add(acc[k], e);
+    }
+  }
+  float lanes[kLanes];
+  for (int k = 0; k < kBlockRegs; ++k) store_f(lanes + kRows * k, acc[k]);
+  return rowmath::fold_lanes(lanes);
+}
+
+// The lane sum of v[0:n] (each term as is) in rowmath's order.
+inline float lane_sum_wide(const float* v, int64_t n) {
+  F acc[kBlockRegs];
+  for (int k = 0; k < kBlockRegs; ++k) acc[k] = zero();
+  for (int64_t c = 0; c < n; c += kLanes) {
+    for (int k = 0; k < kBlockRegs; ++k) {
+      const int64_t at = c + kRows * k;
+      if (at >= n) break;
+      acc[k] = add(acc[k], at + kRows <= n ? load_f(v + at) : load_n(v + at, n - at));  // padding: +0
+    }
+  }
+  float lanes[kLanes];
+  for (int k = 0; k < kBlockRegs; ++k) store_f(lanes + kRows * k, acc[k]);
+  return rowmath::fold_lanes(lanes);
+}
+
+// dst[c] = src[c] * scale for c < n (in place allowed).
+inline void scale_row(const float* src, int64_t n, float scale, float* dst) {
+  const F v = set1(scale);
+  int64_t c = 0;
+  for (; c + kRows <= n; c += kRows) store_f(dst + c, mul(load_f(src + c), v));
+  if (c < n) store_n(dst + c, mul(load_n(src + c, n - c), v), n - c);
+}
+
+// softmax_row (rows.h) of rows [begin, end) of x (C >= 1 columns each): the summing pass keeps its
+// exps in prob_out, scaled there by 1 / s.
+void softmax_rows_wide(const float* x, int64_t begin, int64_t end, int64_t C, float* log_out, float* prob_out) {
+  for (int64_t i = begin; i < end; ++i) {
+    const float* row = x + i * C;
+    float* prob = prob_out + i * C;
+    if (i + 1 < end) prefetch_row(row + C, C);
+    const float m = row_max_wide(row, C);
+    const float s = sum_exp_wide(row, C, m, prob);
+    sub2(row, C, m, rowmath::log1p_nonnegative(rowmath::sub(s, 1.0f)), log_out + i * C);
+    scale_row(prob, C, rowmath::div(1.0f, s), prob);
+  }
+}
+
+// rows::log_softmax_row of a row of C >= 1 columns, in place; `kept` is scratch of C floats.
+inline void log_softmax_row_wide(float* x, int64_t C, float* kept) {
+  const float m = row_max_wide(x, C);
+  const float s = sum_exp_wide(x, C, m, kept);
+  sub2(x, C, m, rowmath::log1p_nonnegative(rowmath::sub(s, 1.0f)), x);
+}
+
+
 // log_softmax_rows over rows [begin, end) of a row-major matrix of C columns, in place.
 void log_softmax_matrix_rows(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile) {
+  if (C >= tile::kWideColumns) {  // the tile scratch holds kRows C floats: room for one row's exps
+    for (int64_t i = begin; i < end; ++i) {
+      if (i + 1 < end) prefetch_row(matrix + (i + 1) * C, C);
+      log_softmax_row_wide(matrix + i * C, C, tile);
+    }
+    return;
+  }
   float* rows[kRows];
   for (int64_t i = begin; i < end; i += kRows) {
     const int n = static_cast<int>(end - i < kRows ? end - i : kRows);
@@ -322,11 +431,12 @@ void contributions(const float* const* y, const rows::ExpertGroup* g, int count,
   }
 }
 
-// dst[c] = dst[c] + v[c], v = in_group[k] at the group's classes[k] and `spread` elsewhere (one
-// float32 add per class, as rows::contribution_row<true>); in_group is overwritten.
-inline void accumulate(float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group, float spread) {
-  for (int64_t k = 0; k < g.size; ++k) in_group[k] = rowmath::add(dst[g.classes[k]], in_group[k]);
-  add_scalar(dst, C, spread);
+// dst[c] = from[c] + v[c], v = in_group[k] at the group's classes[k] and `spread` elsewhere (one
+// float32 add per class, as rows::contribution_row<true>; from may be dst); in_group is overwritten.
+inline void accumulate(const float* from, float* dst, int64_t C, const rows::ExpertGroup& g, float* in_group,
+                       float spread) {
+  for (int64_t k = 0; k < g.size; ++k) in_group[k] = rowmath::add(from[g.classes[k]], in_group[k]);
+  add_scalar(from, dst, C, spread);
   for (int64_t k = 0; k < g.size; ++k) dst[g.classes[k]] = in_group[k];
 }
 
@@ -338,10 +448,7 @@ inline void accumulate(float* dst, int64_t C, const rows::ExpertGroup& g, float*
 void accumulate_rows(const float* const* from, float* const* dst, int count, int64_t C, const rows::ExpertGroup* g,
                      float* in_group, const int64_t* starts, const float* spread) {
   if (C > kRows) {
-    for (int r = 0; r < count; ++r) {
-      if (from[r] != dst[r]) copy_row(from[r], C, dst[r]);
-      accumulate(dst[r], C, g[r], in_group + starts[r], spread[r]);
-    }
+    for (int r = 0; r < count; ++r) accumulate(from[r], dst[r], C, g[r], in_group + starts[r], spread[r]);
     return;
   }
   // A sample's rows are adjacent: its row stays in a register from its first row to its last (a
@@ -360,4 +467,22 @@ void accumulate_rows(const float* const* from, float* const* dst, int count, int
     acc = add(acc, v);
   }
   if (held != nullptr) store_n(held, acc, C);
+}
+
+// rows::contribution_row<true> of one width-C row y of group g: dst[0:C] = from[0:C] + it, when the
+// outside classes' sum allows the one-pass log(1 - q); false (nothing written) otherwise, and the
+// caller takes rows.h's second pass. kept and in_group are scratch of C floats; `next` (or null) is
+// the row the caller takes next, prefetched.
+bool contribute_wide(const float* y, int64_t C, const rows::ExpertGroup& g, float* kept, float* in_group,
+                     const float* from, float* dst, const float* next) {
+  if (next != nullptr) prefetch_row(next, C);
+  const float m = row_max_wide(y, C);
+  const float log_s = rowmath::log1p_nonnegative(rowmath::sub(sum_exp_wide(y, C, m, kept), 1.0f));
+  for (int64_t k = 0; k < g.size; ++k) kept[g.classes[k]] = 0.0f;  // the group's terms add +0 (s_out)
+  const float s_out = lane_sum_wide(kept, C);
+  if (!(s_out >= rowmath::kOnePassMin)) return false;
+  for (int64_t k = 0; k < g.size; ++k) in_group[k] = rowmath::sub(rowmath::sub(y[g.classes[k]], m), log_s);
+  const float spread = rowmath::sub(rowmath::sub(rowmath::log_positive(s_out), log_s), g.log_spread);
+  accumulate(from, dst, C, g, in_group, spread);
+  return true;
 }

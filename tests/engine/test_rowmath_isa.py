@@ -84,12 +84,31 @@ def check_row_ops(x, args):
 
 
 # Widths around the 8- and 16-column blocks and the 16-lane sums (1, 3, 15, 16, 17, 31, 33), a
-# mid-size one and a large odd one; 0 and 1 rows, and 37 (not a multiple of 8 or 16: partial tiles).
-@pytest.mark.parametrize("classes", [1, 3, 15, 16, 17, 31, 33, 100, 1001])
+# mid-size one, the last tiled width and the first one-row-at-a-time width (159, 160: tile.h's
+# kWideColumns) and a large odd one; 0 and 1 rows, and 37 (not a multiple of 8 or 16: partial tiles).
+@pytest.mark.parametrize("classes", [1, 3, 15, 16, 17, 31, 33, 100, 159, 160, 1001])
 @pytest.mark.parametrize("rows", [0, 1, 37])
 def test_row_ops_are_the_reference_bits_under_each_isa(isa, classes, rows):
     x = hard_logits(rows, classes, seed=classes + rows)
     check_row_ops(x, routed(rows, classes, 5, seed=classes * 7 + rows))
+
+
+# A wide row (one at a time, in its own layout) whose outside classes sum below rowmath's one-pass
+# bound takes the second pass: a group of every class (nothing outside), and a group of class 0,
+# which outweighs the 170 others by 90 to 120 nats (their exps flush to 0 in the first pass).
+@pytest.mark.parametrize("group", ["every class", "class 0"])
+def test_wide_rows_take_the_second_pass_where_the_outside_sum_is_tiny(isa, group):
+    width = 171
+    groups = [list(range(width))] if group == "every class" else [[0]]
+    rows = 8  # enough rows for the kernels (tile.h's kernels_for), not the row path of tiny calls
+    logits = torch.full((rows, width), -100.0)
+    logits[:, 0] = 0.0
+    logits[1, 1:] = torch.linspace(-120, -90, width - 1)
+    logp = torch.log_softmax(torch.randn(rows, width, generator=torch.Generator().manual_seed(3)), 1)
+    t = class_tables(groups, width, torch.device("cpu"))
+    args = (logp, [logits], torch.tensor([0, rows]), t.group_offsets, t.group_classes, t.log_spread,
+            torch.arange(rows + 1), torch.arange(rows))
+    assert same(CPP.recombine(*args), rowmath.recombine_torch(*args))
 
 
 # Thread counts split the rows into different chunks (and tiles into different partial ones).
@@ -99,12 +118,13 @@ def test_row_ops_do_not_depend_on_the_thread_count(isa, threads):
     torch.set_num_threads(threads)
     try:
         check_row_ops(hard_logits(301, 23, seed=threads), routed(301, 23, 9, seed=threads))
+        check_row_ops(hard_logits(61, 171, seed=threads), routed(61, 171, 9, seed=threads))  # wide rows
     finally:
         torch.set_num_threads(old)
 
 
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(0, 40), classes=st.integers(1, 70), scale=st.sampled_from([0.01, 1.0, 30.0, 1e3]),
+@given(rows=st.integers(0, 40), classes=st.one_of(st.integers(1, 70), st.integers(150, 300)), scale=st.sampled_from([0.01, 1.0, 30.0, 1e3]),
        seed=st.integers(0, 2**16))
 def test_row_ops_agree_across_isas_on_random_shapes(rows, classes, scale, seed):
     gen = torch.Generator().manual_seed(seed)
