@@ -11,106 +11,17 @@
 #include <Python.h>
 
 #include <ATen/core/LegacyTypeDispatch.h>
-#include <ATen/core/dispatch/Dispatcher.h>
-#include <torch/csrc/Exceptions.h>
-#include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
 #include <string>
 #include <tuple>
 #include <vector>
 
+#include "entry.h"
+
 namespace {
 
-using at::Tensor;
-
-// Argument conversion: a TypeError naming the function and the argument, never a crash.
-[[noreturn]] void bad_argument(const char* fn, const char* name, const char* expected, PyObject* got) {
-  throw torch::TypeError(std::string(fn) + ": " + name + " must be " + expected + ", got " + Py_TYPE(got)->tp_name);
-}
-
-const Tensor& tensor_arg(const char* fn, const char* name, PyObject* obj) {
-  if (!THPVariable_Check(obj)) bad_argument(fn, name, "a Tensor", obj);
-  return THPVariable_Unpack(obj);
-}
-
-std::optional<Tensor> optional_tensor_arg(const char* fn, const char* name, PyObject* obj) {
-  if (obj == Py_None) return std::nullopt;
-  return tensor_arg(fn, name, obj);
-}
-
-std::vector<Tensor> tensor_list_arg(const char* fn, const char* name, PyObject* obj) {
-  if (!PyList_Check(obj) && !PyTuple_Check(obj)) bad_argument(fn, name, "a list of Tensors", obj);
-  const Py_ssize_t n = PySequence_Fast_GET_SIZE(obj);
-  PyObject** items = PySequence_Fast_ITEMS(obj);
-  std::vector<Tensor> out;
-  out.reserve(n);
-  for (Py_ssize_t i = 0; i < n; ++i) {
-    if (!THPVariable_Check(items[i])) bad_argument(fn, name, "a list of Tensors", items[i]);
-    out.push_back(THPVariable_Unpack(items[i]));
-  }
-  return out;
-}
-
-double float_arg(const char* fn, const char* name, PyObject* obj) {
-  if (!PyFloat_Check(obj) && !PyLong_Check(obj)) bad_argument(fn, name, "a float", obj);
-  const double value = PyFloat_AsDouble(obj);
-  if (value == -1.0 && PyErr_Occurred()) throw python_error();  // an int too large for a double
-  return value;
-}
-
-int64_t int_arg(const char* fn, const char* name, PyObject* obj) {
-  if (!PyLong_Check(obj) || PyBool_Check(obj)) bad_argument(fn, name, "an int", obj);
-  const int64_t value = PyLong_AsLongLong(obj);
-  if (value == -1 && PyErr_Occurred()) throw python_error();  // OverflowError: beyond int64
-  return value;
-}
-
-bool bool_arg(const char* fn, const char* name, PyObject* obj) {
-  if (!PyBool_Check(obj)) bad_argument(fn, name, "a bool", obj);
-  return obj == Py_True;
-}
-
-void check_count(const char* fn, Py_ssize_t nargs, Py_ssize_t want) {
-  if (nargs != want) {
-    throw torch::TypeError(std::string(fn) + " takes " + std::to_string(want) + " arguments, got " + std::to_string(nargs));
-  }
-}
-
-// The GIL released for the kernel's run, and taken back however it ends.
-class WithoutGil {
- public:
-  WithoutGil() : state_(PyEval_SaveThread()) {}
-  ~WithoutGil() { PyEval_RestoreThread(state_); }
-  WithoutGil(const WithoutGil&) = delete;
-  WithoutGil& operator=(const WithoutGil&) = delete;
-
- private:
-  PyThreadState* state_;
-};
-
-template <typename Sig>
-c10::TypedOperatorHandle<Sig> handle(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Sig>();
-}
-
-PyObject* wrap(const Tensor& t) { return THPVariable_Wrap(t); }
-
-template <typename... Ts>
-PyObject* wrap(const std::tuple<Ts...>& tensors) {
-  PyObject* out = PyTuple_New(sizeof...(Ts));
-  if (out == nullptr) return nullptr;
-  Py_ssize_t i = 0;
-  std::apply([&](const auto&... t) { (PyTuple_SET_ITEM(out, i++, THPVariable_Wrap(t)), ...); }, tensors);
-  return out;
-}
-
-PyObject* wrap(const std::vector<Tensor>& tensors) {
-  PyObject* out = PyList_New(static_cast<Py_ssize_t>(tensors.size()));
-  if (out == nullptr) return nullptr;
-  for (size_t i = 0; i < tensors.size(); ++i) PyList_SET_ITEM(out, static_cast<Py_ssize_t>(i), THPVariable_Wrap(tensors[i]));
-  return out;
-}
+using namespace mnn_fast::serving;
 
 // Runs the op call without the GIL and wraps what it returns (arguments converted beforehand).
 template <typename Call>
@@ -301,11 +212,6 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   HANDLE_TH_ERRORS
   constexpr const char* fn = "grouped_forward";
   check_count(fn, nargs, 12);
-  static const auto softmax_rows = handle<std::tuple<Tensor, Tensor>(const Tensor&)>("mnn_fast::softmax_rows");
-  static const auto group_scores =
-      handle<Tensor(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::group_scores");
-  using Routed = std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor>;
-  static const auto route = handle<Routed(const Tensor&, double, int64_t)>("mnn_fast::route");
   static const auto linear = handle<Tensor(const Tensor&, at::TensorList, at::TensorList, const Tensor&, int64_t,
                                            const std::optional<Tensor>&)>("mnn_fast::segment_linear_experts");
   static const auto recombine = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
@@ -334,13 +240,10 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
 
   // The caller's region may be below autograd already; this call is one without it too.
   const at::AutoDispatchBelowAutograd below_autograd;
-  Tensor log_probs, probs, counts, offsets, perm, sample_offsets, sample_rows;
-  {
-    WithoutGil no_gil;
-    std::tie(log_probs, probs) = softmax_rows.call(z.scalar_type() == at::kFloat ? z : z.to(at::kFloat));
-    const Tensor scores = expert_offsets ? group_scores.call(probs, *expert_offsets, *expert_classes) : probs;
-    std::tie(counts, offsets, perm, sample_offsets, sample_rows) = route.call(scores, threshold, top_k);
-  }
+  const SwitchRouting routed = route_switch(z, threshold, top_k, expert_offsets, expert_classes);
+  const Tensor& counts = routed.counts;
+  const Tensor& offsets = routed.offsets;
+  const Tensor& perm = routed.perm;
   const int64_t E = counts.numel();
   const int64_t* count = counts.data_ptr<int64_t>();  // route's own output: CPU, contiguous int64
   std::vector<int64_t> active;
@@ -394,30 +297,28 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     outputs = h;
     if (h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == perm.size(0) && h.size(1) == C) {
       WithoutGil no_gil;
-      out = recombine.call(log_probs, {h}, offsets, class_offsets, class_groups, log_spread, sample_offsets,
-                           sample_rows);
+      out = recombine.call(routed.log_probs, {h}, offsets, class_offsets, class_groups, log_spread,
+                           routed.sample_offsets, routed.sample_rows);
     }
   }
   if (out.has_value() && !want_routing) return THPVariable_Wrap(*out);
-  PyObject* result = PyTuple_New(8);
-  if (result == nullptr) return nullptr;
-  const auto set = [&](Py_ssize_t i, const std::optional<Tensor>& t) {
-    PyObject* item = t.has_value() ? THPVariable_Wrap(*t) : (Py_INCREF(Py_None), Py_None);
-    PyTuple_SET_ITEM(result, i, item);
-  };
-  set(0, out);
-  set(1, outputs);
-  set(2, log_probs);
-  set(3, counts);
-  set(4, offsets);
-  set(5, perm);
-  set(6, sample_offsets);
-  set(7, sample_rows);
+  PyObject* held = outputs.has_value() ? THPVariable_Wrap(*outputs) : (Py_INCREF(Py_None), Py_None);
+  if (held == nullptr) return nullptr;
+  PyObject* result = forward_result(out, held, routed, want_routing);
+  Py_DECREF(held);
   return result;
   END_HANDLE_TH_ERRORS
 }
 
 }  // namespace
+
+namespace mnn_fast {
+namespace serving {
+PyObject* py_sequential_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs);  // sequential.cpp
+}  // namespace serving
+}  // namespace mnn_fast
+
+using mnn_fast::serving::py_sequential_forward;
 
 #define MNN_FAST_ENTRY(name, doc) \
   { "serve_" #name, reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(py_##name)), METH_FASTCALL, doc }
@@ -433,6 +334,8 @@ PyMethodDef kMnnFastServingMethods[] = {
     MNN_FAST_ENTRY(gather_split, "mnn_fast::gather_split(x, perm, offsets), called unboxed"),
     MNN_FAST_ENTRY(grouped_forward,
                    "A grouped Linear stack's forward after the switch: softmax_rows, route, its Linears, recombine"),
+    MNN_FAST_ENTRY(sequential_forward,
+                   "The sequential executor's forward after the switch: routing, gather_split, the experts, recombine"),
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__serving(void) {

@@ -34,7 +34,9 @@ class InferenceOps:
     fresh tensor. ``grouped_forward(z, x, routing, C, threshold, top_k, group_offsets, group_classes, program,
     class_group_offsets, class_group_classes, log_spread)``: a grouped Linear stack's forward after
     the switch in one call, below autograd by itself (``csrc/python/serving.cpp`` gives its
-    arguments and results).
+    arguments and results). ``sequential_forward(z, x, routing, C, threshold, top_k, group_offsets,
+    group_classes, D, experts, explain, class_group_offsets, class_group_classes, log_spread)``: the
+    sequential executor's, its specialists called through Python (``csrc/python/sequential.cpp``).
     """
 
     softmax_rows: Callable
@@ -45,6 +47,7 @@ class InferenceOps:
     segment_linear_experts: Callable
     gather_split: Callable
     grouped_forward: Callable
+    sequential_forward: Callable
     below_autograd: Callable[[], ContextManager]
 
 
@@ -58,4 +61,4 @@ def inference_ops(backend_name: str) -> InferenceOps | None:
 
     return InferenceOps(entry.serve_softmax_rows, entry.serve_group_scores, entry.serve_route, entry.serve_recombine,
                         entry.serve_segment_linear, entry.serve_segment_linear_experts, entry.serve_gather_split,
-                        entry.serve_grouped_forward, _BELOW_AUTOGRAD)
+                        entry.serve_grouped_forward, entry.serve_sequential_forward, _BELOW_AUTOGRAD)

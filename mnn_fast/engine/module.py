@@ -181,7 +181,7 @@ class MetaNeuralNetwork(nn.Module):
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
-        self._grouped_call = None  # grouped_forward's arguments for the logits width checked (_grouped_arguments)
+        self._grouped_call = None  # the executor's one-call entry and its arguments (_serve_arguments)
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -293,23 +293,26 @@ class MetaNeuralNetwork(nn.Module):
                 and x.dim() >= 2):
             self._check_input(x)
         z = switch(x)
-        # The usual call is one more: grouped_forward checks z against the width checked before
-        # (None where it differs) and does the rest, below autograd itself.
+        # The usual call is one more: the executor's one-call entry (grouped_forward or
+        # sequential_forward) checks z against the width checked before (None where it differs)
+        # and does the rest, below autograd itself.
         arguments, result = self._grouped_call, None
         if arguments is not None and self.switch_fn is None:
-            result = ops.grouped_forward(z, x, return_routing, *arguments)
+            result = arguments[0](z, x, return_routing, *arguments[1:])
             if type(result) is Tensor:  # the output alone: complete, no routing asked for
                 return result
             if result is not None and result[0] is not None:
                 return result[0], Routing(*result[3:])
         if result is None:
             num_classes = self._check_logits(z, x)
-            if arguments is None or arguments[0] != num_classes:  # with a switch_fn: built once too
-                arguments = self._grouped_call = self._grouped_arguments(num_classes)
-            if arguments is not None and self.switch_fn is None:
-                result = ops.grouped_forward(z, x, True, *arguments)
+            if arguments is None or arguments[1] != num_classes:  # with a switch_fn: built once too
+                built = self._serve_arguments(num_classes, x)
+                if built is not arguments:  # (no nn.Module.__setattr__ per call while there is none)
+                    self._grouped_call = arguments = built
+                if arguments is not None and self.switch_fn is None:
+                    result = arguments[0](z, x, True, *arguments[1:])
         else:
-            num_classes = arguments[0]
+            num_classes = arguments[1]
         with ops.below_autograd():
             outputs = None
             if result is not None:
@@ -336,23 +339,39 @@ class MetaNeuralNetwork(nn.Module):
                 if not (outputs.dim() == 2 and outputs.shape[0] == routing.perm.shape[0]
                         and outputs.shape[1] == num_classes):
                     stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)  # binary, or an error
-            else:
+            elif outputs is None:
                 outputs = self.specialist_outputs(self._gathered(x, routing, ops), routing, num_classes)
+            else:  # sequential_forward ran the specialists; an output it could not read is checked here
+                stages.check_row_counts(outputs, routing.counts.tolist())
+                stages.check_specialist_output(outputs, routing.perm, self.groups, num_classes)
             out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend,
                                              recombine=ops.recombine)
         return (out, routing) if return_routing else out
 
-    def _grouped_arguments(self, num_classes: int) -> tuple | None:
-        """What ``grouped_forward`` takes after ``(z, x)`` for logits of width ``C = num_classes``
-        (checked), or ``None`` where the executor has no one-call program. Kept between calls
-        until the threshold, top-k or executor change (each resets it)."""
-        program = None if self._grouped is None else self._grouped.serve_program
-        if program is None:
+    def _serve_arguments(self, num_classes: int, x: Tensor) -> tuple | None:
+        """``(entry, C, ...)``: the executor's one-call entry and what it takes after ``(z, x,
+        routing)`` for logits of width ``C = num_classes`` (checked) and inputs like ``x``, or ``None``
+        where there is none: a grouped stack's ``grouped_forward`` with its program; for the
+        sequential executor ``sequential_forward`` where its rows go through ``gather_split`` (2-D
+        ``x`` whose rows are not a multiple of the fresh alignment, as :meth:`_gathered` decides).
+        Kept between calls until the threshold, top-k or executor change (each resets it)."""
+        ops = self._inference
+        if self._grouped is not None:
+            entry, program = ops.grouped_forward, self._grouped.serve_program
+            if program is None:
+                return None
+            executor_args = (program,)
+        elif (self._streams is None and self._backend.gather_split is not None and x.dim() == 2
+              and x.shape[1] * x.element_size() % FRESH_ALIGNMENT):
+            # The ModuleList's own dict: read at each call, so a replaced specialist is the one called.
+            entry = ops.sequential_forward
+            executor_args = (x.shape[1], self.specialists._modules, stages.explain_expert_error)
+        else:
             return None
         tables = self.class_tables(num_classes)
         groups = (None, None) if self._one_class_groups == num_classes else (self.group_offsets, self.group_classes)
         threshold = -math.inf if self._threshold is None else self._threshold
-        return (num_classes, threshold, self._top_k or 0, *groups, program, tables.group_offsets,
+        return (entry, num_classes, threshold, self._top_k or 0, *groups, *executor_args, tables.group_offsets,
                 tables.group_classes, tables.log_spread)
 
     def _fused_gather(self, x: Tensor) -> bool:

@@ -144,13 +144,19 @@ def run_specialists(specialists: Sequence[nn.Module], xg: Tensor | list[Tensor],
                 for expert, n, rows in zip(specialists, sizes, chunks):
                     outputs.append(expert(rows) if n else None)
             except ValueError as exc:
-                _explain_expert_error(specialists[len(outputs)], chunks[len(outputs)], exc)
+                explain_expert_error(specialists[len(outputs)], chunks[len(outputs)], exc)
                 raise
+    check_row_counts(outputs, sizes)
+    return outputs
+
+
+def check_row_counts(outputs: Sequence, sizes: Sequence[int]) -> None:
+    """``ValueError`` naming the first specialist whose output (``None`` for one without rows) is not
+    a tensor of its ``sizes[e]`` rows."""
     for e, (y, n) in enumerate(zip(outputs, sizes)):
         if y is not None and not (isinstance(y, Tensor) and y.dim() >= 1 and y.shape[0] == n):
             shape = tuple(y.shape) if isinstance(y, Tensor) else type(y).__name__
             raise ValueError(f"specialists[{e}] must return one row of logits per input row ({n}), got {shape}")
-    return outputs
 
 
 def expert_sizes(counts: Tensor) -> list[int]:
@@ -163,7 +169,7 @@ def expert_sizes(counts: Tensor) -> list[int]:
     return sizes
 
 
-def _explain_expert_error(expert: nn.Module, rows: Tensor, exc: ValueError) -> None:
+def explain_expert_error(expert: nn.Module, rows: Tensor, exc: ValueError) -> None:
     """Raises ``exc`` explained where the cause is the routing's, else returns (the caller re-raises)."""
     # An expert may get a single row; in training mode BatchNorm refuses that.
     if expert.training and rows.shape[0] == 1 and "more than 1 value per channel" in str(exc):

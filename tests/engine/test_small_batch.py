@@ -270,8 +270,8 @@ def test_with_a_switch_fn_the_serving_arguments_are_built_once(monkeypatch):
     rule = lambda scores: scores > 0.05  # noqa: E731
     mnn = MetaNeuralNetwork(switch, specialists, switch_fn=rule)
     built = []
-    build = mnn._grouped_arguments
-    monkeypatch.setattr(mnn, "_grouped_arguments", lambda *args: built.append(1) or build(*args))
+    build = mnn._serve_arguments
+    monkeypatch.setattr(mnn, "_serve_arguments", lambda *args: built.append(1) or build(*args))
     with torch.no_grad():
         for batch in (1, 5, 1):
             x = torch.randn(batch, 24)
