@@ -107,7 +107,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
   const tile::Kernels* tiles = W == C ? tile::kernels_for(N) : nullptr;
   at::parallel_for(0, B, grain_for(C * (avg_rows * 40 + 30)), [&](int64_t begin, int64_t end) {
     if (!valid(begin, end)) return;
-    if (tiles != nullptr && C >= tile::kWideColumns) {  // wide rows one at a time, in their own layout
+    if (tiles != nullptr && C >= tile::kWideRecombineColumns) {  // wide rows one at a time, as they lie
       std::vector<float> kept(tiles->rows * C), in_group(C), ls(C), outside(C);
       std::vector<uint8_t> inside(C, 0);
       for (int64_t i = begin; i < end; ++i) {
@@ -121,7 +121,7 @@ at::Tensor recombine_cpu(const at::Tensor& logp_in, at::TensorList logits_list, 
           const float* from = k == so[i] ? lp + i * C : acc;  // the first row adds to logp: no copy
           const float* next = k + 1 < so[end] ? logits_row(sr[k + 1], expert_of[sr[k + 1]]) : nullptr;
           if (!tiles->contribute_wide(y, C, g, kept.data(), in_group.data(), from, acc, next)) {
-            if (from != acc) std::copy(from, from + C, acc);  // rows.h's second pass adds in place
+            if (from != acc) std::copy(from, from + C, acc);  // rows.h's second pass, in place
             rows::contribution_row<true>(y, W, C, g, ls.data(), outside.data(), inside.data(), acc);
           }
         }

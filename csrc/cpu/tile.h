@@ -15,8 +15,11 @@ namespace tile {
 
 constexpr int kMaxRows = 16;
 // From this many columns a row goes alone, in its own layout (tile_impl.h: "wide rows"); below it
-// kRows rows go transposed into a tile. Measured crossover (AVX-512, softmax_rows): ~128 columns.
+// kRows rows go transposed into a tile. Measured crossovers (AVX-512, B = 2048-4096, one thread):
+// softmax_rows ~128 columns; recombine (and the log_softmax it ends with) ~500, since its tile
+// passes reuse each transposed row several times.
 constexpr int64_t kWideColumns = 160;
+constexpr int64_t kWideRecombineColumns = 512;
 
 // One ISA's kernels (tile_impl.h says what each computes); `rows` per call, the tile scratch holds
 // rows * C floats.

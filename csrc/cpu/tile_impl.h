@@ -258,10 +258,11 @@ void softmax_rows(const float* const* x, int count, int64_t C, float* tile, floa
 }
 
 // ---------------------------------------------------------------- wide rows, one at a time
-// A row of tile::kWideColumns or more is read in its own layout: rowmath's 16 lanes are the 16
-// columns of each block (kBlockRegs registers of kRows floats), so nothing is transposed, where a
-// tile of kRows such rows would not fit the L1 cache (softmax_rows at C = 1000: ~1.5x faster so).
-// Rows are independent: the CPU overlaps one row's serial folds with the next row's passes.
+// A row of tile::kWideColumns or more (kWideRecombineColumns in recombine and log_softmax_rows) is
+// read in its own layout: rowmath's 16 lanes are the 16 columns of each block (kBlockRegs registers
+// of kRows floats), so nothing is transposed, where a tile of kRows such rows would not fit the L1
+// cache (softmax_rows at C = 1000: ~1.5x faster so). Rows are independent: the CPU overlaps one
+// row's serial folds with the next row's passes.
 constexpr int kBlockRegs = kLanes / kRows;
 
 // Asks for a row's cache lines ahead of its use: one row at a time streams too little at once to
@@ -368,7 +369,7 @@ inline void log_softmax_row_wide(float* x, int64_t C, float* kept) {
 
 // log_softmax_rows over rows [begin, end) of a row-major matrix of C columns, in place.
 void log_softmax_matrix_rows(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile) {
-  if (C >= tile::kWideColumns) {  // the tile scratch holds kRows C floats: room for one row's exps
+  if (C >= tile::kWideRecombineColumns) {  // the tile scratch holds kRows C floats: room for one row's exps
     for (int64_t i = begin; i < end; ++i) {
       if (i + 1 < end) prefetch_row(matrix + (i + 1) * C, C);
       log_softmax_row_wide(matrix + i * C, C, tile);

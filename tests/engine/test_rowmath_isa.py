@@ -84,9 +84,10 @@ def check_row_ops(x, args):
 
 
 # Widths around the 8- and 16-column blocks and the 16-lane sums (1, 3, 15, 16, 17, 31, 33), a
-# mid-size one, the last tiled width and the first one-row-at-a-time width (159, 160: tile.h's
-# kWideColumns) and a large odd one; 0 and 1 rows, and 37 (not a multiple of 8 or 16: partial tiles).
-@pytest.mark.parametrize("classes", [1, 3, 15, 16, 17, 31, 33, 100, 159, 160, 1001])
+# mid-size one, the last tiled width and the first one-row-at-a-time width of softmax_rows (159,
+# 160: tile.h's kWideColumns) and of the others (511, 512: kWideRecombineColumns), and a large odd
+# one; 0 and 1 rows, and 37 (not a multiple of 8 or 16: partial tiles).
+@pytest.mark.parametrize("classes", [1, 3, 15, 16, 17, 31, 33, 100, 159, 160, 511, 512, 1001])
 @pytest.mark.parametrize("rows", [0, 1, 37])
 def test_row_ops_are_the_reference_bits_under_each_isa(isa, classes, rows):
     x = hard_logits(rows, classes, seed=classes + rows)
@@ -95,10 +96,10 @@ def test_row_ops_are_the_reference_bits_under_each_isa(isa, classes, rows):
 
 # A wide row (one at a time, in its own layout) whose outside classes sum below rowmath's one-pass
 # bound takes the second pass: a group of every class (nothing outside), and a group of class 0,
-# which outweighs the 170 others by 90 to 120 nats (their exps flush to 0 in the first pass).
+# which outweighs the 514 others by 90 to 120 nats (their exps flush to 0 in the first pass).
 @pytest.mark.parametrize("group", ["every class", "class 0"])
 def test_wide_rows_take_the_second_pass_where_the_outside_sum_is_tiny(isa, group):
-    width = 171
+    width = 515
     groups = [list(range(width))] if group == "every class" else [[0]]
     rows = 8  # enough rows for the kernels (tile.h's kernels_for), not the row path of tiny calls
     logits = torch.full((rows, width), -100.0)
@@ -118,14 +119,14 @@ def test_row_ops_do_not_depend_on_the_thread_count(isa, threads):
     torch.set_num_threads(threads)
     try:
         check_row_ops(hard_logits(301, 23, seed=threads), routed(301, 23, 9, seed=threads))
-        check_row_ops(hard_logits(61, 171, seed=threads), routed(61, 171, 9, seed=threads))  # wide rows
+        check_row_ops(hard_logits(61, 515, seed=threads), routed(61, 515, 9, seed=threads))  # wide rows
     finally:
         torch.set_num_threads(old)
 
 
 @settings(max_examples=15, deadline=None)
-@given(rows=st.integers(0, 40), classes=st.one_of(st.integers(1, 70), st.integers(150, 300)), scale=st.sampled_from([0.01, 1.0, 30.0, 1e3]),
-       seed=st.integers(0, 2**16))
+@given(rows=st.integers(0, 40), classes=st.one_of(st.integers(1, 70), st.integers(150, 600)),
+       scale=st.sampled_from([0.01, 1.0, 30.0, 1e3]), seed=st.integers(0, 2**16))
 def test_row_ops_agree_across_isas_on_random_shapes(rows, classes, scale, seed):
     gen = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, classes, generator=gen) * scale
