@@ -44,6 +44,7 @@ inline M mor(M a, M b) { return _mm256_or_ps(a, b); }
 inline M mnone() { return _mm256_setzero_ps(); }
 inline F select(M m, F a, F b) { return _mm256_blendv_ps(b, a, m); }  // m ? a : b
 inline F zero_where(M m, F a) { return _mm256_andnot_ps(m, a); }
+inline F mul_zero_where(M m, F a, F b) { return _mm256_andnot_ps(m, _mm256_mul_ps(a, b)); }  // m ? 0 : a * b
 inline I as_int(F a) { return _mm256_castps_si256(a); }
 inline F as_float(I a) { return _mm256_castsi256_ps(a); }
 inline I cvtt(F a) { return _mm256_cvttps_epi32(a); }

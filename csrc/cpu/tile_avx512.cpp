@@ -47,6 +47,7 @@ inline M mor(M a, M b) { return static_cast<M>(a | b); }
 inline M mnone() { return 0; }
 inline F select(M m, F a, F b) { return _mm512_mask_blend_ps(m, b, a); }  // m ? a : b
 inline F zero_where(M m, F a) { return _mm512_maskz_mov_ps(static_cast<M>(~m), a); }
+inline F mul_zero_where(M m, F a, F b) { return _mm512_maskz_mul_ps(static_cast<M>(~m), a, b); }  // m ? 0 : a * b
 inline I as_int(F a) { return _mm512_castps_si512(a); }
 inline F as_float(I a) { return _mm512_castsi512_ps(a); }
 inline I cvtt(F a) { return _mm512_cvttps_epi32(a); }

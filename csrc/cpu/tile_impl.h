@@ -13,9 +13,11 @@ using rowmath::kLanes;
 
 // ---------------------------------------------------------------- rowmath.h, one row per lane
 
-// rowmath::exp_nonpositive. Two shortcuts give its values on its domain (t <= 0 or NaN):
+// rowmath::exp_nonpositive. Three shortcuts give its values on its domain (t <= 0 or NaN):
 // max(-80, t) is "t < -80 ? -80 : t" (NaN included: max returns its second operand when either is
-// NaN), and for v in [-115, 0.5] or NaN the rounding instruction's floor is floor_small's.
+// NaN); for v in [-115, 0.5] or NaN the rounding instruction's floor is floor_small's; and n is NaN
+// only with t, where y is NaN and so is y * scale, whatever the conversion made of n (rowmath zeroes
+// it first because C++ leaves converting NaN undefined; the instruction gives INT_MIN, scale 1.0).
 inline F exp_v(F t) {
   const M flush = lt(t, set1(rowmath::kExpFlush));
   const F x = max_v(set1(rowmath::kExpFlush), t);
@@ -29,9 +31,8 @@ inline F exp_v(F t) {
   p = add(mul(p, r), set1(1.6666665459e-1f));
   p = add(mul(p, r), set1(5.0000001201e-1f));
   const F y = add(add(mul(p, z), r), set1(1.0f));
-  const I e = cvtt(zero_where(unord(n), n));
-  const F scale = as_float(shl23(iadd(e, iset1(127))));
-  return zero_where(flush, mul(y, scale));
+  const F scale = as_float(shl23(iadd(cvtt(n), iset1(127))));
+  return mul_zero_where(flush, y, scale);
 }
 
 // rowmath::log_corrected.
