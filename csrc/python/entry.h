@@ -108,6 +108,55 @@ inline PyObject* wrap(const std::vector<Tensor>& tensors) {
   return out;
 }
 
+// The arguments both forward entries start with: (z, x, routing, C, threshold, top_k, group_offsets,
+// group_classes); z is left to the caller, which answers None where it is not the logits it expects.
+struct ForwardArgs {
+  const Tensor& x;
+  bool want_routing;
+  int64_t C;
+  double threshold;
+  int64_t top_k;
+  std::optional<Tensor> expert_offsets, expert_classes;
+};
+
+inline ForwardArgs forward_args(const char* fn, PyObject* const* args) {
+  ForwardArgs a{tensor_arg(fn, "x", args[1]),
+                bool_arg(fn, "routing", args[2]),
+                int_arg(fn, "C", args[3]),
+                float_arg(fn, "threshold", args[4]),
+                int_arg(fn, "top_k", args[5]),
+                optional_tensor_arg(fn, "group_offsets", args[6]),
+                optional_tensor_arg(fn, "group_classes", args[7])};
+  if (a.expert_offsets.has_value() != a.expert_classes.has_value()) {
+    throw torch::TypeError(std::string(fn) + ": group_offsets and group_classes must both be Tensors or both None");
+  }
+  return a;
+}
+
+// The recombine tables both forwards end with (class group offsets, classes, log spread), from args[first:].
+struct RecombineTables {
+  const Tensor& class_offsets;
+  const Tensor& class_groups;
+  const Tensor& log_spread;
+};
+
+inline RecombineTables recombine_tables(const char* fn, PyObject* const* args, int first) {
+  return {tensor_arg(fn, "class_group_offsets", args[first]), tensor_arg(fn, "class_group_classes", args[first + 1]),
+          tensor_arg(fn, "log_spread", args[first + 2])};
+}
+
+// recombine(log_probs, logits, offsets, tables..., sample_offsets, sample_rows) on a forward's routing,
+// the GIL released.
+inline Tensor recombine_routed(const Tensor& log_probs, at::TensorList logits, const Tensor& offsets,
+                               const RecombineTables& t, const Tensor& sample_offsets, const Tensor& sample_rows) {
+  static const auto recombine = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
+                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
+      "mnn_fast::recombine");
+  WithoutGil no_gil;
+  return recombine.call(log_probs, logits, offsets, t.class_offsets, t.class_groups, t.log_spread, sample_offsets,
+                        sample_rows);
+}
+
 // The switch's side of a forward: log_probs and probs of z (float32), each expert's score (probs,
 // or group_scores for multi-class groups), then route. The GIL is released meanwhile.
 struct SwitchRouting {

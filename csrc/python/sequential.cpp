@@ -74,35 +74,23 @@ PyObject* py_sequential_forward(PyObject*, PyObject* const* args, Py_ssize_t nar
   check_count(fn, nargs, 14);
   static const auto gather_split =
       handle<std::vector<Tensor>(const Tensor&, const Tensor&, const Tensor&)>("mnn_fast::gather_split");
-  static const auto recombine = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
-                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-      "mnn_fast::recombine");
 
-  const Tensor& x = tensor_arg(fn, "x", args[1]);
-  const bool want_routing = bool_arg(fn, "routing", args[2]);
-  const int64_t C = int_arg(fn, "C", args[3]);
-  const double threshold = float_arg(fn, "threshold", args[4]);
-  const int64_t top_k = int_arg(fn, "top_k", args[5]);
-  const std::optional<Tensor> expert_offsets = optional_tensor_arg(fn, "group_offsets", args[6]);
-  const std::optional<Tensor> expert_classes = optional_tensor_arg(fn, "group_classes", args[7]);
-  if (expert_offsets.has_value() != expert_classes.has_value()) {
-    throw torch::TypeError(std::string(fn) + ": group_offsets and group_classes must both be Tensors or both None");
-  }
+  const ForwardArgs a = forward_args(fn, args);
+  const Tensor& x = a.x;
+  const int64_t C = a.C;
   const int64_t D = int_arg(fn, "D", args[8]);
   PyObject* experts = args[9];
   if (!PyDict_Check(experts)) bad_argument(fn, "experts", "a dict of modules", experts);
   PyObject* explain = args[10];
   if (!PyCallable_Check(explain)) bad_argument(fn, "explain", "callable", explain);
-  const Tensor& class_offsets = tensor_arg(fn, "class_group_offsets", args[11]);
-  const Tensor& class_groups = tensor_arg(fn, "class_group_classes", args[12]);
-  const Tensor& log_spread = tensor_arg(fn, "log_spread", args[13]);
+  const RecombineTables tables = recombine_tables(fn, args, 11);
   if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
   const Tensor& z = THPVariable_Unpack(args[0]);
   if (z.dim() != 2 || x.dim() != 2 || z.size(0) != x.size(0) || z.size(1) != C || x.size(1) != D) Py_RETURN_NONE;
 
   // The caller's region may be below autograd already; this call is one without it too.
   const at::AutoDispatchBelowAutograd below_autograd;
-  const SwitchRouting routed = route_switch(z, threshold, top_k, expert_offsets, expert_classes);
+  const SwitchRouting routed = route_switch(z, a.threshold, a.top_k, a.expert_offsets, a.expert_classes);
   const int64_t E = routed.counts.numel();
   // The specialists as they are now (a copy: a specialist's forward could change the dict).
   const Ref specialists(PyDict_Values(experts));
@@ -143,11 +131,10 @@ PyObject* py_sequential_forward(PyObject*, PyObject* const* args, Py_ssize_t nar
   }
   std::optional<Tensor> out;
   if (plain) {
-    WithoutGil no_gil;
-    out = recombine.call(routed.log_probs, logits, routed.offsets, class_offsets, class_groups, log_spread,
-                         routed.sample_offsets, routed.sample_rows);
+    out = recombine_routed(routed.log_probs, logits, routed.offsets, tables, routed.sample_offsets,
+                           routed.sample_rows);
   }
-  return forward_result(out, outputs.p, routed, want_routing);
+  return forward_result(out, outputs.p, routed, a.want_routing);
   END_HANDLE_TH_ERRORS
 }
 

@@ -214,33 +214,21 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
   check_count(fn, nargs, 12);
   static const auto linear = handle<Tensor(const Tensor&, at::TensorList, at::TensorList, const Tensor&, int64_t,
                                            const std::optional<Tensor>&)>("mnn_fast::segment_linear_experts");
-  static const auto recombine = handle<Tensor(const Tensor&, at::TensorList, const Tensor&, const Tensor&,
-                                              const Tensor&, const Tensor&, const Tensor&, const Tensor&)>(
-      "mnn_fast::recombine");
   static PyObject* const weight_name = PyUnicode_InternFromString("weight");
   static PyObject* const bias_name = PyUnicode_InternFromString("bias");
 
-  const Tensor& x = tensor_arg(fn, "x", args[1]);
-  const bool want_routing = bool_arg(fn, "routing", args[2]);
-  const int64_t C = int_arg(fn, "C", args[3]);
-  const double threshold = float_arg(fn, "threshold", args[4]);
-  const int64_t top_k = int_arg(fn, "top_k", args[5]);
-  const std::optional<Tensor> expert_offsets = optional_tensor_arg(fn, "group_offsets", args[6]);
-  const std::optional<Tensor> expert_classes = optional_tensor_arg(fn, "group_classes", args[7]);
-  if (expert_offsets.has_value() != expert_classes.has_value()) {
-    throw torch::TypeError(std::string(fn) + ": group_offsets and group_classes must both be Tensors or both None");
-  }
+  const ForwardArgs a = forward_args(fn, args);
+  const Tensor& x = a.x;
+  const int64_t C = a.C;
   const std::vector<Step> steps = steps_arg(fn, args[8]);
-  const Tensor& class_offsets = tensor_arg(fn, "class_group_offsets", args[9]);
-  const Tensor& class_groups = tensor_arg(fn, "class_group_classes", args[10]);
-  const Tensor& log_spread = tensor_arg(fn, "log_spread", args[11]);
+  const RecombineTables tables = recombine_tables(fn, args, 9);
   if (!THPVariable_Check(args[0])) Py_RETURN_NONE;
   const Tensor& z = THPVariable_Unpack(args[0]);
   if (z.dim() != 2 || x.dim() < 1 || z.size(0) != x.size(0) || z.size(1) != C) Py_RETURN_NONE;
 
   // The caller's region may be below autograd already; this call is one without it too.
   const at::AutoDispatchBelowAutograd below_autograd;
-  const SwitchRouting routed = route_switch(z, threshold, top_k, expert_offsets, expert_classes);
+  const SwitchRouting routed = route_switch(z, a.threshold, a.top_k, a.expert_offsets, a.expert_classes);
   const Tensor& counts = routed.counts;
   const Tensor& offsets = routed.offsets;
   const Tensor& perm = routed.perm;
@@ -296,15 +284,13 @@ PyObject* py_grouped_forward(PyObject*, PyObject* const* args, Py_ssize_t nargs)
     }
     outputs = h;
     if (h.scalar_type() == at::kFloat && h.dim() == 2 && h.size(0) == perm.size(0) && h.size(1) == C) {
-      WithoutGil no_gil;
-      out = recombine.call(routed.log_probs, {h}, offsets, class_offsets, class_groups, log_spread,
-                           routed.sample_offsets, routed.sample_rows);
+      out = recombine_routed(routed.log_probs, {h}, offsets, tables, routed.sample_offsets, routed.sample_rows);
     }
   }
-  if (out.has_value() && !want_routing) return THPVariable_Wrap(*out);
+  if (out.has_value() && !a.want_routing) return THPVariable_Wrap(*out);
   PyObject* held = outputs.has_value() ? THPVariable_Wrap(*outputs) : (Py_INCREF(Py_None), Py_None);
   if (held == nullptr) return nullptr;
-  PyObject* result = forward_result(out, held, routed, want_routing);
+  PyObject* result = forward_result(out, held, routed, a.want_routing);
   Py_DECREF(held);
   return result;
   END_HANDLE_TH_ERRORS
