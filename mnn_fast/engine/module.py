@@ -127,7 +127,7 @@ class MetaNeuralNetwork(nn.Module):
     @threshold.setter
     def threshold(self, value) -> None:
         self._threshold = check_threshold(value, self._top_k)
-        self._grouped_call = None  # its arguments hold the threshold
+        self._serve_call = None  # its arguments hold the threshold
 
     @property
     def top_k(self) -> int | None:
@@ -138,7 +138,7 @@ class MetaNeuralNetwork(nn.Module):
         top_k = check_top_k(value, self.num_experts)
         check_threshold(self._threshold, top_k)
         self._top_k = top_k
-        self._grouped_call = None
+        self._serve_call = None
 
     @property
     def backend(self) -> str:
@@ -181,7 +181,7 @@ class MetaNeuralNetwork(nn.Module):
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
-        self._grouped_call = None  # the executor's one-call entry and its arguments (_serve_arguments)
+        self._serve_call = None  # the executor's one-call entry and its arguments (_serve_arguments)
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -296,7 +296,7 @@ class MetaNeuralNetwork(nn.Module):
         # The usual call is one more: the executor's one-call entry (grouped_forward or
         # sequential_forward) checks z against the width checked before (None where it differs)
         # and does the rest, below autograd itself.
-        arguments, result = self._grouped_call, None
+        arguments, result = self._serve_call, None
         if arguments is not None and self.switch_fn is None:
             result = arguments[0](z, x, return_routing, *arguments[1:])
             if type(result) is Tensor:  # the output alone: complete, no routing asked for
@@ -308,7 +308,7 @@ class MetaNeuralNetwork(nn.Module):
             if arguments is None or arguments[1] != num_classes:  # with a switch_fn: built once too
                 built = self._serve_arguments(num_classes, x)
                 if built is not arguments:  # (no nn.Module.__setattr__ per call while there is none)
-                    self._grouped_call = arguments = built
+                    self._serve_call = arguments = built
                 if arguments is not None and self.switch_fn is None:
                     result = arguments[0](z, x, True, *arguments[1:])
         else:
@@ -436,7 +436,7 @@ class MetaNeuralNetwork(nn.Module):
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
                       "_inference", "_tables", "_workspaces", "_module_device", "_on_cpu", "_switch_param",
-                      "_one_class_groups", "_grouped_call")
+                      "_one_class_groups", "_serve_call")
 
     def __getstate__(self):
         state = self.__dict__.copy()
