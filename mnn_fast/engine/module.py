@@ -353,7 +353,7 @@ class MetaNeuralNetwork(nn.Module):
         routing)`` for logits of width ``C = num_classes`` (checked) and inputs like ``x``, or ``None``
         where there is none: a grouped stack's ``grouped_forward`` with its program; for the
         sequential executor ``sequential_forward`` where its rows go through ``gather_split`` (2-D
-        ``x`` whose rows are not a multiple of the fresh alignment, as :meth:`_gathered` decides).
+        ``x`` whose rows are not a multiple of the fresh alignment: :meth:`_rows_split_per_expert`).
         Kept between calls until the threshold, top-k or executor change (each resets it)."""
         ops = self._inference
         if self._grouped is not None:
@@ -361,8 +361,7 @@ class MetaNeuralNetwork(nn.Module):
             if program is None:
                 return None
             executor_args = (program,)
-        elif (self._streams is None and self._backend.gather_split is not None and x.dim() == 2
-              and x.shape[1] * x.element_size() % FRESH_ALIGNMENT):
+        elif x.dim() == 2 and self._rows_split_per_expert(x):
             # The ModuleList's own dict: read at each call, so a replaced specialist is the one called.
             entry = ops.sequential_forward
             executor_args = (x.shape[1], self.specialists._modules, stages.explain_expert_error)
@@ -385,11 +384,16 @@ class MetaNeuralNetwork(nn.Module):
         CPU inference when a row's bytes are not a multiple of the fresh alignment (so most segments
         of one buffer would need realigning copies), each expert's rows as a fresh tensor (by
         ``ops.gather_split``: the backend's, or the serving path's direct entry)."""
-        row_bytes = math.prod(x.shape[1:]) * x.element_size()
-        if (self._grouped is None and self._streams is None and self._backend.gather_split is not None
-                and row_bytes % FRESH_ALIGNMENT and self._eager_cpu_inference(x)):
+        if self._rows_split_per_expert(x) and self._eager_cpu_inference(x):
             return stages.gather_expert_rows(x, routing.perm, routing.offsets, ops or self._backend)
         return stages.gather_rows(x, routing.perm, self._backend, self._workspace_for(x, routing.perm.shape[0]))
+
+    def _rows_split_per_expert(self, x: Tensor) -> bool:
+        """Whether the sequential executor takes each expert's rows of ``x`` as a fresh tensor of their
+        own (``gather_split``) in eager CPU inference: where a row's bytes are not a multiple of the
+        fresh alignment, so most segments of one gathered buffer would need realigning copies."""
+        return (self._grouped is None and self._streams is None and self._backend.gather_split is not None
+                and math.prod(x.shape[1:]) * x.element_size() % FRESH_ALIGNMENT != 0)
 
     def _eager_cpu_inference(self, x: Tensor) -> bool:
         """CPU, eager, and nothing that autograd records: where gathered rows need no autograd."""
