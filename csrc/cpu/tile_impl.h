@@ -367,10 +367,9 @@ inline void log_softmax_row_wide(float* x, int64_t C, float* kept) {
   sub2(x, C, m, rowmath::log1p_nonnegative(rowmath::sub(s, 1.0f)), x);
 }
 
-
 // log_softmax_rows over rows [begin, end) of a row-major matrix of C columns, in place.
 void log_softmax_matrix_rows(float* matrix, int64_t begin, int64_t end, int64_t C, float* tile) {
-  if (C >= tile::kWideRecombineColumns) {  // the tile scratch holds kRows C floats: room for one row's exps
+  if (C >= tile::kWideRecombineColumns) {  // the tile scratch (kRows C floats) holds one row's exps
     for (int64_t i = begin; i < end; ++i) {
       if (i + 1 < end) prefetch_row(matrix + (i + 1) * C, C);
       log_softmax_row_wide(matrix + i * C, C, tile);
