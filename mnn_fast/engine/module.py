@@ -127,7 +127,7 @@ class MetaNeuralNetwork(nn.Module):
     @threshold.setter
     def threshold(self, value) -> None:
         self._threshold = check_threshold(value, self._top_k)
-        self._serve_call = None  # its arguments hold the threshold
+        self._serve_call = self._serve_fast = None  # their arguments hold the threshold
 
     @property
     def top_k(self) -> int | None:
@@ -138,7 +138,7 @@ class MetaNeuralNetwork(nn.Module):
         top_k = check_top_k(value, self.num_experts)
         check_threshold(self._threshold, top_k)
         self._top_k = top_k
-        self._serve_call = None
+        self._serve_call = self._serve_fast = None
 
     @property
     def backend(self) -> str:
@@ -181,7 +181,8 @@ class MetaNeuralNetwork(nn.Module):
                 and not isinstance(self.requested_backend, Backend)):
             self._inference = inference_ops(self._backend.name)
         self._sync_stack_hooks()
-        self._serve_call = None  # the executor's one-call entry and its arguments (_serve_arguments)
+        # The executor's one-call entry and its arguments (_serve_arguments), and forward's short path to it.
+        self._serve_call = self._serve_fast = None
         self._tables = {}
         self._workspaces: dict[int, Tensor] = {}
         if self.num_classes is not None:
@@ -264,6 +265,19 @@ class MetaNeuralNetwork(nn.Module):
 
     def forward(self, x: Tensor, return_routing: bool = False):
         """``x: Tensor[B, ...]`` -> log-probabilities ``Tensor[B, C] float32`` (and the routing)."""
+        # Compiling first: a traced forward never reads the short path, so eager calls that set it
+        # cannot invalidate a compiled graph's guards.
+        served = None if torch.compiler.is_compiling() else self._serve_fast
+        if served is not None and type(x) is Tensor and not torch.is_grad_enabled():
+            # A call like the one that built the serving entry (_serve): the same switch, its dtype,
+            # CPU, the same rank, still no switch_fn. A one-sample call pays each Python step with its
+            # caches cold after the GEMVs, so this path takes as few as it can.
+            switch, param, ndim, entry, arguments = served
+            if (x.dim() == ndim and x.dtype is param.dtype and x.is_cpu and self.switch_fn is None
+                    and self._modules["switch"] is switch):
+                z = switch(x)
+                result = entry(z, x, return_routing, *arguments)
+                return result if type(result) is Tensor else self._serve_rest(x, z, result, return_routing)
         if (self._inference is not None and not torch.is_grad_enabled() and not torch.compiler.is_compiling()
                 and isinstance(x, Tensor) and (self._grouped is None or self._grouped.fuses_gather(x))):
             return self._serve(x, return_routing)
@@ -301,14 +315,23 @@ class MetaNeuralNetwork(nn.Module):
             result = arguments[0](z, x, return_routing, *arguments[1:])
             if type(result) is Tensor:  # the output alone: complete, no routing asked for
                 return result
-            if result is not None and result[0] is not None:
-                return result[0], Routing(*result[3:])
+        return self._serve_rest(x, z, result, return_routing)
+
+    def _serve_rest(self, x: Tensor, z: Tensor, result: tuple | None, return_routing: bool):
+        """:meth:`_serve` after the switch's logits ``z`` and the one-call entry's ``result``: the
+        routing asked for, or the entry built (first call, new width) or declined (``None``), or the
+        specialists' outputs it could not read (out ``None``) finished op by op."""
+        ops = self._inference
+        if result is not None and result[0] is not None:
+            return result[0], Routing(*result[3:])
+        arguments = self._serve_call
         if result is None:
             num_classes = self._check_logits(z, x)
             if arguments is None or arguments[1] != num_classes:  # with a switch_fn: built once too
                 built = self._serve_arguments(num_classes, x)
                 if built is not arguments:  # (no nn.Module.__setattr__ per call while there is none)
                     self._serve_call = arguments = built
+                    self._serve_fast = self._fast_serve_call(x, built)
                 if arguments is not None and self.switch_fn is None:
                     result = arguments[0](z, x, True, *arguments[1:])
         else:
@@ -347,6 +370,16 @@ class MetaNeuralNetwork(nn.Module):
             out = stages.recombine_log_probs(log_probs, outputs, routing, self.class_tables(num_classes), self._backend,
                                              recombine=ops.recombine)
         return (out, routing) if return_routing else out
+
+    def _fast_serve_call(self, x: Tensor, arguments: tuple | None) -> tuple | None:
+        """``(switch, its first parameter, x.dim(), entry, arguments after (z, x, routing))`` for
+        :meth:`forward`'s short path: where ``x`` (CPU, the switch's dtype) needs none of
+        :meth:`_check_input`'s checks and no ``switch_fn`` replaces the routing; else ``None``."""
+        owner, param = self._switch_param
+        if (arguments is None or self.switch_fn is not None or owner is not self._modules["switch"] or param is None
+                or not self._on_cpu or not x.is_cpu or x.dtype is not param.dtype or x.dim() < 2):
+            return None
+        return owner, param, x.dim(), arguments[0], arguments[1:]
 
     def _serve_arguments(self, num_classes: int, x: Tensor) -> tuple | None:
         """``(entry, C, ...)``: the executor's one-call entry and what it takes after ``(z, x,
@@ -440,7 +473,7 @@ class MetaNeuralNetwork(nn.Module):
     # the extension's op handles, none of which pickle; the scratch buffers stay behind.
     _DERIVED_STATE = ("_backend", "backend_skipped", "executor", "executor_skipped", "_grouped", "_streams",
                       "_inference", "_tables", "_workspaces", "_module_device", "_on_cpu", "_switch_param",
-                      "_one_class_groups", "_serve_call")
+                      "_one_class_groups", "_serve_call", "_serve_fast")
 
     def __getstate__(self):
         state = self.__dict__.copy()

@@ -277,3 +277,58 @@ def test_with_a_switch_fn_the_serving_arguments_are_built_once(monkeypatch):
             x = torch.randn(batch, 24)
             assert torch.equal(mnn(x), naive_forward(switch, specialists, x, switch_fn=rule))
     assert built == [1]
+
+
+def test_a_repeated_call_skips_the_serving_setup(monkeypatch):
+    # After the first serving call, forward goes straight to the switch and the entry: the setup in
+    # _serve (input checks, building the entry's arguments) is not run again.
+    switch, specialists = mlp_mnn(10, seed=11)
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.05)
+    x = torch.randn(1, 24)
+    with torch.no_grad():
+        mnn(x)
+        serve = mnn._serve
+        served = []
+        monkeypatch.setattr(mnn, "_serve", lambda *args: served.append(1) or serve(*args))
+        got, routing = mnn(x, return_routing=True)
+        assert torch.equal(mnn(x), got)
+        want, want_routing = naive_forward(switch, specialists, x, threshold=0.05, return_routing=True)
+    assert served == []
+    assert torch.equal(got, want)
+    assert all(torch.equal(a, b) for a, b in zip(routing, want_routing))
+
+
+@pytest.mark.parametrize("change", ["new_switch", "switch_fn", "module_dtype", "input_dtype", "input_rank",
+                                    "logits_width"])
+@pytest.mark.parametrize("executor", ["grouped", "sequential"])
+def test_the_short_path_sees_what_changed_since_the_last_call(change, executor):
+    # forward's short path reuses what the last serving call checked; each change here must still
+    # take effect (or be refused) on the next call, as it does on a module never called before.
+    torch.manual_seed(12)
+    classes, features = 6, 24
+    switch = mlp(features, classes).eval()
+    specialists = [mlp(features, classes).eval() for _ in range(classes)]
+    mnn = MetaNeuralNetwork(switch, specialists, threshold=0.1, executor=executor)
+    x = torch.randn(3, features)
+    with torch.no_grad():
+        mnn(x)
+        if change == "new_switch":
+            mnn.switch = mlp(features, classes).eval()
+            assert torch.equal(mnn(x), naive_forward(mnn.switch, specialists, x, threshold=0.1))
+        elif change == "switch_fn":
+            mnn.switch_fn = lambda scores: scores > 0.3
+            assert torch.equal(mnn(x), naive_forward(switch, specialists, x, switch_fn=mnn.switch_fn))
+        elif change == "module_dtype":
+            mnn.double()
+            with pytest.raises(TypeError, match="switch's parameters are torch.float64"):
+                mnn(x)
+        elif change == "input_dtype":
+            with pytest.raises(TypeError, match="x is torch.float64 but the switch's parameters are torch.float32"):
+                mnn(x.double())
+        elif change == "input_rank":
+            with pytest.raises(ValueError, match="at least 2 dimensions"):
+                mnn(x[0])
+        else:  # a switch that now returns fewer classes than the groups name
+            mnn.switch = nn.Sequential(switch, nn.Linear(classes, classes - 1)).eval()
+            with pytest.raises(ValueError, match="C=5"):
+                mnn(x)
