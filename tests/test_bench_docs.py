@@ -26,3 +26,20 @@ def test_every_table_names_its_command_machine_and_commit():
         meta = table["meta"]
         for key in ("command", "commit", "cpu", "threads", "torch"):
             assert meta.get(key) not in (None, ""), f"{name}: meta lacks {key}"
+
+
+def test_the_readme_times_convolutional_cells_from_the_in_turns_table(tmp_path):
+    # Timed in separate tests, the loop and the module see different loads and the CNN cells' gap is
+    # within the drift, so the README takes the in-turns medians; without that table, the separate rows.
+    committed = ROOT / "docs" / "benchmarks"
+    turns = render_docs.load_tables(committed)["end_to_end_interleaved"]
+    resnet = next(r for r in turns["rows"] if r["model"] == "resnet20")
+    block = render_docs.render_readme_speed(committed)
+    assert "called in turns" in block
+    assert f"{render_docs.ms(resnet['engine_sequential'])} ms (`sequential`) against the loop's " \
+           f"{render_docs.ms(resnet['naive'])} ms" in block
+    for path in committed.glob("*.json"):
+        if path.stem != "end_to_end_interleaved":
+            (tmp_path / path.name).write_text(path.read_text())
+    separate = render_docs.render_readme_speed(tmp_path)
+    assert "called in turns" not in separate and "convolutional specialists, same run" in separate
