@@ -159,11 +159,12 @@ def _module_overhead(rows, variant):
                       "arithmetic / copy"], out)
     out = [[str(r["E"]), str(r["B"]), str(r["rows"]), plain(r.get("user_ms")), plain(r["naive_ms"]), plain(r["module_ms"]),
             times(r.get("vs_user")), times(r.get("target")), times(r["speedup"]), plain(r["arith_ms"]),
-            times(r["ceiling"]), times(r["user_ms"] / r["arith_ms"]) if r.get("user_ms") else "-", plain(r["copy_ms"]),
-            f"{r['copy_share']:.2f}"]
+            times(r["ceiling"]), times(r["user_ms"] / r["arith_ms"]) if r.get("user_ms") else "-",
+            plain(r.get("rows_calls_ms")), times(r.get("bound")), plain(r["copy_ms"]), f"{r['copy_share']:.2f}"]
            for r in sorted(rows, key=lambda r: r["E"])]
     return table(["E", "B", "rows", "the user's loop ms", "naive ms", "module ms", "module vs the user's loop",
-                  "target", "module vs naive", "arith ms", "ceiling", "user / arith", "copy ms", "copy share"], out)
+                  "target", "module vs naive", "arith ms", "ceiling", "user / arith", "rows + calls ms", "bound",
+                  "copy ms", "copy share"], out)
 
 
 def _end_to_end_key(r):
