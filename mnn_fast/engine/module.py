@@ -297,16 +297,9 @@ class MetaNeuralNetwork(nn.Module):
         """:meth:`forward` in eager CPU inference with the grouped Linear or the sequential executor:
         the same stages and kernels, each op called at its C++ entry inside one region below the
         autograd key, so a small batch pays little more than its switch and its active specialists."""
-        ops = self._inference
-        switch = self._modules["switch"]
-        owner, param = self._switch_param
-        # The usual call passes in a few reads (a one-sample call pays each Python step cold, after
-        # the GEMVs): a CPU batch of the switch's dtype, logits of the width checked before. Anything
-        # else takes the full checks and their messages.
-        if not (owner is switch and param is not None and x.dtype is param.dtype and x.is_cpu and self._on_cpu
-                and x.dim() >= 2):
+        if not self._input_needs_no_checks(x):
             self._check_input(x)
-        z = switch(x)
+        z = self._modules["switch"](x)
         # The usual call is one more: the executor's one-call entry (grouped_forward or
         # sequential_forward) checks z against the width checked before (None where it differs)
         # and does the rest, below autograd itself.
@@ -371,15 +364,22 @@ class MetaNeuralNetwork(nn.Module):
                                              recombine=ops.recombine)
         return (out, routing) if return_routing else out
 
+    def _input_needs_no_checks(self, x: Tensor) -> bool:
+        """The usual serving input, told in a few reads (a one-sample call pays each Python step cold,
+        after the GEMVs): a CPU batch of the switch's dtype for a module on the CPU. Anything else
+        takes :meth:`_check_input`'s checks and their messages."""
+        owner, param = self._switch_param
+        return (owner is self._modules["switch"] and param is not None and x.dtype is param.dtype and x.is_cpu
+                and self._on_cpu and x.dim() >= 2)
+
     def _fast_serve_call(self, x: Tensor, arguments: tuple | None) -> tuple | None:
         """``(switch, its first parameter, x.dim(), entry, arguments after (z, x, routing))`` for
-        :meth:`forward`'s short path: where ``x`` (CPU, the switch's dtype) needs none of
-        :meth:`_check_input`'s checks and no ``switch_fn`` replaces the routing; else ``None``."""
-        owner, param = self._switch_param
-        if (arguments is None or self.switch_fn is not None or owner is not self._modules["switch"] or param is None
-                or not self._on_cpu or not x.is_cpu or x.dtype is not param.dtype or x.dim() < 2):
+        :meth:`forward`'s short path: where ``x`` needs no input checks and no ``switch_fn`` replaces
+        the routing; else ``None``."""
+        if arguments is None or self.switch_fn is not None or not self._input_needs_no_checks(x):
             return None
-        return owner, param, x.dim(), arguments[0], arguments[1:]
+        switch, param = self._switch_param
+        return switch, param, x.dim(), arguments[0], arguments[1:]
 
     def _serve_arguments(self, num_classes: int, x: Tensor) -> tuple | None:
         """``(entry, C, ...)``: the executor's one-call entry and what it takes after ``(z, x,
