@@ -159,7 +159,7 @@ def _module_overhead(rows, variant):
                       "arithmetic / copy"], out)
     out = [[str(r["E"]), str(r["B"]), str(r["rows"]), plain(r.get("user_ms")), plain(r["naive_ms"]), plain(r["module_ms"]),
             times(r.get("vs_user")), times(r.get("target")), times(r["speedup"]), plain(r["arith_ms"]),
-            times(r["ceiling"]), times(r["user_ms"] / r["arith_ms"]) if r.get("user_ms") else "-",
+            times(r["ceiling"]), times(ratio(r.get("user_ms"), r["arith_ms"])),
             plain(r.get("rows_calls_ms")), times(r.get("bound")), plain(r["copy_ms"]), f"{r['copy_share']:.2f}"]
            for r in sorted(rows, key=lambda r: r["E"])]
     return table(["E", "B", "rows", "the user's loop ms", "naive ms", "module ms", "module vs the user's loop",
@@ -409,38 +409,32 @@ def _cnn_sentence(turns: dict | None, separate: dict) -> list[str]:
     """The README's sentence on the convolutional cells: the in-turns medians (the naive loop and the
     engine called in turns each round, so under one load) where that table has them;
     otherwise the separately timed rows of ``separate``, whose gaps are within the machine's drift."""
-    phrase = "Where the specialists' own compute dominates there is little to gain; convolutional specialists"
     names = {"resnet20": "ResNet-20", "mobilenet_v2": "MobileNetV2"}
-    if turns is not None:
-        rows = [r for r in sorted(turns["rows"], key=_end_to_end_key)
-                if r["model"] != "mlp" and r.get("naive") and r.get("engine_sequential")]
-        if rows:
-            counts = {r.get("rounds") for r in rows}
-            rounds = f", median of {counts.pop()} rounds" if len(counts) == 1 and None not in counts else ""
-            meta = turns["meta"]
-            cells = [f"{names.get(r['model'], r['model'])} (E = {r['E']}, B = {r['B']}, {r['active']} active per "
-                     f"sample): {ms(r['engine_sequential'])} ms (`sequential`) against the loop's {ms(r['naive'])} ms"
-                     for r in rows]
-            return ["", f"{phrase}, the loop and the module called in turns{rounds} (command "
-                        f"`{meta.get('command', 'not recorded')}`, {date(meta)}, commit `{commit(meta)}`): "
-                    + "; ".join(cells) + "."]
-    cells = []
-    rows = sorted(separate["rows"], key=_end_to_end_key)
-    for r in rows:
-        best = _best(r)
-        if r["model"] == "mlp" or not best or not r.get("naive"):
-            continue
-        cells.append(f"{names.get(r['model'], r['model'])} (E = {r['E']}, B = {r['B']}, {r['active']} active per "
-                     f"sample): {ms(r[best])} ms (`{best.removeprefix('engine_')}`) against the loop's {ms(r['naive'])} ms")
-    if not cells:
+
+    def cell(r, engine: str) -> str:
+        return (f"{names.get(r['model'], r['model'])} (E = {r['E']}, B = {r['B']}, {r['active']} active per sample): "
+                f"{ms(r[engine])} ms (`{engine.removeprefix('engine_')}`) against the loop's {ms(r['naive'])} ms")
+
+    phrase = "Where the specialists' own compute dominates there is little to gain; convolutional specialists"
+    rows = [] if turns is None else [r for r in sorted(turns["rows"], key=_end_to_end_key)
+                                     if r["model"] != "mlp" and r.get("naive") and r.get("engine_sequential")]
+    if rows:
+        meta = turns["meta"]
+        return ["", f"{phrase}, the loop and the module called in turns{_rounds(rows, 'median')} (command "
+                    f"`{meta.get('command', 'not recorded')}`, {date(meta)}, commit `{commit(meta)}`): "
+                + "; ".join(cell(r, "engine_sequential") for r in rows) + "."]
+    rows = [r for r in sorted(separate["rows"], key=_end_to_end_key)
+            if r["model"] != "mlp" and _best(r) and r.get("naive")]
+    if not rows:
         return []
-    return ["", f"{phrase}, same run{_rounds(r for r in rows if r['model'] != 'mlp')}: " + "; ".join(cells) + "."]
+    return ["", f"{phrase}, same run{_rounds(rows)}: " + "; ".join(cell(r, _best(r)) for r in rows) + "."]
 
 
-def _rounds(rows) -> str:
-    """``", best of N rounds"`` where the rows agree on N (the benchmark records it), else nothing."""
+def _rounds(rows, statistic: str = "best") -> str:
+    """``", best of N rounds"`` (or another ``statistic``) where the rows agree on N (the benchmark
+    records it), else nothing."""
     counts = {r.get("rounds") for r in rows}
-    return f", best of {counts.pop()} rounds" if len(counts) == 1 and None not in counts else ""
+    return f", {statistic} of {counts.pop()} rounds" if len(counts) == 1 and None not in counts else ""
 
 
 def splice_readme(readme: str, block: str) -> str:
